@@ -1,0 +1,61 @@
+"""Callbacks and loggers. A logger is a callback that writes metrics somewhere."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, Union
+
+
+class Callback:
+    """Hooks the trainer calls; override any of them. ``metrics`` are plain floats."""
+
+    def on_fit_start(self, trainer: Any) -> None:
+        pass
+
+    def on_step_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Any) -> None:
+        pass
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlLogger(Callback):
+    """Appends one JSON object per step (``event: "step"``) and per epoch (``event: "epoch"``) to a file.
+
+    Args:
+        path: the ``.jsonl`` file (parents are created).
+        every: log every ``every``-th step (epochs are always logged).
+    """
+
+    def __init__(self, path: Union[str, Path], every: int = 1):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.every = max(1, int(every))
+
+    def _write(self, row: Dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def on_step_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        if trainer.global_step % self.every == 0:
+            self._write({"event": "step", **metrics})
+
+    def on_epoch_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        self._write({"event": "epoch", **metrics})
+
+
+def read_jsonl(path: Union[str, Path]):
+    """Rows of a JSONL metrics file."""
+    with Path(path).open() as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,64 @@
+"""The one signature every hypergradient method shares, and the registry that selects them by name."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional, Type, Union
+
+from ..problem import BilevelProblem, HypergradResult
+
+_REGISTRY: Dict[str, Type["HypergradMethod"]] = {}
+
+
+@dataclass
+class HypergradMethod:
+    """Base class: ``method(problem) -> HypergradResult``.
+
+    Subclasses are dataclasses whose fields are the method's options; they register under ``name``.
+
+    Attributes:
+        name: the registry name used in configs (``hypergrad="unrolled"``).
+        exact: whether the result is the exact gradient of the k-step bilevel objective.
+    """
+
+    name = "base"
+    exact = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name != "base":
+            _REGISTRY[cls.name] = cls
+
+    def __call__(self, problem: BilevelProblem) -> HypergradResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def available_methods() -> list:
+    """Names accepted by :func:`get_hypergradient`."""
+    return sorted(_REGISTRY)
+
+
+def get_hypergradient(method: Union[str, HypergradMethod], options: Optional[Mapping[str, Any]] = None
+                      ) -> HypergradMethod:
+    """Resolve a method name (plus options) or pass an instance through.
+
+    Example:
+        >>> get_hypergradient("neumann", {"terms": 5}).terms
+        5
+    """
+    if isinstance(method, HypergradMethod):
+        if options:
+            raise ValueError("pass options either in the method instance or in hypergrad_options, not both")
+        return method
+    if not isinstance(method, str) or method not in _REGISTRY:
+        hint = difflib.get_close_matches(str(method), _REGISTRY, n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(f"unknown hypergradient method {method!r}; choose one of {available_methods()}.{extra}")
+    cls = _REGISTRY[method]
+    options = dict(options or {})
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for hypergradient {method!r}; valid options: {sorted(valid)}")
+    return cls(**options)

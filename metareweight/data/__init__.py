@@ -1,0 +1,8 @@
+"""Batches, indexed datasets, label noise and offline dataset loaders."""
+
+from .batch import Batch, as_batch
+from .indexed import IndexedDataset, TensorIndexedDataset
+from .noise import long_tailed_indices, pair_noise, symmetric_noise
+
+__all__ = ["Batch", "as_batch", "IndexedDataset", "TensorIndexedDataset", "symmetric_noise", "pair_noise",
+           "long_tailed_indices"]

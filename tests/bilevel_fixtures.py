@@ -1,0 +1,115 @@
+"""Small float64 bilevel problems shared by the hypergradient tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metareweight import MetaObjective, WeightedTerms
+from metareweight.core import BilevelProblem, FunctionalOptimizer
+from metareweight.data import Batch
+from metareweight.losses import cross_entropy_terms
+
+
+class DirectTermObjective(MetaObjective):
+    """A loss → weight net plus a class-bias meta-parameter; the outer loss optionally re-weights the meta loss
+    with the same net (a direct φ term, as the self-taught rescaler has)."""
+
+    def __init__(self, num_classes: int, direct: bool, detach_features: bool = False):
+        super().__init__()
+        self.detach_features = detach_features
+        self.net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1))
+        self.class_bias = nn.Parameter(0.1 * torch.randn(num_classes))
+        self.direct = direct
+
+    def _w(self, losses, targets):
+        losses = losses.detach() if self.detach_features else losses
+        feats = torch.stack([losses, losses ** 2], 1).to(self.class_bias.dtype)
+        return torch.sigmoid(self.net(feats).squeeze(1) + self.class_bias[targets])
+
+    def inner_terms(self, forward, batch):
+        losses = cross_entropy_terms(forward(batch.inputs), batch.targets)
+        w = self._w(losses, batch.targets)
+        return WeightedTerms(losses, w / w.shape[0])
+
+    def outer_loss(self, forward, batch):
+        losses = cross_entropy_terms(forward(batch.inputs), batch.targets)
+        if self.direct:
+            return (self._w(losses, batch.targets) * losses).mean()
+        return losses.mean()
+
+
+def mlp(d_in=5, hidden=7, classes=3):
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        h = nn.functional.avg_pool2d(h, 2)
+        return self.fc(h.flatten(1))
+
+
+def batches(kind: str, n: int, count: int, seed: int, classes: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 5) if kind == "mlp" else (n, 1, 8, 8)
+    return [Batch(torch.randn(*shape, generator=g, dtype=torch.float64),
+                  torch.randint(0, classes, (n,), generator=g)) for _ in range(count)]
+
+
+def make_problem(kind="mlp", opt=(torch.optim.SGD, {"lr": 0.3}), unroll=1, direct=False, seed=0,
+                 preconditioner="differentiable", warm_steps=0, detach_features=False):
+    """A float64 problem; ``warm_steps`` real optimizer steps first so momentum/Adam state is non-trivial."""
+    torch.manual_seed(seed)
+    model = (mlp() if kind == "mlp" else SmallCNN()).double()
+    objective = DirectTermObjective(3, direct, detach_features).double()
+    opt_cls, kw = opt
+    optimizer = opt_cls(model.parameters(), **kw)
+    for b in batches(kind, 8, warm_steps, seed + 100):
+        optimizer.zero_grad()
+        cross_entropy_terms(model(b.inputs), b.targets).mean().backward()
+        optimizer.step()
+    fopt = FunctionalOptimizer.from_torch(optimizer, model, preconditioner)
+    return BilevelProblem(
+        model=model, params={k: v.detach() for k, v in model.named_parameters()},
+        buffers={k: v.detach() for k, v in model.named_buffers()}, optimizer=fopt, opt_state=fopt.read_state(),
+        meta_params=objective.meta_parameters(), inner=objective.inner_terms, outer=objective.outer_loss,
+        train_batches=batches(kind, 8, unroll, seed + 1), meta_batch=batches(kind, 10, 1, seed + 2)[0])
+
+
+def bilevel_value(problem) -> float:
+    """The true bilevel objective F(φ) = L_out(θ_k(φ), φ), by running the inner steps without any graph."""
+    trajectory, _ = problem.run_inner_steps(create_graph=False)
+    with torch.no_grad():
+        return float(problem.outer_loss(trajectory[-1]))
+
+
+def central_difference(problem, direction, h=1e-5) -> float:
+    """d F(φ + t·direction)/dt at t = 0, by a float64 central difference (φ restored afterwards)."""
+    phi = problem.meta_params
+
+    def shifted(sign):
+        with torch.no_grad():
+            for p, d in zip(phi, direction):
+                p.add_(sign * h * d)
+        value = bilevel_value(problem)
+        with torch.no_grad():
+            for p, d in zip(phi, direction):
+                p.sub_(sign * h * d)
+        return value
+
+    return (shifted(+1) - shifted(-1)) / (2 * h)
+
+
+def random_direction(problem, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in problem.meta_params]
+
+
+def dot(a, b) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b)))
