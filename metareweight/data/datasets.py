@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
@@ -69,3 +71,33 @@ def noisy_digits(noise: float = 0.4, seed: int = 0, meta_per_class: int = 10, no
     """Digits with label noise on the train split, a small clean meta set and a clean test set."""
     x, y = load_digits_arrays()
     return split_with_noise(x, y, noise=noise, noise_kind=noise_kind, meta_per_class=meta_per_class, seed=seed)
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def load_fashion_mnist(root: Optional[Path] = None):
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (60k train / 10k test, 28×28 uint8).
+
+    Returns ``(x_train, y_train, x_test, y_test)`` as numpy arrays. Raises ``MissingDataError`` naming the package
+    (``apt-get install dataset-fashion-mnist``, done by ``make test`` / ``scripts/install_data.sh``) if absent.
+    """
+    import gzip
+
+    from .text import MissingDataError
+
+    root = Path(root or os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    if not (root / "train-images-idx3-ubyte.gz").exists():
+        raise MissingDataError(f"Fashion-MNIST not found in {root}: install the Debian package "
+                               "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist)")
+
+    def images(name):
+        with gzip.open(root / name) as fh:
+            return np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+
+    def labels(name):
+        with gzip.open(root / name) as fh:
+            return np.frombuffer(fh.read(), np.uint8, offset=8).astype(np.int64)
+
+    return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
+            images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))

