@@ -77,3 +77,40 @@ def table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def load_config(path: Optional[str], defaults: Dict, overrides: Sequence[str] = ()) -> Dict:
+    """A flat YAML config merged over ``defaults``: unknown keys and wrong types are errors naming the key.
+
+    ``overrides`` are ``key=value`` strings (values parsed as YAML), applied last. Keys ``experiment`` and
+    ``seeds`` are allowed besides the defaults' keys.
+    """
+    import yaml
+
+    cfg = dict(defaults)
+    raw: Dict = {}
+    if path:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config must be a mapping of keys to values")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        raw[k.strip()] = yaml.safe_load(v)
+    allowed = set(defaults) | {"experiment", "seeds"}
+    for key, value in raw.items():
+        if key not in allowed:
+            import difflib
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            raise ValueError(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                             + f"; valid keys: {sorted(allowed)}")
+        if key in defaults and defaults[key] is not None and value is not None:
+            want = type(defaults[key])
+            ok = isinstance(value, want) or (want is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok or (want is int and isinstance(value, bool)):
+                raise ValueError(f"config key {key!r} must be {want.__name__}, got {type(value).__name__} ({value!r})")
+            if want is float:
+                value = float(value)
+        cfg[key] = value
+    return cfg
