@@ -16,6 +16,7 @@ from .history import WeightHistory
 from .losses import NonFiniteLossError, cross_entropy_terms
 from .metrics import auroc
 from .objectives import MetaObjective, MetaWeightNet
+from .objectives import KDLoss, TrilateralKD, teacher_class_means
 from .trainer import MetaTrainer
 
 __version__ = "0.1.0"

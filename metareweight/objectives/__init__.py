@@ -2,5 +2,7 @@
 
 from .base import MetaObjective
 from .mwnet import MetaWeightNet
+from .kd_baselines import KDLoss, kd_terms, wls_alpha
+from .trilateral_kd import TrilateralKD, teacher_class_means
 
 __all__ = ["MetaObjective", "MetaWeightNet"]
