@@ -85,6 +85,16 @@ def test_bad_arguments_name_the_problem(history):
         weight_roc(history, "noisy", epoch=7)
     with pytest.raises(ValueError, match="both positive and negative"):
         roc_curve([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="missing \\['weight'\\]"):
+        group_stats({"step": [0], "epoch": [0], "index": [0]}, "index")
+    with pytest.raises(TypeError, match="WeightHistory"):
+        group_stats([1, 2], "noisy")
+
+
+def test_a_dict_of_history_arrays_is_a_source(history):
+    arrays = dict(history.arrays())
+    np.testing.assert_array_equal(group_stats(arrays, "noisy").mean, group_stats(history, "noisy").mean)
+    assert weight_roc(arrays, "noisy", positive=0).auc == 1.0
 
 
 def test_roc_curve_known_points_and_area():

@@ -11,14 +11,14 @@ Typical use on a ``log_dir`` written by :class:`~metareweight.MetaTrainer`::
 :mod:`.io` reads runs, :mod:`.stats` computes, :mod:`.plots` draws (matplotlib, imported only when plotting).
 """
 
-from .io import Run, as_history, load_run
+from .io import Run, as_arrays, load_run
 from .plots import (plot_binned, plot_group_means, plot_roc, plot_sample_trajectories, plot_series,
                     plot_weight_histograms, save_figure)
 from .stats import (GroupStats, Roc, auroc_over_time, binned_stat, final_weights, group_stats, metric_trajectories,
                     pick_samples, roc_curve, trajectories, triangle_edges, weight_roc)
 
 __all__ = [
-    "Run", "load_run", "as_history",
+    "Run", "load_run", "as_arrays",
     "GroupStats", "Roc", "group_stats", "roc_curve", "weight_roc", "auroc_over_time", "final_weights",
     "trajectories", "pick_samples", "metric_trajectories", "binned_stat", "triangle_edges",
     "plot_group_means", "plot_weight_histograms", "plot_roc", "plot_sample_trajectories", "plot_series",

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from ..callbacks import read_jsonl
-from ..history import WeightHistory
+from ..history import CORE_COLUMNS, WeightHistory
 
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "weights.npz"
@@ -65,12 +65,22 @@ def load_run(path: Union[str, Path]) -> Run:
     return Run(path=path, rows=rows, history=history)
 
 
-def as_history(source: Union[Run, WeightHistory]) -> WeightHistory:
-    """The weight history of a :class:`Run` or a :class:`~metareweight.WeightHistory` itself."""
+def as_arrays(source: Union[Run, WeightHistory, Mapping[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """The weight-history columns (``step``, ``epoch``, ``index``, ``weight``, groups) of a :class:`Run`, a
+    :class:`~metareweight.WeightHistory`, or a mapping of equal-length arrays such as ``history.arrays()``."""
     if isinstance(source, WeightHistory):
-        return source
+        return source.arrays()
     if isinstance(source, Run):
         if source.history is None:
             raise ValueError(f"the run in {source.path} has no {WEIGHTS_FILE}")
-        return source.history
-    raise TypeError(f"expected a WeightHistory or a Run from load_run, got {type(source).__name__}")
+        return source.history.arrays()
+    if isinstance(source, Mapping):
+        a = {k: np.asarray(v) for k, v in source.items()}
+        missing = [c for c in CORE_COLUMNS if c not in a]
+        if missing:
+            raise ValueError(f"weight-history arrays need columns {list(CORE_COLUMNS)}; missing {missing}")
+        if len({len(v) for v in a.values()}) != 1:
+            raise ValueError("weight-history arrays must all have the same length")
+        return a
+    raise TypeError("expected a WeightHistory, a Run from load_run or a dict of history arrays, "
+                    f"got {type(source).__name__}")

@@ -22,7 +22,8 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .stats import GroupStats, Roc, Source, _column, as_history, final_weights, trajectories
+from .io import as_arrays
+from .stats import GroupStats, Roc, Source, _column, final_weights, trajectories
 
 
 def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.2):
@@ -56,7 +57,7 @@ def plot_group_means(stats: GroupStats, labels: Optional[Mapping] = None, title:
 def plot_weight_histograms(source: Source, by, epochs: Optional[Sequence[int]] = None,
                            labels: Optional[Mapping] = None, bins: int = 30, title: str = "") -> "Figure":  # noqa: F821
     """Histograms of each sample's last weight per group, one panel per epoch (default: first, middle, last)."""
-    a = as_history(source).arrays()
+    a = as_arrays(source)
     if epochs is None:
         all_epochs = np.unique(a["epoch"])
         epochs = sorted({int(all_epochs[0]), int(all_epochs[len(all_epochs) // 2]), int(all_epochs[-1])})

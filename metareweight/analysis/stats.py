@@ -1,7 +1,9 @@
 """Statistics of learned weights: by group over time, ROC against a known flag, trajectories, binned means.
 
-A *group* is any integer/bool column of the weight history (``noisy``, ``target``, ``domain``, ``source``, ...) or an
-array indexed by sample index (e.g. a noise mask the history does not carry).
+Each function takes a *source*: a :class:`~metareweight.WeightHistory`, a :class:`~metareweight.analysis.Run` or a
+dict of history arrays (``history.arrays()``). A *group* is any integer/bool column of the weight history
+(``noisy``, ``target``, ``domain``, ``source``, ...) or an array indexed by sample index (e.g. a noise mask the
+history does not carry).
 
 Example:
     >>> import torch
@@ -24,9 +26,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..metrics import auroc
-from .io import Run, as_history
+from .io import Run, as_arrays
 
-Source = Union[Run, "WeightHistory"]  # noqa: F821
+Source = Union[Run, "WeightHistory", Dict[str, np.ndarray]]  # noqa: F821
 Groups = Union[str, Sequence, np.ndarray]
 PERIODS = ("epoch", "step")
 
@@ -84,7 +86,7 @@ def group_stats(source: Source, by: Groups, per: str = "epoch", value: str = "we
     population std (ddof 0).
     """
     _check_period(per)
-    a = as_history(source).arrays()
+    a = as_arrays(source)
     g, t, v = _column(a, by), a[per], a[value].astype(np.float64)
     periods, ti = np.unique(t, return_inverse=True)
     groups, gi = np.unique(g, return_inverse=True)
@@ -149,7 +151,7 @@ def _period_rows(a: Dict[str, np.ndarray], epoch: Optional[int]) -> np.ndarray:
 
 def final_weights(source: Source, epoch: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Every column at each sample's last row within ``epoch`` (default: the last epoch), sorted by index."""
-    a = as_history(source).arrays()
+    a = as_arrays(source)
     rows = _period_rows(a, epoch)
     return {k: v[rows] for k, v in a.items()}
 
@@ -159,7 +161,7 @@ def weight_roc(source: Source, by: Groups, positive=1, epoch: Optional[int] = No
 
     For noise flags, ``positive=0`` asks how well high weights pick out clean samples.
     """
-    a = as_history(source).arrays()
+    a = as_arrays(source)
     rows = _period_rows(a, epoch)
     return roc_curve(a["weight"][rows], _column(a, by)[rows] == positive)
 
@@ -167,7 +169,7 @@ def weight_roc(source: Source, by: Groups, positive=1, epoch: Optional[int] = No
 def auroc_over_time(source: Source, by: Groups, positive=1, per: str = "epoch") -> Tuple[np.ndarray, np.ndarray]:
     """``(periods, auroc)``: the AUROC of the weights for ``group == positive`` among the rows of each period."""
     _check_period(per)
-    a = as_history(source).arrays()
+    a = as_arrays(source)
     flag = _column(a, by) == positive
     periods = np.unique(a[per])
     aucs = np.array([auroc(a["weight"][a[per] == p], flag[a[per] == p]) for p in periods])
@@ -176,7 +178,7 @@ def auroc_over_time(source: Source, by: Groups, positive=1, per: str = "epoch") 
 
 def trajectories(source: Source, indices: Iterable[int]) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
     """``{index: (steps, weights)}``: every weight recorded for the chosen samples, in step order."""
-    a = as_history(source).arrays()
+    a = as_arrays(source)
     out = {}
     for i in indices:
         sel = np.flatnonzero(a["index"] == i)
@@ -189,7 +191,7 @@ def trajectories(source: Source, indices: Iterable[int]) -> Dict[int, Tuple[np.n
 
 def pick_samples(source: Source, by: Groups, per_group: int = 3, seed: int = 0) -> Dict[object, List[int]]:
     """Up to ``per_group`` random sample indices from each group (a sample's group is its last recorded one)."""
-    a = as_history(source).arrays()
+    a = as_arrays(source)
     g = _column(a, by)
     rng = np.random.default_rng(seed)
     out = {}
