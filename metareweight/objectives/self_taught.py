@@ -1,0 +1,224 @@
+"""Self-taught on-the-fly meta loss rescaling (STORM; Heck et al., AAAI 2025).
+
+A small rescaler network per (noisy) label class maps 19 features of each sample, computed from the model being
+trained (see :mod:`~metareweight.objectives.self_taught_features`), to a weight in (0, 1)::
+
+    Ω_c(f) = softmax(BN(L2(ReLU(BN(L1(f))))))[:, 1],   L1: d→d, L2: d→2, BatchNorm without affine parameters
+
+    L_in(θ)      = Σ_{i∈B}     Ω_{ỹ_i}(f_i(θ)) · ℓ_i(θ)           (a sum, as the original code)
+    L_out(θ', ω) = Σ_{j∈B_val} Ω_{ỹ_j}(f_j(θ')) · ℓ_j(θ')         ("meta loss rescaling": L_out depends on ω directly)
+
+Meta batches are drawn with replacement from the *noisy training set* (``meta_data = "train"``), one meta update per
+step, and the inner (virtual) step is the real step: train with
+``MetaTrainer(..., objective=SelfTaughtRescaler(C), real_step="lookahead")``. The hypergradient is the sum of the
+part through ``θ'`` and the direct part ``∂L_out/∂ω``; any exact method (``"unrolled"``) returns both.
+
+Choices that differ from, or pin down, the original code (``storm.py``/``modeling.py``):
+
+- **BatchNorm scope.** The original runs every class's rescaler on the *whole* batch and keeps rescaler ``c``'s
+  output for the samples labelled ``c`` (``bn_scope="batch"``, the default; needs a batch of at least 2).
+  ``bn_scope="class"`` runs rescaler ``c`` on class ``c``'s samples only (the paper's wording); each class in
+  the batch then needs at least 2 samples, and a clear error says so.
+- **Inner optimizer state.** The trainer keeps the optimizer's state (Adam moments) across steps and writes the
+  virtual step's state back. The original code re-creates a differentiable Adam from the stored state on every
+  step without writing it back, so its inner Adam is always at step 1 (a sign-like update). Pass
+  ``callbacks=[ResetOptimizerState()]`` to the trainer to reproduce that (with ``adam_preconditioner="fixed"``:
+  differentiating Adam's ``sqrt(v)`` at ``v = 0``, i.e. for a parameter whose gradient is exactly 0 on a fresh
+  state, gives NaN; the same holds for sparse inputs such as TF-IDF, where unseen words have ``v = 0``).
+- **Features are not detached** (the original computes them without gradient): the hypergradient then is the
+  exact derivative of the bilevel objective, including the path θ' → features → Ω on the meta batch.
+- BatchNorm keeps no running statistics (``track_running_stats=False``): the rescaler always standardises over the
+  batch it sees, which is what the original does in training, and weights do not depend on the module's mode.
+
+Ablations of the paper's Table 2: ``meta_loss_rescaling=False`` (plain ``Σ ℓ_j(θ')`` outer loss),
+``features="loss"`` (``[ℓ, CAT]`` only), ``class_separation=False`` (one shared rescaler; group statistics not
+split by class), ``meta_learning=False`` (the rescaler stays at its initialisation and no hypergradient is
+computed), and "meta-learning with a clean validation set" = ``meta_data="loader"`` with a clean meta loader and
+``meta_loss_rescaling=False``.
+
+Example:
+    >>> import torch
+    >>> from metareweight.data import Batch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> obj = SelfTaughtRescaler(num_classes=2)
+    >>> model = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(5, 2))
+    >>> wt = obj.inner_terms(model, Batch(torch.randn(8, 5), torch.tensor([0, 1] * 4)))
+    >>> wt.terms.shape, bool(((wt.weights > 0) & (wt.weights < 1)).all())
+    (torch.Size([8, 1]), True)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..callbacks import Callback
+from ..core.problem import Forward, WeightedTerms
+from ..data.batch import Batch
+from ..losses import check_class_targets, cross_entropy_terms
+from .base import META_DATA_SOURCES, MetaObjective
+from .self_taught_features import compute_features, dropout_passes, feature_dim
+
+BN_SCOPES = ("batch", "class")
+
+
+class RescalerNet(nn.Sequential):
+    """``d → d → 2`` MLP with non-affine BatchNorm after each linear layer and a softmax (one class's rescaler).
+
+    Example:
+        >>> net = RescalerNet(3)
+        >>> out = net(torch.randn(6, 3))
+        >>> out.shape, torch.allclose(out.sum(1), torch.ones(6))
+        (torch.Size([6, 2]), True)
+    """
+
+    def __init__(self, d: int):
+        if d < 1:
+            raise ValueError(f"the feature dimension must be >= 1, got {d}")
+        super().__init__(
+            nn.Linear(d, d), nn.BatchNorm1d(d, affine=False, track_running_stats=False), nn.ReLU(),
+            nn.Linear(d, 2), nn.BatchNorm1d(2, affine=False, track_running_stats=False), nn.Softmax(dim=1))
+
+
+class SelfTaughtRescaler(MetaObjective):
+    """The STORM meta-objective (see module docs).
+
+    Args:
+        num_classes: number of label classes (one rescaler per class unless ``class_separation=False``).
+        passes: ``G``, forward passes per batch for the feature statistics (3 in the paper). ``G > 1`` needs
+            dropout in the model or ``input_dropout > 0``.
+        features: ``"full"`` (19 features) or ``"loss"`` (loss + agreement; the ablation).
+        class_separation: one rescaler per class and class-separated group statistics (True), or one shared.
+        meta_loss_rescaling: rescale the outer loss with the same rescaler (True; the paper's method).
+        meta_learning: learn the rescaler (True) or keep it fixed at its initialisation (ablation).
+        meta_data: ``"train"`` (meta batches from the noisy training set; the method) or ``"loader"``.
+        input_dropout: dropout applied to the inputs of passes ``1..G-1`` (for models without dropout, as the
+            original does for TF-IDF features).
+        bn_scope: ``"batch"`` (original code) or ``"class"`` (see module docs).
+        meta_lr: Adam learning rate of the rescalers (1e-2 in the paper).
+        loss_fn: per-sample loss ``(logits, targets) -> (batch,)``; cross-entropy by default.
+    """
+
+    def __init__(self, num_classes: int, passes: int = 3, features: str = "full", class_separation: bool = True,
+                 meta_loss_rescaling: bool = True, meta_learning: bool = True, meta_data: str = "train",
+                 input_dropout: float = 0.0, bn_scope: str = "batch", meta_lr: float = 1e-2,
+                 meta_weight_decay: float = 0.0, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"passes (G) must be an integer >= 1, got {passes!r}")
+        if meta_data not in META_DATA_SOURCES:
+            raise ValueError(f"meta_data must be one of {META_DATA_SOURCES}, got {meta_data!r}")
+        if bn_scope not in BN_SCOPES:
+            raise ValueError(f"bn_scope must be one of {BN_SCOPES}, got {bn_scope!r}")
+        if meta_lr < 0:
+            raise ValueError(f"meta_lr must be >= 0, got {meta_lr}")
+        self.num_classes = num_classes
+        self.passes = passes
+        self.features = features
+        self.d = feature_dim(features)
+        self.class_separation = class_separation
+        self.meta_loss_rescaling = meta_loss_rescaling
+        self.meta_learning = meta_learning
+        self.meta_data = meta_data
+        self.input_dropout = input_dropout
+        self.bn_scope = bn_scope
+        self.meta_lr = meta_lr
+        self.meta_weight_decay = meta_weight_decay
+        self.loss_fn = loss_fn or cross_entropy_terms
+        self.rescalers = nn.ModuleList(RescalerNet(self.d) for _ in range(num_classes if class_separation else 1))
+        if not meta_learning:
+            self.rescalers.requires_grad_(False)
+
+    # ---- weights --------------------------------------------------------------------------------------------
+    @property
+    def uses_hypergradient(self) -> bool:  # type: ignore[override]
+        return self.meta_learning
+
+    def features_of(self, forward: Forward, batch: Batch):
+        """``(features (B, d), loss terms of pass 0 (B,))`` of a batch under the bound ``forward``."""
+        losses, logits = dropout_passes(forward, batch.inputs, batch.targets, self.passes, self.input_dropout,
+                                        self.loss_fn)
+        check_class_targets(logits[0], batch.targets)
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"the model outputs {logits.shape[-1]} classes but the rescaler was built for "
+                             f"num_classes={self.num_classes}")
+        feats = compute_features(self.features, losses, logits, batch.targets, by_class=self.class_separation)
+        return feats, losses[0]
+
+    def rescale(self, feats: Tensor, targets: Tensor) -> Tensor:
+        """Weights in (0, 1), shape ``(batch,)``, from features ``(batch, d)`` and labels."""
+        dtype = self.rescalers[0][0].weight.dtype
+        feats = feats.to(dtype)
+        n = feats.shape[0]
+        if not self.class_separation:
+            self._check_bn(n, "the batch")
+            return self.rescalers[0](feats)[:, 1]
+        if self.bn_scope == "batch":
+            self._check_bn(n, "the batch")
+            out = torch.stack([net(feats)[:, 1] for net in self.rescalers])  # (C, B)
+            return out.gather(0, targets.view(1, -1)).squeeze(0)
+        w = feats.new_zeros(n)
+        for c in torch.unique(targets).tolist():
+            idx = (targets == c).nonzero().squeeze(1)
+            if idx.numel() < 2:
+                raise ValueError(
+                    f"class {c} has {idx.numel()} sample in this batch of {n}; its rescaler's BatchNorm "
+                    "(bn_scope='class') needs at least 2 samples per class. Use a larger batch, "
+                    "class_separation=False, or bn_scope='batch' (BatchNorm over the whole batch, as the original code).")
+            w = w.index_put((idx,), self.rescalers[c](feats[idx])[:, 1])
+        return w
+
+    @staticmethod
+    def _check_bn(n: int, what: str) -> None:
+        if n < 2:
+            raise ValueError(f"the rescaler's BatchNorm needs at least 2 samples, but {what} has {n}. Use a larger "
+                             "batch (DataLoader(drop_last=True) avoids a final batch of 1).")
+
+    def weights(self, forward: Forward, batch: Batch):
+        feats, terms = self.features_of(forward, batch)
+        return self.rescale(feats, batch.targets), terms
+
+    # ---- the two losses -------------------------------------------------------------------------------------
+    def inner_terms(self, forward: Forward, batch: Batch) -> WeightedTerms:
+        w, terms = self.weights(forward, batch)
+        return WeightedTerms(terms, w.to(terms.dtype), report=w)
+
+    def outer_loss(self, forward: Forward, batch: Batch) -> Tensor:
+        if not self.meta_loss_rescaling:
+            return self.loss_fn(forward(batch.inputs), batch.targets).sum()
+        w, terms = self.weights(forward, batch)
+        return (w.to(terms.dtype) * terms).sum()
+
+    # ---- "w/o meta learning": plain weighted steps with the fixed rescaler ------------------------------------
+    def meta_step(self, trainer: Any, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
+        if self.meta_learning:
+            raise RuntimeError("meta_step is only used with meta_learning=False")
+        loss = float(np.mean([trainer._real_step(b) for b in batches]))
+        trainer.global_step -= len(batches)  # _real_step counted the batches; the trainer counts them after this
+        return {"train_loss": loss}
+
+
+class ResetOptimizerState(Callback):
+    """Clear the model optimizer's state after every step (the original STORM code's effective behaviour: its
+    inner Adam starts from step 1 on every step).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(lin.parameters())
+        >>> lin(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> class T: optimizer = opt
+        >>> ResetOptimizerState().on_step_end(T, {}); len(opt.state)
+        0
+    """
+
+    def on_step_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        trainer.optimizer.state.clear()
+
+
+__all__ = ["SelfTaughtRescaler", "RescalerNet", "ResetOptimizerState", "BN_SCOPES"]
