@@ -16,13 +16,14 @@ from .history import WeightHistory
 from .losses import NonFiniteLossError, cross_entropy_terms
 from .metrics import auroc
 from .objectives import MetaObjective, MetaWeightNet
+from .objectives import ResetOptimizerState, SelfTaughtRescaler
 from .objectives import KDLoss, TrilateralKD, teacher_class_means
 from .trainer import MetaTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MetaTrainer", "MetaObjective", "MetaWeightNet",
+    "MetaTrainer", "MetaObjective", "MetaWeightNet", "SelfTaughtRescaler", "ResetOptimizerState",
     "BilevelProblem", "WeightedTerms", "HypergradResult", "HypergradMethod", "FunctionalOptimizer",
     "Unrolled", "FiniteDifference", "Neumann", "available_methods", "get_hypergradient",
     "Batch", "as_batch", "IndexedDataset", "TensorIndexedDataset", "symmetric_noise", "pair_noise",

@@ -2,6 +2,7 @@
 
 from .base import MetaObjective
 from .mwnet import MetaWeightNet
+from .self_taught import ResetOptimizerState, SelfTaughtRescaler
 from .kd_baselines import KDLoss, kd_terms, wls_alpha
 from .trilateral_kd import TrilateralKD, teacher_class_means
 
