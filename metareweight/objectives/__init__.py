@@ -5,5 +5,6 @@ from .mwnet import MetaWeightNet
 from .self_taught import ResetOptimizerState, SelfTaughtRescaler
 from .kd_baselines import KDLoss, kd_terms, wls_alpha
 from .trilateral_kd import TrilateralKD, teacher_class_means
+from .domain_weights import DomainWeights, StepAggregationLoss, meta_cross_entropy
 
 __all__ = ["MetaObjective", "MetaWeightNet"]

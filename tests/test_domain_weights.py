@@ -1,0 +1,145 @@
+"""Domain weights (DreamPRM): the objective's semantics, its errors, its hypergradients, and the experiment."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from bilevel_fixtures import central_difference, dot, random_direction
+from metareweight import FiniteDifference, MetaTrainer, TensorIndexedDataset, Unrolled
+from metareweight.core import BilevelProblem, FunctionalOptimizer
+from metareweight.data import Batch
+from metareweight.data import prm
+from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _batch(domains, d_in=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(domains)
+    return Batch(torch.randn(n, d_in, generator=g), torch.rand(n, generator=g), torch.arange(n),
+                 {"domain": torch.tensor(domains)})
+
+
+def test_weights_average_one_over_all_domains_whatever_the_batch_holds():
+    obj = DomainWeights(4)
+    with torch.no_grad():
+        obj.raw.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    alpha = obj.domain_weights()
+    assert float(alpha.detach().mean()) == pytest.approx(1.0, abs=1e-6)
+    model = torch.nn.Linear(4, 1)
+    wt = obj.inner_terms(model, _batch([2, 2, 2]))           # a batch holding one domain only
+    torch.testing.assert_close(wt.weights.squeeze(1), alpha[2].detach().expand(3) / 3)
+    torch.testing.assert_close(wt.sample_weights(), alpha[2].detach().expand(3))
+    sp = torch.nn.functional.softplus(obj.raw.detach())
+    torch.testing.assert_close(alpha.detach(), sp / sp.mean())
+
+
+def test_step_aggregation_is_sigmoid_of_mean_log_odds_over_real_prefixes():
+    v = torch.tensor([[0.9, 0.6, 0.2], [0.3, 0.5, 0.5]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    batch = Batch(v.unsqueeze(-1), torch.tensor([1.0, 0.0], dtype=torch.float64), extras={"step_mask": mask})
+    prob_model = lambda x: x                                   # noqa: E731  the "PRM" outputs V itself
+    logit_model = lambda x: torch.log(x / (1 - x))             # noqa: E731  ... or its log-odds
+    lo = torch.log(v / (1 - v))
+    want = torch.sigmoid(torch.stack([lo[0, :2].mean(), lo[1].mean()]))
+    torch.testing.assert_close(StepAggregationLoss(output="probability").scores(prob_model, batch), want)
+    torch.testing.assert_close(StepAggregationLoss().scores(logit_model, batch), want)
+    loss = StepAggregationLoss()(logit_model, batch)
+    assert float(loss) == pytest.approx(float(((want - batch.targets) ** 2).mean()))
+
+
+def test_bad_domain_ids_are_clear_errors():
+    obj, model = DomainWeights(3), torch.nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="domain id 3 is out of range.*num_domains=3"):
+        obj.inner_terms(model, _batch([0, 3]))
+    with pytest.raises(ValueError, match="domain id -1 is out of range"):
+        obj.inner_terms(model, _batch([0, -1]))
+    with pytest.raises(ValueError, match="needs a 'domain' id per sample"):
+        obj.inner_terms(model, Batch(torch.zeros(2, 4), torch.zeros(2)))
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        DomainWeights(3, aggregation="mean")
+    with pytest.raises(ValueError, match="num_domains must be a positive integer"):
+        DomainWeights(0)
+
+
+def test_a_declared_domain_that_never_appears_fails_after_the_first_epoch():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.rand(32)
+    ds = TensorIndexedDataset(x, y, domain=torch.tensor([0, 1] * 16))  # domain 2 declared, never present
+    meta = TensorIndexedDataset(torch.randn(8, 2, 4), torch.ones(8), step_mask=torch.ones(8, 2, dtype=torch.bool))
+    model = torch.nn.Linear(4, 1)
+    trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds, batch_size=8),
+                          objective=DomainWeights(3, names=["a", "b", "c"]), meta_loader=DataLoader(meta, batch_size=4),
+                          progress=False, **DomainWeights.trainer_options(unroll_steps=2))
+    with pytest.raises(ValueError, match=r"domain\(s\) \['c'\] never appeared"):
+        trainer.fit(epochs=1)
+
+
+# ---- hypergradients on a small float64 PRM problem -------------------------------------------------------------------
+def _prm_problem(unroll: int, lr: float = 0.5, seed: int = 0, aggregation: str = "step_mse"):
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    k = 4
+    feats, labels, _ = prm.prefix_examples(rng, prm.sample_solutions(rng, 40), completions=8)
+    x, y = torch.from_numpy(feats).double(), torch.from_numpy(labels).double()
+    dom = torch.from_numpy(rng.integers(0, k, size=len(y)))
+    model = torch.nn.Sequential(torch.nn.Linear(prm.feature_dim(), 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    obj = DomainWeights(k, loss="mse", aggregation=aggregation).double()
+    with torch.no_grad():
+        obj.raw.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64))
+    batches = [Batch(x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16], extras={"domain": dom[i * 16:(i + 1) * 16]})
+               for i in range(unroll)]
+    meta_sols = prm.sample_solutions(rng, 12)
+    meta = Batch(torch.from_numpy(prm.prefix_features(meta_sols)).double(),
+                 torch.from_numpy(meta_sols.correct().astype(np.float64)),
+                 extras={"step_mask": torch.from_numpy(prm.step_mask(meta_sols))})
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    fopt = FunctionalOptimizer.from_torch(opt, model)
+    return BilevelProblem(model=model, params={n: p.detach() for n, p in model.named_parameters()}, buffers={},
+                          optimizer=fopt, opt_state=fopt.read_state(), meta_params=obj.meta_parameters(),
+                          inner=obj.inner_terms, outer=obj.outer_loss, train_batches=batches, meta_batch=meta)
+
+
+def _cosine(a, b):
+    return dot(a, b) / (dot(a, a) ** 0.5 * dot(b, b) ** 0.5)
+
+
+@pytest.mark.parametrize("unroll", [1, 5])
+def test_exact_hypergradient_matches_float64_finite_difference_of_the_bilevel_objective(unroll):
+    problem = _prm_problem(unroll)
+    grads = Unrolled()(problem).grads
+    assert dot(grads, grads) > 1e-12
+    for seed in (1, 2):
+        d = random_direction(problem, seed)
+        assert dot(grads, d) == pytest.approx(central_difference(problem, d), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("unroll", [1, 5])
+def test_darts_finite_difference_agrees_in_direction_with_the_exact_hypergradient(unroll):
+    problem = _prm_problem(unroll)
+    exact = Unrolled()(problem).grads
+    approx = FiniteDifference(alpha=0.01)(problem).grads
+    cos = _cosine(exact, approx)
+    assert cos > (0.999 if unroll == 1 else 0.9), cos
+
+
+# ---- configs and the experiment ---------------------------------------------------------------------------------------
+def _script():
+    from experiments import domain_weights
+    return domain_weights
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("domain_weights*.yaml")), ids=lambda p: p.name)
+def test_each_config_loads(path):
+    from experiments.common import load_config
+    dw = _script()
+    task = "text" if "text" in path.name else "prm"
+    cfg = load_config(str(path), dw.DEFAULTS[task])
+    assert set(dw.DEFAULTS[task]) <= set(cfg)
