@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -83,34 +84,35 @@ def load_config(path: Optional[str], defaults: Dict, overrides: Sequence[str] = 
     """A flat YAML config merged over ``defaults``: unknown keys and wrong types are errors naming the key.
 
     ``overrides`` are ``key=value`` strings (values parsed as YAML), applied last. Keys ``experiment`` and
-    ``seeds`` are allowed besides the defaults' keys.
+    ``seeds`` (a list of ints) are allowed besides the defaults' keys. Types come from the defaults' values
+    (``None`` allows anything; ints are accepted for floats). Validation is :mod:`metareweight.config`'s; the
+    result is a plain dict with the defaults' keys plus any ``experiment``/``seeds`` given. Keys that are
+    :class:`~metareweight.config.TrainerConfig` settings (``hypergrad``, ``meta_interval``, ...) are checked
+    against it too, so ``hypergrad=unroled`` fails before training with a did-you-mean.
     """
-    import yaml
+    from metareweight.config import (ConfigError, TrainerConfig, load, parse_overrides, read_yaml,
+                                     schema_from_defaults, to_dict)
 
-    cfg = dict(defaults)
-    raw: Dict = {}
-    if path:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config must be a mapping of keys to values")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        raw[k.strip()] = yaml.safe_load(v)
-    allowed = set(defaults) | {"experiment", "seeds"}
-    for key, value in raw.items():
-        if key not in allowed:
-            import difflib
-            hint = difflib.get_close_matches(key, allowed, n=1)
-            raise ValueError(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                             + f"; valid keys: {sorted(allowed)}")
-        if key in defaults and defaults[key] is not None and value is not None:
-            want = type(defaults[key])
-            ok = isinstance(value, want) or (want is float and isinstance(value, int) and not isinstance(value, bool))
-            if not ok or (want is int and isinstance(value, bool)):
-                raise ValueError(f"config key {key!r} must be {want.__name__}, got {type(value).__name__} ({value!r})")
-            if want is float:
-                value = float(value)
-        cfg[key] = value
-    return cfg
+    cfg = to_dict(load(schema_from_defaults(defaults), path, overrides))
+    try:
+        TrainerConfig.pick(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+    given = set(read_yaml(path)) if path else set()
+    given |= {key for _, key, _ in parse_overrides(overrides)}
+    return {k: cfg[k] for k in [*defaults, *sorted(given - set(defaults))]}
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE ...``: the arguments ``metareweight run`` passes a script.
+
+    ``--set a=1 b=2`` and ``--set a=1 --set b=2`` both work; later overrides win.
+    """
+    parser.add_argument("--config", metavar="FILE", help="YAML config (flat keys; see configs/)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set epochs=5 seeds=[0,1]")
+
+
+def config_from_args(args: argparse.Namespace, defaults: Dict) -> Dict:
+    """The validated config of a script that called :func:`add_config_args` (``--config`` then ``--set``)."""
+    return load_config(args.config, defaults, args.overrides)

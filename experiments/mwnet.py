@@ -3,6 +3,7 @@
     python experiments/mwnet.py --demo                 # the `make demo` run: table + weight histogram PNG
     python experiments/mwnet.py --quick --out r.json   # a fast smoke configuration
     python experiments/mwnet.py --seeds 0 1 2 --out results/mwnet.json
+    metareweight run configs/mwnet.yaml epochs=10     # = --config configs/mwnet.yaml --set epochs=10
 
 Output JSON keys: acc_plain, acc_meta, mean_w_clean, mean_w_noisy, weight_auroc (means over seeds) and per_seed.
 """
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import accuracy, mean_sd, mlp, seed_everything, table, train_plain, write_json  # noqa: E402
+from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, mlp, seed_everything,  # noqa: E402
+                                table, train_plain, write_json)
 from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc  # noqa: E402
 from metareweight.data.datasets import noisy_digits  # noqa: E402
 
@@ -93,13 +95,17 @@ def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short run for smoke tests")
     p.add_argument("--demo", action="store_true", help="the make-demo run: progress bars, table and PNG")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds, else 0")
     p.add_argument("--epochs", type=int)
     p.add_argument("--hypergrad", choices=["unrolled", "finite_difference", "neumann"])
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", default=None, help="write the weight histogram PNG here")
+    add_config_args(p)
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = config_from_args(args, QUICK if args.quick else FULL)
+    seeds = cfg.pop("seeds", [0])
+    args.seeds = args.seeds or seeds
+    cfg.pop("experiment", None)
     for key in ("epochs", "hypergrad"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
