@@ -19,13 +19,14 @@ from .objectives import MetaObjective, MetaWeightNet
 from .objectives import ResetOptimizerState, SelfTaughtRescaler
 from .objectives import KDLoss, TrilateralKD, teacher_class_means
 from .trainer import MetaTrainer
+from .core.hypergrad import Fast
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MetaTrainer", "MetaObjective", "MetaWeightNet", "SelfTaughtRescaler", "ResetOptimizerState",
     "BilevelProblem", "WeightedTerms", "HypergradResult", "HypergradMethod", "FunctionalOptimizer",
-    "Unrolled", "FiniteDifference", "Neumann", "available_methods", "get_hypergradient",
+    "Unrolled", "FiniteDifference", "Neumann", "Fast", "available_methods", "get_hypergradient",
     "Batch", "as_batch", "IndexedDataset", "TensorIndexedDataset", "symmetric_noise", "pair_noise",
     "long_tailed_indices", "WeightHistory", "Callback", "JsonlLogger", "read_jsonl", "auroc",
     "cross_entropy_terms", "NonFiniteLossError",

@@ -57,16 +57,95 @@ class SmallCNN(nn.Module):
 
 def batches(kind: str, n: int, count: int, seed: int, classes: int = 3):
     g = torch.Generator().manual_seed(seed)
-    shape = (n, 5) if kind == "mlp" else (n, 1, 8, 8)
+    if kind in ("embedding", "tied"):
+        return [Batch(torch.randint(0, VOCAB, (n, 4), generator=g), torch.randint(0, classes, (n,), generator=g))
+                for _ in range(count)]
+    shape = {"cnn": (n, 1, 8, 8), "seq": (n, 3, 5), "shared": (n, 3, 5)}.get(kind, (n, 5))
     return [Batch(torch.randn(*shape, generator=g, dtype=torch.float64),
                   torch.randint(0, classes, (n,), generator=g)) for _ in range(count)]
+
+
+# ---- more architectures for the fast method: each exercises one capture rule or one fallback ----------------
+VOCAB = 11
+
+
+class EmbeddingModel(nn.Module):
+    """Embedding (with a padding row) → mean over tokens → Linear."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 6, padding_idx=0)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, idx):
+        return self.fc(torch.tanh(self.emb(idx)).mean(1))
+
+
+class TiedModel(EmbeddingModel):
+    """The embedding matrix is also the output projection (a use outside the Embedding layer). No padding row here:
+    its autograd gradient (zero from the lookup, non-zero from the projection) is not the derivative a finite
+    difference of the true objective sees."""
+
+    def __init__(self, classes=3):
+        super().__init__(classes)
+        self.emb.padding_idx = None
+
+    def forward(self, idx):
+        logits = torch.tanh(self.emb(idx)).mean(1) @ self.emb.weight.T
+        return self.fc(logits[:, :6])
+
+
+class SeqModel(nn.Module):
+    """A Linear on 3-D inputs (batch, time, features), then a mean over time."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.proj = nn.Linear(5, 7)
+        self.fc = nn.Linear(7, classes)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.proj(x)).mean(1))
+
+
+class SharedModel(nn.Module):
+    """RNN-style: the same recurrent Linear is called at every time step (weight sharing)."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.inp = nn.Linear(5, 7)
+        self.rec = nn.Linear(7, 7)
+        self.fc = nn.Linear(7, classes)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 7, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+        return self.fc(h)
+
+
+def norm_mlp(norm: nn.Module):
+    return nn.Sequential(nn.Linear(5, 7), norm, nn.Tanh(), nn.Linear(7, 3))
+
+
+class Centered(nn.Module):
+    """Subtracts the batch mean: couples samples without being a BatchNorm (caught by the first-call check)."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+MODELS = {
+    "mlp": mlp, "cnn": SmallCNN, "embedding": EmbeddingModel, "tied": TiedModel, "seq": SeqModel,
+    "shared": SharedModel, "layernorm": lambda: norm_mlp(nn.LayerNorm(7)),
+    "batchnorm": lambda: norm_mlp(nn.BatchNorm1d(7)), "centered": lambda: norm_mlp(Centered()),
+}
 
 
 def make_problem(kind="mlp", opt=(torch.optim.SGD, {"lr": 0.3}), unroll=1, direct=False, seed=0,
                  preconditioner="differentiable", warm_steps=0, detach_features=False):
     """A float64 problem; ``warm_steps`` real optimizer steps first so momentum/Adam state is non-trivial."""
     torch.manual_seed(seed)
-    model = (mlp() if kind == "mlp" else SmallCNN()).double()
+    model = MODELS[kind]().double()
     objective = DirectTermObjective(3, direct, detach_features).double()
     opt_cls, kw = opt
     optimizer = opt_cls(model.parameters(), **kw)

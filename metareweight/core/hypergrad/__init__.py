@@ -1,8 +1,9 @@
 """Hypergradient methods, one small module each, all ``method(problem) -> HypergradResult``."""
 
 from .base import HypergradMethod, available_methods, get_hypergradient
+from .fast import Fast
 from .finite_difference import FiniteDifference
 from .neumann import Neumann
 from .unrolled import Unrolled
 
-__all__ = ["HypergradMethod", "available_methods", "get_hypergradient", "Unrolled", "FiniteDifference", "Neumann"]
+__all__ = ["HypergradMethod", "available_methods", "get_hypergradient", "Unrolled", "FiniteDifference", "Neumann", "Fast"]

@@ -1,0 +1,395 @@
+"""Fast exact one-step hypergradient: per-sample inner products from captured activations, no second-order graph.
+
+For one inner step ``θ' = θ'(0) − P Σ_ik w_ik ∇ℓ_ik(θ)`` (``P``: the optimizer's diagonal step scale, learning rate
+included; exact for SGD with momentum/nesterov/weight decay and for Adam/AdamW with ``preconditioner="fixed"``)
+
+    dL_out/dφ = ∂L_out/∂φ|θ'  −  Σ_ik c_ik ∂w_ik/∂φ,      c_ik = ∇ℓ_ik(θ)ᵀ P ∇_θ' L_out(θ')
+
+The scalars ``c_ik`` come from forward hooks on layers linear in their weight (``Linear`` with any leading dims,
+``Conv1d/2d/3d``, ``Embedding``; see :mod:`metareweight.core.capture`): with ``U = P ⊙ ∇_W L_out``,
+``c_i = ⟨δ_i, op(a_i, U)⟩`` (*direct* form). When ``P`` is a scalar (the SGD family) and the layer is a ``Linear``,
+``∇_W L_out = Σ_j δ'_j a'_jᵀ`` is low rank, so ``c_i = P Σ_j (δ_i·δ'_j)(a_i·a'_j)`` (*Gram* form), and the meta
+forward runs at ``W'(0)`` plus the low-rank correction ``−P (a' Aᵀ)(w ⊙ Δ)`` without materialising ``W'``. The
+cheaper form is chosen per layer from the shapes.
+
+Other parameters (no closed form, or used outside their layer, detected by counting autograd edges) get their part
+of ``c_ik`` from one forward-mode JVP along ``P ∇L_out`` (exact; announced once). Models whose samples interact
+(BatchNorm using batch statistics, or any coupling found by the first-call check that Σ r_i δ_i a_iᵀ equals the true
+gradient for random r) take that JVP path for every parameter: still exact, never a per-sample shortcut.
+
+``unroll_steps > 1`` is refused (use ``unrolled``), as is Adam with the differentiable preconditioner.
+
+After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
+from the stored model outputs with the updated φ) from the captured ``(a_i, δ_i)``, while the parameters are unchanged;
+``MetaTrainer`` uses it so a meta step does not redo the forward and backward.
+
+Example:
+    >>> Fast().exact, Fast(gram="never").gram
+    (True, 'never')
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+from ...data.batch import Batch
+from ...losses import ensure_finite
+from ..capture import LayerCall, capture_calls, leaf_uses
+from ..optim import FunctionalOptimizer
+from ..problem import BilevelProblem, HypergradResult, WeightedTerms, bind, detach_params, detach_state
+from .base import HypergradMethod
+
+GRAM_MODES = ("auto", "always", "never")
+_ANNOUNCED: Set[str] = set()
+
+
+def _announce(msg: str) -> None:
+    if msg not in _ANNOUNCED:
+        _ANNOUNCED.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def couples_samples(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` normalises with batch statistics (BatchNorm in train mode, or untracked)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
+
+
+def _col(w: Tensor, like: Tensor) -> Tensor:
+    """Per-sample coefficients ``(B,)`` shaped to broadcast against a ``(B, ...)`` tensor."""
+    return w.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class _NoReplay(Exception):
+    pass
+
+
+class _Recorder:
+    """A bound forward that remembers its single call (the model outputs the replay hands back)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.calls: List[Tuple[object, Tensor]] = []
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        self.calls.append((args[0] if args and not kwargs else None, out))
+        return out
+
+
+@dataclass
+class _Capture:
+    """What the real step needs to form ``Σ w_ik ∇ℓ_ik`` with new weights, and when it is still valid."""
+
+    batch: Batch
+    inputs: object
+    output: Tensor
+    versions: List[Tuple[Tensor, int]]
+    inner: object
+    calls: List[LayerCall]
+    deltas: List[List[Tensor]]  # per call, per term k
+    names: List[str]
+
+
+@dataclass
+class Fast(HypergradMethod):
+    """Exact one-step hypergradient from per-layer captures (see the module docs).
+
+    Args:
+        closed_forms: use the per-layer closed forms (False: the JVP path for every parameter; slower, for checks).
+        gram: ``"auto"`` picks the Gram/low-rank form per Linear layer when cheaper (SGD family only);
+            ``"always"``/``"never"`` force it on or off.
+        lookahead: also return the materialised virtual parameters (needed by ``real_step="lookahead"``).
+        verify: on the first call for a model, check the per-sample attribution against autograd with random
+            weights; a mismatch (a layer couples samples) switches that model to the JVP path, with a warning.
+    """
+
+    closed_forms: bool = True
+    gram: str = "auto"
+    lookahead: bool = False
+    verify: bool = True
+    name = "fast"
+    exact = True
+
+    def __post_init__(self):
+        if self.gram not in GRAM_MODES:
+            raise ValueError(f"gram must be one of {GRAM_MODES}, got {self.gram!r}")
+        self._capture: Optional[_Capture] = None
+        self.last_paths: Dict[str, str] = {}  # parameter -> "gram" | "direct" | "jvp" in the last call
+        self._verified = weakref.WeakSet()
+        self._coupled = weakref.WeakSet()
+
+    # ---- entry point ----------------------------------------------------------------------------------------
+    def __call__(self, problem: BilevelProblem) -> HypergradResult:
+        if len(problem.train_batches) != 1:
+            raise ValueError(f"hypergrad='fast' is exact for one inner step, got unroll_steps="
+                             f"{len(problem.train_batches)}; use unroll_steps=1 or hypergrad='unrolled'")
+        opt = problem.optimizer
+        if type(opt) is not FunctionalOptimizer:
+            raise ValueError(f"hypergrad='fast' supports a single process's FunctionalOptimizer, got "
+                             f"{type(opt).__name__} (distributed training); use hypergrad='unrolled' there")
+        if opt.preconditioner != "fixed" and any(h.kind == "adam" for h in opt.hypers.values()):
+            raise ValueError("hypergrad='fast' needs Adam's preconditioner held fixed: use "
+                             "MetaTrainer(adam_preconditioner='fixed') or FunctionalOptimizer(preconditioner='fixed')")
+        self._capture = None
+        try:
+            return self._run(problem, allow_gram=self.gram != "never")
+        except _MetaIncomplete:
+            return self._run(problem, allow_gram=False)
+
+    def replay(self, batch: Batch) -> Optional[Tuple[WeightedTerms, Dict[str, Tensor]]]:
+        """The real step's ``(terms with current weights, Σ_ik w_ik ∇ℓ_ik by parameter name)`` for the batch of the
+        last call, or None when it cannot be reused (another batch, parameters changed since, or a model whose
+        samples interact). One use per call."""
+        cap, self._capture = self._capture, None
+        if cap is None or batch is not cap.batch or any(t._version != v for t, v in cap.versions):
+            return None
+        used = []
+
+        def forward(*args, **kwargs):
+            if used or kwargs or not args or args[0] is not cap.inputs:
+                raise _NoReplay
+            used.append(True)
+            return cap.output
+
+        try:
+            with torch.no_grad():
+                wt = cap.inner(forward, batch)
+        except _NoReplay:
+            return None
+        w = wt.weights.detach()
+        grads: Dict[str, Tensor] = {}
+        with torch.no_grad():
+            for call, deltas in zip(cap.calls, cap.deltas):
+                d = sum(_col(w[:, k], dk) * dk for k, dk in enumerate(deltas))
+                for n, g in ((call.weight, call.weight_grad), (call.bias, call.bias_grad)):
+                    if n in cap.names:
+                        grads[n] = grads[n] + g(d) if n in grads else g(d)
+        return wt, grads
+
+    # ---- the computation ------------------------------------------------------------------------------------
+    def _run(self, problem: BilevelProblem, allow_gram: bool) -> HypergradResult:
+        model, opt, batch = problem.model, problem.optimizer, problem.train_batches[0]
+        theta = problem.leaf_params()
+        trainable = problem.trainable(theta)
+        ids = {id(theta[n]): n for n in trainable}
+        coupled = couples_samples(model) or model in self._coupled
+        rng = _rng_state(theta)
+        buffers = {k: v.clone() for k, v in problem.buffers.items()}
+        recorder = _Recorder(bind(model, theta, buffers))
+        with capture_calls(model, lambda m, c: None, ids) as calls:
+            wt = problem.inner(recorder, batch)
+        terms, weights = wt.terms, wt.weights
+        ensure_finite(terms.detach(), "the inner loss terms")
+        B, K = terms.shape
+
+        uses = leaf_uses([terms], ids)
+        by_param: Dict[str, List[LayerCall]] = {}
+        for c in calls:
+            for n in {c.weight, c.bias} - {None}:
+                by_param.setdefault(n, []).append(c)
+        closed: Set[str] = set()
+        if self.closed_forms and not coupled:
+            closed = {n for n in trainable if uses[n] and len(by_param.get(n, ())) == uses[n]
+                      and all(c.batched() and c.samples == B for c in by_param[n])}
+        used = [n for n in trainable if uses[n]]
+        fallback = [n for n in used if n not in closed]
+        if fallback and self.closed_forms and not coupled:
+            _announce(f"hypergrad='fast': no closed form for {fallback} (layer type, or used outside its layer); "
+                      "their part of the hypergradient comes from a forward-mode JVP (exact, slower)")
+        tcalls = [c for c in calls if c.weight in closed or c.bias in closed]
+
+        g_fallback = {}
+        if fallback:
+            gs = torch.autograd.grad(terms, [theta[n] for n in fallback], grad_outputs=weights.detach(),
+                                     retain_graph=True, allow_unused=True)
+            g_fallback = {n: g for n, g in zip(fallback, gs)}
+        check = None
+        if closed and self.verify and model not in self._verified:
+            gen = torch.Generator(device=terms.device).manual_seed(0)  # leaves the global RNG (data order) alone
+            r = torch.randn(terms.shape, generator=gen, dtype=terms.dtype, device=terms.device)
+            names = sorted(closed)
+            check = (r, names, torch.autograd.grad(terms, [theta[n] for n in names], r, retain_graph=True))
+        deltas: List[List[Tensor]] = [[] for _ in tcalls]
+        for k in range(K):
+            if not tcalls:
+                break
+            gs = torch.autograd.grad(terms[:, k].sum(), [c.output for c in tcalls], retain_graph=k < K - 1,
+                                     allow_unused=True)
+            for i, (c, g) in enumerate(zip(tcalls, gs)):
+                deltas[i].append(torch.zeros_like(c.output) if g is None else g.detach())
+        tcalls = [c.detach() for c in tcalls]
+        terms_d, w = terms.detach(), weights.detach()
+
+        def summed(i, coef):  # Σ_k coef_k ⊙ δ_k for call i
+            return sum(_col(coef[:, k], dk) * dk for k, dk in enumerate(deltas[i]))
+
+        def param_grad(n, coef):
+            out = None
+            for i, c in enumerate(tcalls):
+                for name, fn in ((c.weight, c.weight_grad), (c.bias, c.bias_grad)):
+                    if name == n:
+                        g = fn(summed(i, coef))
+                        out = g if out is None else out + g
+            return out
+
+        if check is not None:
+            r, names, true = check
+            with torch.no_grad():
+                ours = [param_grad(n, r) for n in names]
+            err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ours, true))
+            self._verified.add(model)
+            if err > 1e-3:
+                self._coupled.add(model)
+                _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
+                          f"off by {err:.1e}); using the exact JVP path for this model")
+                return self._run(problem, allow_gram)
+
+        # which weights take the Gram / low-rank route (scalar P: SGD family; Linear layers only)
+        scalar = all(h.kind == "sgd" for h in opt.hypers.values())
+        gram: Set[str] = set()
+        if allow_gram and scalar:
+            for n in closed:
+                cs = by_param[n]
+                if not all(c.kind == "linear" and c.weight == n for c in cs):
+                    continue
+                out_f, in_f = theta[n].shape
+                rows_per_sample = sum(c.input.numel() // c.input.shape[-1] for c in cs) / B
+                m_rows = problem.meta_batch.size * rows_per_sample
+                if self.gram == "always" or m_rows * (in_f + out_f) < in_f * out_f:
+                    gram.add(n)
+        lowrank = set() if self.lookahead else gram
+
+        with torch.no_grad():
+            state = problem.opt_state
+            theta_d = detach_params(theta)
+            g_step: Dict[str, Optional[Tensor]] = {}
+            for n in used:
+                if n in g_fallback:
+                    g_step[n] = g_fallback[n]
+                elif n in lowrank:
+                    g_step[n] = None if _base_is_theta(opt.hypers[n], state.get(n, {})) else torch.zeros_like(theta_d[n])
+                else:
+                    g_step[n] = param_grad(n, w)
+            scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in g_step.items()}, state)
+            new_theta, new_state = opt.step(theta_d, g_step, state)
+            corrections = {}
+            for n in lowrank:
+                parts = [(c.rows(c.input), c.rows(summed(i, w))) for i, c in enumerate(tcalls) if c.weight == n]
+                corrections[n] = (torch.cat([a for a, _ in parts]), torch.cat([d for _, d in parts]), scale[n])
+        theta_p = {k: v.detach().requires_grad_(k in trainable) for k, v in new_theta.items()}
+        meta_ids = {id(theta_p[n]): n for n in trainable}
+
+        def low_rank(module, call):
+            if call.weight not in corrections:
+                return None
+            A, D, p = corrections[call.weight]
+            return call.output - p * ((call.rows(call.input) @ A.T) @ D).reshape(call.output.shape)
+
+        with capture_calls(model, low_rank, meta_ids) as mcalls:
+            outer = problem.outer_loss(theta_p)
+        muses = leaf_uses([outer], meta_ids)
+        mcalls = [c for c in mcalls if c.weight in gram]
+        if any(muses[n] != sum(c.weight == n for c in mcalls) for n in gram):
+            raise _MetaIncomplete
+        vnames = [n for n in trainable if muses[n] and n not in gram]
+        targets = [c.output for c in mcalls] + [theta_p[n] for n in vnames] + list(problem.meta_params)
+        got = torch.autograd.grad(outer, targets, allow_unused=True) if targets else ()
+        dmeta = got[:len(mcalls)]
+        v = dict(zip(vnames, got[len(mcalls):len(mcalls) + len(vnames)]))
+        direct = [torch.zeros_like(p) if g is None else g for p, g in
+                  zip(problem.meta_params, got[len(mcalls) + len(vnames):])]
+
+        with torch.no_grad():
+            c = torch.zeros_like(terms_d)
+            for n in gram:
+                mc = [(cl, d) for cl, d in zip(mcalls, dmeta) if cl.weight == n and d is not None]
+                if not mc:
+                    continue
+                Am = torch.cat([cl.rows(cl.input.detach()) for cl, _ in mc])
+                Dm = torch.cat([cl.rows(d) for cl, d in mc])
+                for i, cl in enumerate(tcalls):
+                    if cl.weight != n:
+                        continue
+                    aa = cl.rows(cl.input) @ Am.T
+                    for k, dk in enumerate(deltas[i]):
+                        c[:, k] += scale[n] * ((cl.rows(dk) @ Dm.T) * aa).sum(1).reshape(B, -1).sum(1)
+            for n in closed - gram:
+                if v.get(n) is None:
+                    continue
+                U = scale[n] * v[n]
+                for i, cl in enumerate(tcalls):
+                    if cl.weight == n:
+                        out = cl.op(U)
+                        for k, dk in enumerate(deltas[i]):
+                            c[:, k] += cl.per_sample_dot(dk, out)
+                    if cl.bias == n:
+                        for k, dk in enumerate(deltas[i]):
+                            c[:, k] += cl.bias_dot(dk, U)
+        tangents = {n: scale[n] * v[n] for n in fallback if v.get(n) is not None}
+        if tangents:
+            c = c + _jvp_terms(problem, theta_d, tangents, batch, rng)
+        mixed = problem.meta_grads((weights * c).sum())
+        grads = [d - m for d, m in zip(direct, mixed)]
+
+        self.last_paths = {n: ("gram" if n in gram else "direct" if n in closed else "jvp") for n in used}
+        if not fallback and not coupled and len(recorder.calls) == 1 and recorder.calls[0][0] is batch.inputs \
+                and all(torch.equal(buffers[k], problem.buffers[k]) for k in buffers):
+            self._capture = _Capture(batch, batch.inputs, recorder.calls[0][1].detach(),
+                                     [(t, t._version) for t in problem.params.values()], problem.inner, tcalls,
+                                     deltas, sorted(closed))
+        lookahead = None
+        if self.lookahead:
+            lookahead = (detach_params(new_theta), detach_state(new_state))
+        return HypergradResult(grads, float(outer.detach()), lookahead)
+
+
+class _MetaIncomplete(Exception):
+    """A Gram-form weight is used outside its layer in the meta forward: redo the step without the Gram form."""
+
+
+def _base_is_theta(h, st) -> bool:
+    """Whether a zero gradient leaves the parameter unchanged (plain SGD, or momentum before its first buffer)."""
+    return h.kind == "sgd" and not h.weight_decay and (not h.momentum or "momentum_buffer" not in st)
+
+
+def _rng_state(params) -> Tuple[Tensor, Optional[List[Tensor]]]:
+    cuda = any(t.is_cuda for t in params.values()) and torch.cuda.is_available()
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
+
+
+def _padding_has_no_derivative(module, args, output):
+    """Forward mode sees the padding row's lookup; autograd's convention (hence the step) gives it no gradient."""
+    primal, tangent = fwAD.unpack_dual(output)
+    if tangent is None:
+        return None
+    keep = (args[0] != module.padding_idx).unsqueeze(-1).to(tangent.dtype)
+    return fwAD.make_dual(primal, tangent * keep)
+
+
+def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> Tensor:
+    """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
+    (dropout masks) so that it differentiates the same function."""
+    cpu, cuda = rng
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda is not None else []), \
+            torch.no_grad(), fwAD.dual_level():
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        params = {k: (fwAD.make_dual(v, tangents[k]) if k in tangents else v) for k, v in theta.items()}
+        hooks = [m.register_forward_hook(_padding_has_no_derivative) for m in problem.model.modules()
+                 if isinstance(m, nn.Embedding) and m.padding_idx is not None]
+        try:
+            terms = problem.inner(problem.forward(params), batch).terms
+        finally:
+            for h in hooks:
+                h.remove()
+        tangent = fwAD.unpack_dual(terms).tangent
+    return torch.zeros_like(terms) if tangent is None else tangent

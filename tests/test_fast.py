@@ -1,0 +1,164 @@
+"""The fast exact one-step hypergradient: equal to the unrolled one and to a float64 finite difference of the true
+bilevel objective on every capture rule and fallback; the trainer's reuse of its captures for the real step."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bilevel_fixtures import central_difference, dot, make_problem, random_direction
+from metareweight import Fast, MetaTrainer, MetaWeightNet, TensorIndexedDataset, Unrolled
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny float64 problems: thread hand-offs cost more than the arithmetic on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+OPTS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.3}),
+    "momentum": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-2}),
+    "nesterov": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "nesterov": True}),
+    "adam": (torch.optim.Adam, {"lr": 0.05}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1}),
+}
+
+
+def _problem(kind, opt="momentum", direct=True):
+    return make_problem(kind, OPTS[opt], direct=direct, warm_steps=2, preconditioner="fixed")
+
+
+def _assert_close(a, b, rtol=1e-5):
+    err = max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))
+    assert err < rtol, err
+
+
+def _linearised_fd(problem, direction, h=1e-5):
+    """FD of the bilevel objective whose step is linear in g with the optimizer's scale frozen at this φ: what the
+    fixed Adam preconditioner differentiates (equal to the true objective for the SGD family)."""
+    theta = problem.leaf_params()
+    batch = problem.train_batches[0]
+    opt, state = problem.optimizer, problem.opt_state
+    g0 = {k: v.detach() for k, v in problem.step_grads(problem.inner_terms(theta, batch), theta).items()}
+    scale = opt.linear_scale(theta, g0, state)
+    base = {k: (v + scale[k] * g0[k] if k in scale else v) for k, v in opt.step(theta, g0, state)[0].items()}
+
+    def value(sign):
+        with torch.no_grad():
+            for p, d in zip(problem.meta_params, direction):
+                p.add_(sign * h * d)
+        g = problem.step_grads(problem.inner_terms(theta, batch), theta)
+        new = {k: (v - scale[k] * g[k] if k in scale else v).detach() for k, v in base.items()}
+        with torch.no_grad():
+            out = float(problem.outer_loss(new))
+            for p, d in zip(problem.meta_params, direction):
+                p.sub_(sign * h * d)
+        return out
+
+    return (value(+1) - value(-1)) / (2 * h)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "embedding", "seq", "shared"])
+@pytest.mark.parametrize("opt,direct", [("sgd", True), ("momentum", False), ("nesterov", True), ("adam", True),
+                                        ("adamw", False)])
+def test_fast_matches_unrolled_and_finite_difference(kind, opt, direct):
+    problem = _problem(kind, opt, direct)
+    method = Fast(gram="always")  # the Gram form wherever it applies (SGD family, Linear), direct form elsewhere
+    grads = method(problem).grads
+    _assert_close(grads, Unrolled()(problem).grads)
+    paths = set(method.last_paths.values())
+    assert paths <= {"gram", "direct"} and ("gram" in paths) == (opt not in ("adam", "adamw")), method.last_paths
+    d = random_direction(problem, 1)
+    fd = central_difference(problem, d) if opt not in ("adam", "adamw") else _linearised_fd(problem, d)
+    assert dot(grads, d) == pytest.approx(fd, rel=1e-6, abs=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq", "shared"])
+def test_gram_and_direct_forms_agree(kind):
+    problem = _problem(kind, "nesterov")
+    gram, direct = Fast(gram="always"), Fast(gram="never")
+    _assert_close(gram(problem).grads, direct(problem).grads, rtol=1e-10)
+    assert set(direct.last_paths.values()) == {"direct"}
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "tied"])
+def test_layers_without_closed_form_fall_back_to_jvp_exactly(kind):
+    problem = _problem(kind)
+    method = Fast()
+    grads = method(problem).grads
+    assert "jvp" in method.last_paths.values() and "direct" in method.last_paths.values(), method.last_paths
+    _assert_close(grads, Unrolled()(problem).grads)
+    _assert_close(grads, Fast(closed_forms=False)(problem).grads, rtol=1e-10)
+    d = random_direction(problem, 2)
+    assert dot(grads, d) == pytest.approx(central_difference(problem, d), rel=1e-6, abs=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "centered"])
+def test_samples_that_interact_take_the_exact_jvp_path(kind):
+    # BatchNorm in train mode is detected up front; a custom batch-mean layer by the first-call check
+    problem = _problem(kind)
+    method = Fast()
+    grads = method(problem).grads
+    assert set(method.last_paths.values()) == {"jvp"}
+    _assert_close(grads, Unrolled()(problem).grads)
+    d = random_direction(problem, 3)
+    assert dot(grads, d) == pytest.approx(central_difference(problem, d), rel=1e-6, abs=1e-10)
+    assert method.replay(problem.train_batches[0]) is None  # no per-sample reuse either
+
+
+def test_refuses_what_it_cannot_do_exactly():
+    with pytest.raises(ValueError, match="one inner step"):
+        Fast()(make_problem("mlp", unroll=2))
+    with pytest.raises(ValueError, match="adam_preconditioner='fixed'"):
+        Fast()(make_problem("mlp", OPTS["adam"]))
+    with pytest.raises(ValueError, match="gram"):
+        Fast(gram="sometimes")
+
+
+def _trainer(hypergrad, seed=0, **kw):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(80, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    ds = TensorIndexedDataset(x, y)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    objective = MetaWeightNet(hidden=8).double()
+    return MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), DataLoader(ds, 16),
+                       objective=objective, meta_loader=DataLoader(ds, 16, shuffle=True), hypergrad=hypergrad,
+                       progress=False, **kw)
+
+
+def _params(trainer):
+    return [p.detach() for p in list(trainer.model.parameters()) + trainer.objective.meta_parameters()]
+
+
+def test_training_with_fast_equals_training_with_unrolled():
+    runs = []
+    for method in ("unrolled", "fast"):
+        trainer = _trainer(method)
+        trainer.fit(epochs=4)  # 20 steps, every one a meta step
+        assert trainer.global_step == 20 and trainer.meta_steps == 20
+        runs.append(_params(trainer))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_real_step_reuses_the_captures_and_matches_recompute():
+    runs, forwards = [], []
+    for reuse in (True, False):
+        trainer = _trainer(Fast(gram="always"), meta_interval=2)
+        if not reuse:
+            trainer.method.replay = lambda batch: None
+        calls = []
+        trainer.model.register_forward_hook(lambda *a: calls.append(1))
+        trainer.fit(epochs=2)  # 10 steps, 5 meta steps
+        assert trainer.meta_steps == 5
+        runs.append(_params(trainer))
+        forwards.append(len(calls))
+    # a meta step runs the model twice (train batch, meta batch) instead of three times; a plain step once
+    assert forwards == [5 * 2 + 5, 5 * 3 + 5]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
