@@ -18,6 +18,7 @@ from .metrics import auroc
 from .objectives import MetaObjective, MetaWeightNet
 from .objectives import ResetOptimizerState, SelfTaughtRescaler
 from .objectives import KDLoss, TrilateralKD, teacher_class_means
+from .objectives import LSTMPolicy, Reinforce, SourceTaskWeighting
 from .trainer import MetaTrainer
 from .core.hypergrad import Fast
 
@@ -31,3 +32,4 @@ __all__ = [
     "long_tailed_indices", "WeightHistory", "Callback", "JsonlLogger", "read_jsonl", "auroc",
     "cross_entropy_terms", "NonFiniteLossError",
 ]
+__all__ += ["SourceTaskWeighting", "LSTMPolicy", "Reinforce"]

@@ -234,6 +234,7 @@ class MetaTrainer:
         if self.method is None:
             stats = self.objective.meta_step(self, batches, meta_batch)
             self.meta_steps += 1
+            self.global_step += len(batches)  # the objective's own update consumed these train batches
             return stats
         result = self.method(self.build_problem(batches, meta_batch))
         self.meta_optimizer.zero_grad(set_to_none=True)

@@ -6,5 +6,8 @@ from .self_taught import ResetOptimizerState, SelfTaughtRescaler
 from .kd_baselines import KDLoss, kd_terms, wls_alpha
 from .trilateral_kd import TrilateralKD, teacher_class_means
 from .domain_weights import DomainWeights, StepAggregationLoss, meta_cross_entropy
+from .policy import LSTMPolicy, Reinforce
+from .source_tasks import SourceBalancedSampler, SourceBatches, SourceTaskWeighting, fine_tune
 
 __all__ = ["MetaObjective", "MetaWeightNet"]
+__all__ += ["SourceTaskWeighting", "LSTMPolicy", "Reinforce", "SourceBalancedSampler", "SourceBatches", "fine_tune"]

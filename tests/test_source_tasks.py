@@ -1,0 +1,189 @@
+"""Source-task weighting (Meta-RTL): the REINFORCE policy on bandits, the objective's arithmetic, the trainer
+integration, and the experiment's claims on a quick generated-task configuration."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from metareweight import MetaTrainer, TensorIndexedDataset, as_batch
+from metareweight.objectives.policy import LSTMPolicy, Reinforce
+from metareweight.objectives.source_tasks import (SourceBalancedSampler, SourceBatches, SourceTaskWeighting,
+                                                  fine_tune, select_source)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ---- the REINFORCE policy on bandits with a known best arm --------------------------------------------------------
+def _bandit(mode, best, steps, seed=0, lr=0.05, entropy_coef=0.0):
+    torch.manual_seed(seed)
+    means = torch.tensor([0.2, 0.5, 0.0, 0.4])
+    means[best] = 1.0
+    policy = LSTMPolicy(4, hidden=8, mode=mode)
+    learner = Reinforce(torch.optim.Adam(policy.parameters(), lr=lr), entropy_coef=entropy_coef)
+    for _ in range(steps):
+        action = policy.act()
+        rewards = means + 0.3 * torch.randn(4)
+        reward = rewards[action.index] if mode == "sample" else (action.weights * rewards).sum()
+        learner.step(action, float(reward))
+        policy.observe(rewards)
+    with torch.no_grad():
+        return policy.act().probs
+
+
+@pytest.mark.parametrize("best", [0, 2])
+def test_reinforce_sampling_policy_converges_to_the_best_arm(best):
+    probs = _bandit("sample", best, steps=300)
+    assert int(probs.argmax()) == best and float(probs[best]) > 0.9, probs
+
+
+@pytest.mark.parametrize("best", [1, 3])
+def test_reinforce_mixture_policy_puts_most_weight_on_the_best_arm(best):
+    probs = _bandit("mixture", best, steps=300)
+    assert int(probs.argmax()) == best and float(probs[best]) > 0.6, probs
+
+
+def test_entropy_bonus_keeps_the_policy_spread():
+    sharp = _bandit("sample", 0, steps=300)
+    soft = _bandit("sample", 0, steps=300, entropy_coef=0.5)
+    ent = lambda p: float(-(p * p.log()).sum())  # noqa: E731
+    assert ent(soft) > ent(sharp) + 0.3 and int(soft.argmax()) == 0
+
+
+def test_moving_average_baseline_and_advantage():
+    r = Reinforce(baseline_decay=0.5)
+    assert r.advantage(2.0) == 0.0 and r.baseline == 2.0  # the first reward sets the baseline
+    assert r.advantage(4.0) == 2.0 and r.baseline == 3.0
+    with pytest.raises(ValueError, match="finite"):
+        r.advantage(float("nan"))
+    with pytest.raises(ValueError, match="optimizer"):
+        Reinforce().step(LSTMPolicy(2).act(), 1.0)
+
+
+def test_policy_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="at least 2 sources"):
+        LSTMPolicy(1)
+    with pytest.raises(ValueError, match="mode"):
+        LSTMPolicy(3, mode="greedy")
+    with pytest.raises(ValueError, match="3 rewards"):
+        LSTMPolicy(3).observe(torch.zeros(2))
+
+
+# ---- the objective's arithmetic -----------------------------------------------------------------------------------
+def _sources(n=60, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    src = torch.arange(n) % 3
+    y = torch.where(src == 2, (x[:, 1] > 0).long(), (x[:, 0] > 0).long())
+    return x, y, src
+
+
+def _trainer(objective, x, y, src, target_n=16, per_source=4, batches=6, unroll=2, lr=0.3, train=None, **kw):
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[1], 2)
+    xt = torch.randn(target_n, x.shape[1], generator=torch.Generator().manual_seed(1))
+    target = DataLoader(TensorIndexedDataset(xt, (xt[:, 0] > 0).long()), batch_size=target_n)
+    train = train or SourceBatches(x, y, src, per_source, batches, torch.Generator().manual_seed(2))
+    return MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=lr), train, objective=objective,
+                       meta_loader=target, unroll_steps=unroll, progress=False, **kw)
+
+
+def test_uniform_meta_step_is_weighted_reptile_over_manual_temporal_models():
+    x, y, src = _sources()
+    obj = SourceTaskWeighting(3, mode="uniform", step_size=0.5)
+    trainer = _trainer(obj, x, y, src)
+    it = iter(trainer.train_loader)
+    batches = [as_batch(next(it)) for _ in range(2)]
+    meta = as_batch(next(iter(trainer.meta_stream.loader)))
+    theta0 = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+    expected_delta = {k: torch.zeros_like(v) for k, v in theta0.items()}
+    rewards = []
+    ce = nn.functional.cross_entropy
+    with torch.no_grad():
+        general = float(ce(trainer.model(meta.inputs), meta.targets))
+    for s in range(3):  # the temporal model by hand: a copy of the module and torch.optim.SGD
+        copy = nn.Linear(4, 2)
+        copy.load_state_dict(trainer.model.state_dict())
+        opt = torch.optim.SGD(copy.parameters(), lr=0.3)
+        for b in batches:
+            sub = select_source(b, s)
+            opt.zero_grad()
+            ce(copy(sub.inputs), sub.targets).backward()
+            opt.step()
+        for k, p in copy.named_parameters():
+            expected_delta[k] += (p.detach() - theta0[k]) / 3
+        with torch.no_grad():
+            rewards.append(general - float(ce(copy(meta.inputs), meta.targets)))
+
+    stats = obj.meta_step(trainer, batches, meta)
+    for k, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), theta0[k] + 0.5 * expected_delta[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(obj.reward_trajectory()[0], rewards, rtol=1e-4, atol=1e-6)
+    assert stats["meta_loss"] == pytest.approx(general, rel=1e-6)
+
+
+def test_sampled_source_moves_the_model_to_that_temporal_model_only():
+    x, y, src = _sources()
+    obj = SourceTaskWeighting(3, mode="sample", step_size=1.0)
+    trainer = _trainer(obj, x, y, src)
+    trainer.fit(epochs=1, max_steps=2)
+    row = obj.trajectory[0]
+    assert row["weights"].sum() == pytest.approx(1.0) and sorted(row["weights"].tolist()) == [0.0, 0.0, 1.0]
+
+
+def test_trainer_integration_counts_steps_and_records_source_weights():
+    x, y, src = _sources()
+    obj = SourceTaskWeighting(3, mode="mixture", meta_lr=0.05)
+    trainer = _trainer(obj, x, y, src)
+    before = [p.detach().clone() for p in obj.meta_parameters()]
+    history = trainer.fit(epochs=2)
+    assert trainer.global_step == 12 and trainer.meta_steps == 6
+    assert obj.weight_trajectory().shape == (6, 3) and np.allclose(obj.weight_trajectory().sum(1), 1.0, atol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, obj.meta_parameters())), "the policy did not learn"
+    latest = trainer.weights_history.latest()
+    assert set(np.unique(latest["source"])) == {0, 1, 2}
+    assert "weight_source0" in history[-1] and math.isfinite(history[-1]["meta_loss"])
+
+
+def test_non_meta_groups_take_a_policy_weighted_step():
+    x, y, src = _sources()
+    obj = SourceTaskWeighting(3, mode="sample")
+    trainer = _trainer(obj, x, y, src, meta_interval=2, unroll=1, batches=4)
+    trainer.fit(epochs=1)
+    assert trainer.meta_steps == 2 and trainer.global_step == 4
+    wt = obj.inner_terms(trainer.model, as_batch(next(iter(SourceBatches(x, y, src, 4, 1)))))
+    assert float(wt.weights.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_errors_name_the_problem():
+    x, y, src = _sources()
+    with pytest.raises(ValueError, match="mode"):
+        SourceTaskWeighting(3, mode="greedy")
+    with pytest.raises(ValueError, match="Reptile"):
+        SourceTaskWeighting(3, step_size=0.0)
+    no_source = DataLoader(TensorIndexedDataset(x, y), batch_size=12)
+    trainer = _trainer(SourceTaskWeighting(3), x, y, src, train=no_source)
+    with pytest.raises(ValueError, match="'source' field"):
+        trainer.fit(epochs=1)
+    trainer = _trainer(SourceTaskWeighting(2), x, y, src)
+    with pytest.raises(ValueError, match=r"0\.\.1"):
+        trainer.fit(epochs=1)
+    with pytest.raises(ValueError, match="no rows"):
+        SourceBalancedSampler(torch.tensor([0, 2]), 1)
+
+
+def test_fine_tune_and_balanced_sampler():
+    s = SourceBalancedSampler(torch.tensor([0] * 5 + [1] * 20), per_source=3, num_batches=4,
+                              generator=torch.Generator().manual_seed(0))
+    assert len(list(s)) == 4 and all(sum(i < 5 for i in b) == 3 for b in s)
+    x, y, _ = _sources()
+    model = nn.Linear(4, 2)
+    fine_tune(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(TensorIndexedDataset(x, y), 20), 30)
+    assert float((model(x).argmax(1) == y).float().mean()) > 0.75
