@@ -1,0 +1,283 @@
+"""Classic reweighting benchmarks on Fashion-MNIST: 40% symmetric noise, 40% pair-flip noise, long tail (IF 100).
+
+Methods: plain cross-entropy; Meta-Weight-Net (clean, class-balanced meta set of ``meta_per_class`` per class);
+the self-taught rescaler (STORM: meta batches from the noisy train set, no clean data); and the simple baselines of
+:mod:`metareweight.baselines`: inverse-frequency class weights, random oversampling, focal loss, logit adjustment
+and small-loss selection (co-teaching-style keep ratio, forget rate ``forget_rate``). Every method gets the same
+model initialisation, optimizer, epochs and batch order for a seed; test accuracy is taken after the last epoch (no
+early stopping on test data). The Fashion-MNIST test set is class-balanced, so on the long tail it is the balanced
+accuracy.
+
+    metareweight run configs/classic.yaml                               # the RESULTS.md table
+    python experiments/classic.py --config configs/classic.yaml --out results/classic.json
+    python experiments/classic.py --quick                               # minutes, one seed
+    python experiments/classic.py --config configs/classic.yaml --set settings=[lt100] --set seeds=[0]
+
+Output JSON: ``config``, ``per_seed`` (setting, method, seed, test_acc, seconds[, weight_auroc]), ``failures``
+(runs that raised; reported, not fatal) and ``summary`` (setting → method → mean/sd of test accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, seed_everything,  # noqa: E402
+                                table, write_json)
+from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc  # noqa: E402
+from metareweight import baselines as B  # noqa: E402
+from metareweight.config import ConfigError  # noqa: E402
+from metareweight.data import as_batch, long_tailed_indices, pair_noise, symmetric_noise  # noqa: E402
+from metareweight.data.datasets import load_fashion_mnist  # noqa: E402
+
+SETTINGS = {  # name → (noise function, noise rate, imbalance factor)
+    "sym40": (symmetric_noise, 0.4, 1.0),
+    "pair40": (pair_noise, 0.4, 1.0),
+    "lt100": (None, 0.0, 100.0),
+}
+METHODS = ["plain", "class_weight", "oversample", "focal", "logit_adjust", "small_loss", "mwnet", "self_taught"]
+LABELS = {"plain": "plain CE", "class_weight": "inverse-frequency class weights", "oversample": "random oversampling",
+          "focal": "focal loss", "logit_adjust": "logit adjustment", "small_loss": "small-loss selection",
+          "mwnet": "Meta-Weight-Net", "self_taught": "self-taught rescaler (STORM)"}
+
+FULL = dict(settings=list(SETTINGS), methods=list(METHODS), seeds=[0, 1, 2], train_per_class=500, meta_per_class=10,
+            test_size=10000, model="mlp", epochs=15, batch_size=100, lr=0.05, lr_milestones=[10], lr_decay=0.1,
+            momentum=0.9, weight_decay=5e-4, hypergrad="unrolled", meta_lr=1e-3, mwnet_hidden=100, storm_passes=3,
+            storm_bn_scope="batch", storm_input_dropout=0.1, storm_meta_lr=1e-2, focal_gamma=2.0, la_tau=1.0, forget_rate=0.4,
+            forget_warmup=5)
+QUICK = dict(FULL, seeds=[0], train_per_class=200, test_size=2000, epochs=6, lr_milestones=[4])
+NUM_CLASSES = 10
+
+
+@dataclass
+class Task:
+    """One setting and seed: normalised image tensors, observed train labels and the corruption flags."""
+
+    x_train: Tensor
+    y_train: Tensor
+    y_train_clean: Tensor
+    noisy: Tensor
+    x_meta: Tensor
+    y_meta: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def make_task(setting: str, seed: int, cfg: Dict, arrays) -> Task:
+    """Stratified subsample of ``train_per_class`` per class (long-tailed for ``lt*``), noise on train only, and a
+    disjoint clean class-balanced meta set of ``meta_per_class`` per class."""
+    noise_fn, rate, imbalance = SETTINGS[setting]
+    xtr, ytr, xte, yte = arrays
+    rng = np.random.default_rng(seed)
+    train_idx, meta_idx = [], []
+    for c in range(NUM_CLASSES):
+        idx = rng.permutation(np.flatnonzero(ytr == c))
+        meta_idx.append(idx[:cfg["meta_per_class"]])
+        train_idx.append(idx[cfg["meta_per_class"]:cfg["meta_per_class"] + cfg["train_per_class"]])
+    train_idx = np.concatenate(train_idx)
+    if imbalance > 1:
+        train_idx = train_idx[long_tailed_indices(ytr[train_idx], imbalance, seed=seed)]
+    train_idx, meta_idx = rng.permutation(train_idx), np.concatenate(meta_idx)
+    y = y_clean = ytr[train_idx]
+    flipped = np.zeros(len(y), bool)
+    if noise_fn is not None:
+        y, flipped = noise_fn(y, rate, NUM_CLASSES, seed=seed + 1)
+    test_idx = rng.permutation(len(yte))[:cfg["test_size"]]
+
+    def img(a):  # uint8 (N, 28, 28) → standardised float (N, 1, 28, 28)
+        return ((torch.as_tensor(a, dtype=torch.float32) / 255.0 - 0.286) / 0.353).unsqueeze(1)
+
+    lab = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+    return Task(img(xtr[train_idx]), lab(y), lab(y_clean), torch.as_tensor(flipped), img(xtr[meta_idx]), lab(ytr[meta_idx]),
+                img(xte[test_idx]), lab(yte[test_idx]))
+
+
+def make_model(kind: str) -> nn.Module:
+    """``cnn``: two strided convolutions (16, 32 channels) and a linear head, 16k parameters; ``mlp``: 784-256-256-10."""
+    if kind == "cnn":
+        return nn.Sequential(nn.Conv2d(1, 16, 5, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(32 * 5 * 5, NUM_CLASSES))
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                             nn.Linear(256, NUM_CLASSES))
+    raise ValueError(f"config key 'model' must be 'cnn' or 'mlp', got {kind!r}")
+
+
+LossFn = Callable[[Tensor, Tensor, int], Tensor]  # (logits, targets, epoch) → scalar loss
+
+
+def baseline_loss(method: str, task: Task, cfg: Dict) -> LossFn:
+    """The training loss of a fixed (not meta-learned) method, from the observed train labels."""
+    ce = nn.functional.cross_entropy
+    if method in ("plain", "oversample"):
+        return lambda z, y, e: ce(z, y)
+    if method == "class_weight":
+        w = B.class_weights(task.y_train, NUM_CLASSES)
+        return lambda z, y, e: (w[y] * ce(z, y, reduction="none")).mean()
+    if method == "focal":
+        return lambda z, y, e: B.focal_loss(z, y, gamma=cfg["focal_gamma"]).mean()
+    if method == "logit_adjust":
+        prior = B.class_counts(task.y_train, NUM_CLASSES).float()
+        prior = prior / prior.sum()
+        return lambda z, y, e: B.logit_adjusted_loss(z, y, prior, tau=cfg["la_tau"]).mean()
+    if method == "small_loss":
+        def select(z, y, e):
+            losses = ce(z, y, reduction="none")
+            keep = B.keep_ratio_schedule(e, cfg["forget_rate"], cfg["forget_warmup"])
+            return losses[B.small_loss_mask(losses, keep)].mean()
+        return select
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def lr_phases(cfg: Dict) -> List[tuple]:
+    """``[(first_epoch, end_epoch, lr), ...]``: step decay by ``lr_decay`` at each of ``lr_milestones``."""
+    edges = [0, *[m for m in sorted(cfg["lr_milestones"]) if 0 < m < cfg["epochs"]], cfg["epochs"]]
+    return [(a, b, cfg["lr"] * cfg["lr_decay"] ** i) for i, (a, b) in enumerate(zip(edges, edges[1:]))]
+
+
+def run_method(method: str, task: Task, cfg: Dict, seed: int) -> Dict:
+    """Train a fresh model (same init per seed) with ``method``; returns test accuracy, time and weight AUROC."""
+    seed_everything(seed)
+    model = make_model(cfg["model"])
+    scale = 1.0 / cfg["batch_size"] if method == "self_taught" else 1.0  # STORM's inner loss is a sum, not a mean
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"] * scale, momentum=cfg["momentum"],
+                          weight_decay=cfg["weight_decay"])
+    train = TensorIndexedDataset(task.x_train, task.y_train, noisy=task.noisy)
+    g = torch.Generator().manual_seed(seed)
+    if method == "oversample":
+        sampler = B.balanced_sampler(task.y_train, NUM_CLASSES, generator=g)
+        loader = DataLoader(train, batch_size=cfg["batch_size"], sampler=sampler, drop_last=True)
+    else:
+        loader = DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, generator=g, drop_last=True)
+    if len(loader) == 0:
+        raise ConfigError(f"batch_size {cfg['batch_size']} exceeds the {len(train)} training samples")
+    out: Dict = {}
+    start = time.perf_counter()
+    trainer: Optional[MetaTrainer] = None
+    loss_fn = None if method in ("mwnet", "self_taught") else baseline_loss(method, task, cfg)
+    for first, end, lr in lr_phases(cfg):
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        if loss_fn is None:
+            # a new trainer per phase re-reads the learning rate for its virtual steps; φ and its optimizer carry on
+            trainer = meta_trainer(method, model, opt, loader, task, cfg, seed, trainer)
+            trainer.fit(epochs=end - first)
+            continue
+        for epoch in range(first, end):
+            for raw in loader:
+                b = as_batch(raw)
+                loss = loss_fn(model(b.inputs), b.targets, epoch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    if trainer is not None:
+        last = trainer.weights_history.latest(epoch=trainer.epoch - 1)
+        flags = task.noisy.numpy()[last["index"]]
+        if flags.any():
+            out["weight_auroc"] = auroc(last["weight"], ~flags)
+    out.update(seconds=time.perf_counter() - start, test_acc=accuracy(model, task.x_test, task.y_test))
+    return out
+
+
+def meta_trainer(method: str, model: nn.Module, opt, loader: DataLoader, task: Task, cfg: Dict, seed: int,
+                 previous: Optional[MetaTrainer] = None) -> MetaTrainer:
+    """A MetaTrainer for ``mwnet`` or ``self_taught``; continues ``previous``'s objective and meta optimizer."""
+    common = dict(hypergrad=cfg["hypergrad"], noisy=task.noisy.numpy(), progress=False)
+    if previous is not None:
+        common.update(meta_optimizer=previous.meta_optimizer)
+    if method == "mwnet":
+        meta = TensorIndexedDataset(task.x_meta, task.y_meta)
+        meta_loader = DataLoader(meta, batch_size=min(cfg["batch_size"], len(meta)), shuffle=True,
+                                 generator=torch.Generator().manual_seed(seed + 1))
+        objective = previous.objective if previous else MetaWeightNet(hidden=cfg["mwnet_hidden"],
+                                                                      meta_lr=cfg["meta_lr"])
+        return MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader, **common)
+    if previous is not None:
+        objective = previous.objective
+    else:
+        try:
+            from metareweight.objectives.self_taught import SelfTaughtRescaler
+        except ImportError as e:  # pragma: no cover - depends on the checkout
+            raise RuntimeError(f"method 'self_taught' needs metareweight.objectives.self_taught ({e})") from None
+        objective = SelfTaughtRescaler(NUM_CLASSES, passes=cfg["storm_passes"], bn_scope=cfg["storm_bn_scope"],
+                                       input_dropout=cfg["storm_input_dropout"], meta_lr=cfg["storm_meta_lr"])
+    return MetaTrainer(model, opt, loader, objective=objective, real_step="lookahead", **common)
+
+
+def summarise(per_seed: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for r in per_seed:
+        out.setdefault(r["setting"], {}).setdefault(r["method"], {"acc": []})["acc"].append(r["test_acc"])
+    return {s: {m: {"mean": float(np.mean(v["acc"])), "sd": float(np.std(v["acc"], ddof=1)) if len(v["acc"]) > 1
+                    else 0.0, "n": len(v["acc"])} for m, v in ms.items()} for s, ms in out.items()}
+
+
+def results_table(per_seed: List[Dict], cfg: Dict) -> str:
+    """Markdown table: one row per method, one column per setting, mean ± sd test accuracy over seeds."""
+    settings = [s for s in cfg["settings"] if any(r["setting"] == s for r in per_seed)]
+    rows = []
+    for m in cfg["methods"]:
+        row = [LABELS[m]]
+        for s in settings:
+            accs = [r["test_acc"] for r in per_seed if r["setting"] == s and r["method"] == m]
+            row.append(mean_sd(accs) if accs else "–")
+        secs = [r["seconds"] for r in per_seed if r["method"] == m]
+        row.append(f"{np.mean(secs):.0f}" if secs else "–")
+        rows.append(row)
+    return table(rows, ["method", *settings, "s / run"])
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small subset, fewer epochs, one seed")
+    p.add_argument("--out", help="write results JSON here")
+    add_config_args(p)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args, QUICK if args.quick else FULL)
+    for key, allowed in (("settings", SETTINGS), ("methods", METHODS)):
+        bad = [v for v in cfg[key] if v not in allowed]
+        if bad:
+            raise ConfigError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+    torch.set_num_threads(1)
+    arrays = load_fashion_mnist()
+    per_seed: List[Dict] = []
+    failures: List[Dict] = []
+    for seed in cfg["seeds"]:  # seed-major, so an interrupted run still covers every setting
+        for setting in cfg["settings"]:
+            task = make_task(setting, seed, cfg, arrays)
+            for method in cfg["methods"]:
+                r = {"setting": setting, "method": method, "seed": seed}
+                try:
+                    r.update(run_method(method, task, cfg, seed))
+                except (ValueError, RuntimeError) as e:  # one failing method must not lose the others' results
+                    print(f"{setting:7s} seed {seed} {method:13s} FAILED: {type(e).__name__}: {e}", flush=True)
+                    failures.append({**r, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                per_seed.append(r)
+                print(f"{setting:7s} seed {seed} {method:13s} acc {r['test_acc']:.4f} ({r['seconds']:.0f} s)",
+                      flush=True)
+                write_json(args.out, {"config": cfg, "per_seed": per_seed, "failures": failures,
+                                      "summary": summarise(per_seed)})
+    print(f"\nFashion-MNIST, {cfg['model']}, {cfg['train_per_class']} train/class (before the long-tail cut), "
+          f"{cfg['meta_per_class']} meta/class, {cfg['epochs']} epochs, seeds {cfg['seeds']}")
+    print(results_table(per_seed, cfg))
+    for f in failures:
+        print(f"FAILED {f['setting']} seed {f['seed']} {f['method']}: {f['error']}")
+    result = {"config": cfg, "per_seed": per_seed, "failures": failures, "summary": summarise(per_seed)}
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

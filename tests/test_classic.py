@@ -1,0 +1,65 @@
+"""experiments/classic.py: the data splits it builds, and a seconds-long smoke run on real Fashion-MNIST."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import classic
+from metareweight.data.text import MissingDataError
+
+
+def fake_arrays(per_class=60, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), per_class)
+    return rng.integers(0, 255, (len(y), 28, 28), dtype=np.uint8), y, rng.integers(0, 255, (50, 28, 28),
+                                                                                   dtype=np.uint8), y[:50]
+
+
+CFG = dict(classic.FULL, train_per_class=50, meta_per_class=5, test_size=40)
+
+
+def test_noisy_settings_corrupt_train_labels_only_and_keep_a_balanced_clean_meta_set():
+    arrays = fake_arrays()
+    for setting in ("sym40", "pair40"):
+        t = classic.make_task(setting, 0, CFG, arrays)
+        assert len(t.y_train) == 500 and float(t.noisy.float().mean()) == pytest.approx(0.4)
+        assert (t.y_train != t.y_train_clean).equal(t.noisy)
+        assert np.bincount(t.y_train_clean.numpy(), minlength=10).tolist() == [50] * 10
+        assert np.bincount(t.y_meta.numpy(), minlength=10).tolist() == [5] * 10
+        assert t.x_test.shape == (40, 1, 28, 28)
+        if setting == "pair40":  # pair flips go to the next class
+            assert t.y_train[t.noisy].equal((t.y_train_clean[t.noisy] + 1) % 10)
+
+
+def test_long_tail_has_the_imbalance_factor_and_disjoint_meta_data():
+    arrays = fake_arrays(per_class=120)
+    cfg = dict(CFG, train_per_class=100)
+    t = classic.make_task("lt100", 0, cfg, arrays)
+    counts = np.bincount(t.y_train.numpy(), minlength=10)
+    assert counts[0] == 100 and counts[-1] == 1 and (np.diff(counts) <= 0).all()
+    assert not t.noisy.any()
+    train_rows = {r.tobytes() for r in t.x_train.numpy()}
+    assert not any(r.tobytes() in train_rows for r in t.x_meta.numpy())
+
+
+def test_unknown_settings_or_methods_are_config_errors():
+    with pytest.raises(ValueError, match="'methods'.*'mwnett'"):
+        classic.main(["--set", "methods=[mwnett]"])
+
+
+def test_quick_smoke_run_on_fashion_mnist(tmp_path):
+    try:
+        from metareweight.data.datasets import load_fashion_mnist
+        load_fashion_mnist()
+    except MissingDataError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "classic.json"
+    result = classic.main(["--quick", "--out", str(out), "--set", "train_per_class=20", "test_size=100", "epochs=1",
+                           "meta_per_class=2", "batch_size=16", "storm_passes=2"])
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+    assert set(result["summary"]) == set(classic.SETTINGS)
+    assert result["failures"] == []
+    for setting, methods in result["summary"].items():
+        assert set(methods) == set(classic.METHODS), setting
+        assert all(0.0 <= m["mean"] <= 1.0 for m in methods.values())
