@@ -9,7 +9,19 @@ from typing import Any, Dict, Union
 
 
 class Callback:
-    """Hooks the trainer calls; override any of them. ``metrics`` are plain floats."""
+    """Hooks the trainer calls; override any of them. ``metrics`` are plain floats.
+
+    Loggers set ``main_process_only = True``: in a distributed run only rank 0 calls them. A callback with state to
+    keep across a resume returns it from :meth:`state_dict` (saved in the trainer's checkpoints).
+    """
+
+    main_process_only = False
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
 
     def on_fit_start(self, trainer: Any) -> None:
         pass
@@ -38,10 +50,21 @@ class JsonlLogger(Callback):
         every: log every ``every``-th step (epochs are always logged).
     """
 
+    main_process_only = True
+
     def __init__(self, path: Union[str, Path], every: int = 1):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.every = max(1, int(every))
+
+    def state_dict(self) -> Dict[str, int]:
+        """The file's length: a resumed run truncates rows written after the checkpoint, so none is duplicated."""
+        return {"size": self.path.stat().st_size if self.path.exists() else 0}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if self.path.exists() and self.path.stat().st_size > state["size"]:
+            with self.path.open("r+b") as fh:
+                fh.truncate(state["size"])
 
     def _write(self, row: Dict[str, Any]) -> None:
         with self.path.open("a") as fh:

@@ -1,0 +1,221 @@
+"""Data-parallel meta-training on ``torch.distributed``, launched with ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+Each rank runs the inner step on its shard of the global batch. The model is **not** wrapped in
+``DistributedDataParallel``: DDP synchronises gradients with autograd hooks on the leaf parameters, and a virtual
+step runs the model through ``functional_call`` on non-leaf tensors, where those hooks never fire. Worse, the
+hypergradient needs the *global* virtual step θ' = θ − η·mean_r(g_r), not each rank's own. So the reductions are
+explicit, one coalesced collective each:
+
+- **virtual steps**: :class:`SyncedFunctionalOptimizer` averages the step direction across ranks with a
+  *differentiable* all-reduce before the update, so θ' is the global step and the backward pass carries the
+  other ranks' cotangents back to each rank's meta-parameters;
+- **meta step**: the hypergradient is averaged once per meta step (:func:`all_reduce_mean_`);
+- **real step**: model gradients are averaged once per optimizer step, after accumulation and before clipping;
+- **logging**: per-sample weights are all-gathered, so every rank holds the whole weight history; rank 0 writes
+  logs and checkpoints.
+
+With equal shard sizes, an R-process run on a global batch equals a 1-process run on the same batch (up to
+float summation order) for methods that differentiate through the optimizer step (``"unrolled"``). Methods that
+take ``∇_θ L_out`` themselves (``"finite_difference"``, ``"neumann"``) then return the average of the per-rank
+estimates, which is close to but not the global one. Objectives whose weights are normalised over the batch use
+:func:`global_mean` for the normaliser (Meta-Weight-Net does). The price against DDP: the real step's all-reduce
+does not overlap with the backward pass.
+
+Example (single process: every helper is the identity):
+    >>> import torch
+    >>> ctx = resolve("auto")
+    >>> ctx.enabled, ctx.rank, ctx.world_size
+    (False, 0, 1)
+    >>> global_mean(torch.tensor(3.0))
+    tensor(3.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
+
+from .core.optim import FunctionalOptimizer
+
+__all__ = ["DistributedContext", "resolve", "global_mean", "all_reduce_mean_", "SyncedFunctionalOptimizer",
+           "distributed_sampler"]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Which process group the trainer reduces over (``world_size == 1``: no communication at all)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather_object(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order (``[obj]`` when not distributed)."""
+        if not self.enabled:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(group=self.group)
+
+
+def resolve(distributed: Union[str, bool, DistributedContext] = "auto") -> DistributedContext:
+    """``"auto"``: use the default process group if one is initialised with more than one rank; ``True``: require
+    one; ``False``: never communicate."""
+    if isinstance(distributed, DistributedContext):
+        return distributed
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    ready = dist.is_available() and dist.is_initialized()
+    if distributed is True and not ready:
+        raise RuntimeError("distributed=True but no process group is initialised: launch with torchrun and call "
+                           "torch.distributed.init_process_group('nccl' on GPU, 'gloo' on CPU) before MetaTrainer")
+    if distributed is False or not ready:
+        return DistributedContext()
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), None)
+
+
+# ---- the context objectives see ----------------------------------------------------------------------------------
+_ACTIVE = DistributedContext()
+
+
+@contextlib.contextmanager
+def reduction_scope(ctx: DistributedContext) -> Iterator[None]:
+    """Make ``ctx`` the group :func:`global_mean` reduces over (the trainer enters this during ``fit``)."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, ctx
+    try:
+        yield
+    finally:
+        _ACTIVE = previous
+
+
+def global_mean(t: Tensor) -> Tensor:
+    """The mean of ``t`` over the ranks of the running trainer, differentiable (identity on one process).
+
+    Use it for batch-level quantities of an objective, e.g. a weight normaliser ``w / global_mean(w.sum())``, so
+    that averaging the ranks' step directions gives the single-process direction of the global batch.
+    """
+    if not _ACTIVE.enabled:
+        return t
+    return differentiable_mean([t], _ACTIVE)[0]
+
+
+# ---- coalesced collectives ---------------------------------------------------------------------------------------
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start:start + t.numel()].view_as(t))
+        start += t.numel()
+    return out
+
+
+def _buckets(tensors: Sequence[Tensor]) -> List[List[Tensor]]:
+    """``tensors`` grouped by dtype and device (one collective per group; usually there is one group)."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
+
+def all_reduce_mean_(tensors: Sequence[Optional[Tensor]], ctx: DistributedContext) -> None:
+    """Average ``tensors`` (``None`` entries skipped) across ranks in place, one collective per dtype."""
+    tensors = [t for t in tensors if t is not None]
+    if not ctx.enabled or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        flat = _flat([t.detach() for t in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
+        flat /= ctx.world_size
+        for t, v in zip(bucket, _unflat(flat, bucket)):
+            t.detach().copy_(v)
+
+
+def differentiable_mean(tensors: Sequence[Tensor], ctx: DistributedContext) -> List[Tensor]:
+    """The cross-rank mean of ``tensors`` with one collective whose backward all-reduces the cotangents."""
+    if not ctx.enabled:
+        return list(tensors)
+    from torch.distributed.nn.functional import all_reduce
+
+    flat = all_reduce(_flat(tensors), op=dist.ReduceOp.SUM, group=ctx.group if ctx.group is not None
+                      else dist.group.WORLD) / ctx.world_size
+    return _unflat(flat, tensors)
+
+
+def broadcast_(tensors: Sequence[Tensor], ctx: DistributedContext, src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``tensors`` to every rank (one collective), e.g. the initial parameters."""
+    tensors = [t for t in tensors if t is not None]
+    if not ctx.enabled or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        flat = _flat([t.detach() for t in bucket])
+        dist.broadcast(flat, src=src, group=ctx.group)
+        for t, v in zip(bucket, _unflat(flat, bucket)):
+            t.detach().copy_(v)
+
+
+# ---- the synchronised virtual step -------------------------------------------------------------------------------
+class SyncedFunctionalOptimizer(FunctionalOptimizer):
+    """A :class:`~metareweight.core.FunctionalOptimizer` whose steps use the cross-rank mean of the gradients.
+
+    The mean is differentiable, so an unrolled hypergradient through :meth:`step` is that of the global batch once
+    the ranks' results are averaged. Every rank must call :meth:`step` the same number of times (they do: all ranks
+    run the same method on equally many batches).
+    """
+
+    def __init__(self, base: FunctionalOptimizer, ctx: DistributedContext):
+        super().__init__(base.hypers, base.optimizer, base._names, base.preconditioner)
+        self.ctx = ctx
+
+    def _synced(self, grads):
+        names = [n for n in self.hypers if grads.get(n) is not None]
+        out = dict(grads)
+        out.update(zip(names, differentiable_mean([grads[n] for n in names], self.ctx)))
+        return out
+
+    def step(self, params, grads, state):
+        return super().step(params, self._synced(grads), state)
+
+    def linear_scale(self, params, grads, state):
+        return super().linear_scale(params, self._synced(grads), state)
+
+
+def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                        ctx: Optional[DistributedContext] = None) -> DistributedSampler:
+    """A sampler that gives each rank its shard of the same seeded per-epoch permutation.
+
+    With ``DataLoader(ds, batch_size=B // world_size, sampler=distributed_sampler(ds))`` the ranks' batches at
+    step ``t`` together are exactly the batch ``t`` of a single process with ``batch_size=B`` and the same sampler
+    (``world_size=1``), which is what makes 1-process and R-process runs comparable. ``MetaTrainer`` calls
+    ``set_epoch`` for you. Keep ``len(dataset)`` divisible by ``B`` (or ``drop_last=True``) for exact equality:
+    ``DistributedSampler`` pads the last shard by repeating samples.
+
+    Example:
+        >>> s = distributed_sampler(list(range(10)), seed=3)
+        >>> s.set_epoch(1); len(list(s))
+        10
+    """
+    ctx = ctx or resolve("auto")
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)
