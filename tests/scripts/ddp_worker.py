@@ -1,0 +1,60 @@
+"""Meta-training for tests/test_distributed.py, the same code for one process and for ``torchrun``.
+
+    torchrun --standalone --nproc_per_node 2 ddp_worker.py OUT     # rank 0 writes OUT/result.pt
+
+Each rank loads ``GLOBAL_BATCH // world_size`` samples per step through ``distributed_sampler``, so the ranks'
+batches together are the single process's batch.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset
+from metareweight.distributed import distributed_sampler, resolve
+
+GLOBAL_BATCH, META_BATCH, N = 16, 8, 64
+
+
+def run(hypergrad: str = "unrolled", **options) -> dict:
+    """Train and return everything worth comparing (on every rank)."""
+    torch.manual_seed(0)
+    ctx = resolve("auto")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    train, meta = TensorIndexedDataset(x, y), TensorIndexedDataset(x[:32] + 0.1, y[:32])
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    objective = MetaWeightNet(hidden=6).double()
+    if ctx.rank == 1:  # replicas start apart: the trainer must broadcast rank 0's state, as DDP does
+        with torch.no_grad():
+            for p in [*model.parameters(), *objective.parameters()]:
+                p.add_(1.0)
+    trainer = MetaTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9),
+        DataLoader(train, batch_size=GLOBAL_BATCH // ctx.world_size, sampler=distributed_sampler(train, seed=3)),
+        objective, meta_optimizer=torch.optim.Adam(objective.parameters(), lr=0.05),
+        meta_loader=DataLoader(meta, batch_size=META_BATCH // ctx.world_size, sampler=distributed_sampler(meta, seed=4)),
+        hypergrad=hypergrad, grad_clip=0.5, progress=False, **options)
+    history = trainer.fit(epochs=2)
+    latest = trainer.weights_history.latest()
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "objective": {k: v.detach().clone() for k, v in objective.state_dict().items()},
+            "weights": torch.as_tensor(latest["weight"]), "index": torch.as_tensor(latest["index"]),
+            "history": history, "world_size": ctx.world_size}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    out = Path(sys.argv[1])
+    results = {name: run(**kw) for name, kw in
+               {"unrolled": {}, "lookahead": {"real_step": "lookahead"},
+                "accumulate": {"accumulate_steps": 2, "meta_accumulate_steps": 2}}.items()}
+    if dist.get_rank() == 0:
+        torch.save(results, out / "result.pt")
+    dist.destroy_process_group()

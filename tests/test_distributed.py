@@ -1,0 +1,63 @@
+"""Data parallel: a real 2-process ``torchrun`` (gloo, CPU) gives the parameters of a 1-process run on the same
+global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from metareweight.distributed import DistributedContext, SyncedFunctionalOptimizer, distributed_sampler, resolve
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import ddp_worker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(SCRIPTS / "ddp_worker.py"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("case,options", [("unrolled", {}), ("lookahead", {"real_step": "lookahead"}),
+                                          ("accumulate", {"accumulate_steps": 2, "meta_accumulate_steps": 2})])
+def test_two_processes_match_one_process(two_process_results, case, options):
+    torch.set_num_threads(1)
+    try:
+        single = ddp_worker.run(**options)
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    multi = two_process_results[case]
+    assert single["world_size"] == 1 and multi["world_size"] == 2
+    for part in ("model", "objective"):  # float64: only the summation order differs
+        for k in single[part]:
+            torch.testing.assert_close(multi[part][k], single[part][k], rtol=0, atol=1e-12, msg=f"{case} {part}.{k}")
+    order = torch.argsort(multi["index"])
+    assert torch.equal(multi["index"][order], single["index"])  # every rank recorded the whole global batch
+    torch.testing.assert_close(multi["weights"][order], single["weights"], rtol=0, atol=1e-6)
+    for a, b in zip(single["history"], multi["history"]):
+        for key in ("train_loss", "meta_loss"):
+            assert abs(a[key] - b[key]) < 1e-10, (case, key, a[key], b[key])
+
+
+def test_single_process_helpers_are_identities():
+    ctx = resolve("auto")
+    assert not ctx.enabled and ctx.is_main and ctx.gather_object(5) == [5]
+    assert resolve(False) == DistributedContext()
+    with pytest.raises(RuntimeError, match="no process group is initialised: launch with torchrun"):
+        resolve(True)
+    with pytest.raises(ValueError, match="distributed must be 'auto', True or False"):
+        resolve("yes")
+    sampler = distributed_sampler(list(range(8)), seed=1)
+    sampler.set_epoch(2)
+    assert sorted(sampler) == list(range(8))
+    assert not dist.is_initialized()
