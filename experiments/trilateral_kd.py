@@ -1,0 +1,398 @@
+"""TGeo-KD (learned per-sample KD fusion ratio, bilevel) vs CE, fixed-α KD and WLS-KD on three tasks.
+
+    python experiments/trilateral_kd.py --task image --quick --out r.json
+    python experiments/trilateral_kd.py --config configs/trilateral_kd_image.yaml --out results/trilateral_kd_image.json
+    python experiments/trilateral_kd.py --task ctr --set seeds=[0,1] epochs=3
+
+Tasks (all offline):
+- ``image``: Fashion-MNIST subsample; a small CNN teacher trained on its own split, a one-hidden-layer MLP student.
+  On ``corrupt_frac`` of the student's (non-outlier) training samples the cached teacher logits are rolled to a wrong
+  class (same confidence); ``outlier_frac`` of the inputs get additive Gaussian noise of std ``outlier_std`` (labels
+  kept; the teacher sees the noisy input and is often wrong on it).
+- ``attack``: Spambase (or river Phishing, ``dataset=phishing``); MLP teacher on its own split, tiny MLP student.
+- ``ctr``: MovieLens-100K click (rating ≥ 4), temporal split; embedding+MLP teacher on one half of the training
+  period, a tiny embedding student on the other half; metric AUC.
+
+Methods: ``ce`` (α = 0), fixed-α KD over ``kd_alphas`` (``kd_fixed_best`` = the α with the best mean test metric
+over seeds, an oracle choice that favours the baseline), ``wls`` (WLS-KD), ``tgeo`` (the bilevel ratio network,
+``metareweight.TrilateralKD``) and its ablations ``tgeo_no_tbar`` / ``tgeo_no_st``. All share the student, optimiser,
+epochs and the KD terms. T̄ is computed once over the student's training split from the cached (possibly corrupted)
+teacher logits. α statistics are computed after training on the training split: ``alpha_teacher_wrong`` /
+``alpha_teacher_right`` over non-outlier samples whose (given) teacher prediction is wrong / right, ``alpha_outlier``
+over the noisy inputs; means over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import (accuracy, load_config, mean_sd, mlp, seed_everything, table, train_plain,  # noqa: E402
+                                write_json)
+from metareweight import MetaTrainer, TensorIndexedDataset, TrilateralKD, auroc, teacher_class_means  # noqa: E402
+from metareweight.data import as_batch  # noqa: E402
+from metareweight.objectives.kd_baselines import KDLoss  # noqa: E402
+
+TASKS = ("image", "attack", "ctr")
+_COMMON = dict(epochs=12, batch_size=100, lr=0.05, momentum=0.9, weight_decay=5e-4, temperature=2.0,
+               kd_alphas=[0.25, 0.5, 0.75, 0.9], ratio_hidden=64, meta_lr=3e-3, meta_weight_decay=0.0,
+               hypergrad="unrolled", ablations=["no_tbar", "no_st"], teacher_epochs=5, teacher_lr=1e-3)
+DEFAULTS: Dict[str, Dict] = {
+    "image": dict(_COMMON, task="image", n_teacher=8000, n_train=4000, n_meta=500, n_test=5000, student_hidden=32,
+                  corrupt_frac=0.3, outlier_frac=0.15, outlier_std=2.0, teacher_epochs=4, epochs=15, meta_lr=5e-3),
+    "attack": dict(_COMMON, task="attack", dataset="spambase", test_fraction=0.25, meta_fraction=0.08,
+                   student_hidden=4, teacher_hidden=256, epochs=30, batch_size=50, teacher_epochs=40),
+    "ctr": dict(_COMMON, task="ctr", n_rows=0, meta_fraction=0.05, test_fraction=0.2, student_dim=2, teacher_dim=16,
+                teacher_hidden=64, epochs=4, batch_size=256, lr=0.1, teacher_epochs=3, kd_alphas=[0.25, 0.5, 0.75]),
+}
+QUICK: Dict[str, Dict] = {
+    "image": dict(n_teacher=3000, n_train=1500, n_meta=200, n_test=2000, teacher_epochs=3, epochs=6),
+    "attack": dict(epochs=15, teacher_epochs=20),
+    "ctr": dict(n_rows=30000, epochs=2, teacher_epochs=2),
+}
+
+
+@dataclass
+class KDTask:
+    """A student's data with cached teacher logits, a clean meta split, a test split and the student builder."""
+
+    train: TensorIndexedDataset  # x, y, teacher_logits, teacher_wrong, outlier
+    x_meta: torch.Tensor
+    y_meta: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    make_student: Callable[[], nn.Module]
+    metric_name: str
+    teacher_metric: float
+
+    def metric(self, model: nn.Module) -> float:
+        if self.metric_name == "accuracy":
+            return accuracy(model, self.x_test, self.y_test)
+        return auroc(predict(model, self.x_test).softmax(1)[:, 1].numpy(), self.y_test.numpy() == 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+    model.train(was)
+    return out
+
+
+def fit_teacher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Dict, seed: int) -> nn.Module:
+    loader = DataLoader(TensorIndexedDataset(x, y), batch_size=128, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    train_plain(model, torch.optim.Adam(model.parameters(), lr=cfg["teacher_lr"]), loader, cfg["teacher_epochs"])
+    return model.eval()
+
+
+def make_train_set(x, y, teacher_logits, outlier=None) -> TensorIndexedDataset:
+    wrong = teacher_logits.argmax(1) != y
+    outlier = torch.zeros(len(y), dtype=torch.bool) if outlier is None else outlier
+    return TensorIndexedDataset(x, y, teacher_logits=teacher_logits, teacher_wrong=wrong, outlier=outlier)
+
+
+# ---- tasks ------------------------------------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x.view(-1, 1, 28, 28)))
+
+
+def image_task(cfg: Dict, seed: int) -> KDTask:
+    from metareweight.data.datasets import load_fashion_mnist
+
+    xtr, ytr, xte, yte = load_fashion_mnist()
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(xtr))
+    n_t, n_s, n_m = cfg["n_teacher"], cfg["n_train"], cfg["n_meta"]
+    parts = np.split(idx[:n_t + n_s + n_m], [n_t, n_t + n_s])
+    test = rng.permutation(len(xte))[:cfg["n_test"]]
+    norm = lambda a: torch.as_tensor((a.reshape(len(a), -1) / 255.0 - 0.286) / 0.353, dtype=torch.float32)  # noqa
+    label = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+    (x_t, x_s, x_m), (y_t, y_s, y_m) = [norm(xtr[p]) for p in parts], [label(ytr[p]) for p in parts]
+    seed_everything(seed)
+    teacher = fit_teacher(SmallCNN(10), x_t, y_t, cfg, seed)
+
+    g = torch.Generator().manual_seed(seed + 1)
+    n_out = int(round(cfg["outlier_frac"] * n_s))
+    order = torch.randperm(n_s, generator=g)
+    outlier = torch.zeros(n_s, dtype=torch.bool)
+    outlier[order[:n_out]] = True
+    x_s = x_s.clone()
+    x_s[outlier] += cfg["outlier_std"] * torch.randn(n_out, x_s.shape[1], generator=g)
+    logits = predict(teacher, x_s)
+    corrupt = order[n_out:n_out + int(round(cfg["corrupt_frac"] * (n_s - n_out)))]
+    shift = torch.randint(1, 10, (len(corrupt),), generator=g)
+    cols = (torch.arange(10).unsqueeze(0) - shift.unsqueeze(1)) % 10  # rolled: the argmax moves by `shift` classes
+    logits[corrupt] = torch.gather(logits[corrupt], 1, cols)
+    return KDTask(make_train_set(x_s, y_s, logits, outlier), x_m, y_m, norm(xte[test]), label(yte[test]), 10,
+                  partial(mlp, 784, cfg["student_hidden"], 10, depth=1), "accuracy",
+                  accuracy(teacher, norm(xte[test]), label(yte[test])))
+
+
+def attack_task(cfg: Dict, seed: int) -> KDTask:
+    from metareweight.data.tabular import load_phishing, load_spambase
+
+    loaders = {"spambase": load_spambase, "phishing": load_phishing}
+    if cfg["dataset"] not in loaders:
+        raise ValueError(f"dataset must be one of {sorted(loaders)}, got {cfg['dataset']!r}")
+    x, y = loaders[cfg["dataset"]]()
+    x = np.log1p(np.maximum(x, 0)) if cfg["dataset"] == "spambase" else x
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(y))
+    n_test, n_meta = int(cfg["test_fraction"] * len(y)), int(cfg["meta_fraction"] * len(y))
+    test, meta, rest = idx[:n_test], idx[n_test:n_test + n_meta], idx[n_test + n_meta:]
+    teach, stud = rest[:len(rest) // 2], rest[len(rest) // 2:]
+    mu, sd = x[rest].mean(0), x[rest].std(0) + 1e-6
+    t = lambda i: torch.as_tensor((x[i] - mu) / sd, dtype=torch.float32)  # noqa: E731
+    lab = lambda i: torch.as_tensor(y[i], dtype=torch.long)  # noqa: E731
+    seed_everything(seed)
+    d = x.shape[1]
+    teacher = fit_teacher(mlp(d, cfg["teacher_hidden"], 2, depth=2), t(teach), lab(teach), cfg, seed)
+    x_s = t(stud)
+    return KDTask(make_train_set(x_s, lab(stud), predict(teacher, x_s)), t(meta), lab(meta), t(test), lab(test), 2,
+                  partial(mlp, d, cfg["student_hidden"], 2, depth=1), "accuracy", accuracy(teacher, t(test), lab(test)))
+
+
+class FieldEmbeddingNet(nn.Module):
+    """Click model on ``[field codes | genre flags]`` rows: per-field embeddings (+ genres) → MLP or linear → 2 logits."""
+
+    def __init__(self, cardinalities: List[int], n_genres: int, dim: int, hidden: int = 0):
+        super().__init__()
+        self.n_fields = len(cardinalities)
+        self.embeddings = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
+        width = dim * len(cardinalities) + n_genres
+        self.head = (nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 2)) if hidden
+                     else nn.Linear(width, 2))
+
+    def forward(self, x):
+        codes = x[:, :self.n_fields].long()
+        emb = [e(codes[:, i]) for i, e in enumerate(self.embeddings)]
+        return self.head(torch.cat(emb + [x[:, self.n_fields:]], 1))
+
+
+def ctr_task(cfg: Dict, seed: int) -> KDTask:
+    from metareweight.data.tabular import load_movielens_click
+
+    data = load_movielens_click()
+    order = np.argsort(data.timestamp, kind="stable")
+    if cfg["n_rows"]:
+        order = order[-cfg["n_rows"]:]  # the most recent rows
+    x = np.concatenate([data.fields.astype(np.float32), data.genres], 1)[order]
+    y = data.click[order]
+    n = len(y)
+    n_test, n_meta = int(cfg["test_fraction"] * n), int(cfg["meta_fraction"] * n)
+    train_end = n - n_test - n_meta
+    rng = np.random.default_rng(seed)
+    period = rng.permutation(train_end)
+    teach, stud = period[:train_end // 2], period[train_end // 2:]
+    meta, test = np.arange(train_end, train_end + n_meta), np.arange(train_end + n_meta, n)
+    t = lambda i: torch.as_tensor(x[i])  # noqa: E731
+    lab = lambda i: torch.as_tensor(y[i], dtype=torch.long)  # noqa: E731
+    seed_everything(seed)
+    g = data.genres.shape[1]
+    teacher = FieldEmbeddingNet(data.cardinalities, g, cfg["teacher_dim"], cfg["teacher_hidden"])
+    fit_teacher(teacher, t(teach), lab(teach), cfg, seed)
+    x_s = t(stud)
+    task = KDTask(make_train_set(x_s, lab(stud), predict(teacher, x_s)), t(meta), lab(meta), t(test), lab(test), 2,
+                  partial(FieldEmbeddingNet, data.cardinalities, g, cfg["student_dim"]), "auc", 0.0)
+    task.teacher_metric = task.metric(teacher)
+    return task
+
+
+BUILDERS = {"image": image_task, "attack": attack_task, "ctr": ctr_task}
+
+
+# ---- methods ----------------------------------------------------------------------------------------------------
+def _student(task: KDTask, cfg: Dict, seed: int):
+    seed_everything(seed)
+    model = task.make_student()
+    return model, torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                  weight_decay=cfg["weight_decay"])
+
+
+def _loader(ds, cfg: Dict, seed: int) -> DataLoader:
+    return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def train_fixed_rule(task: KDTask, cfg: Dict, seed: int, loss_fn: KDLoss) -> float:
+    """Train a fresh student with a fixed-rule KD loss; returns the test metric."""
+    model, opt = _student(task, cfg, seed)
+    loader = _loader(task.train, cfg, seed)  # one generator: a new order each epoch, as in MetaTrainer
+    for _ in range(cfg["epochs"]):
+        for raw in loader:
+            b = as_batch(raw)
+            loss = loss_fn(model(b.inputs), b.extras["teacher_logits"], b.targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return task.metric(model)
+
+
+def train_tgeo(task: KDTask, cfg: Dict, seed: int, features: str = "full") -> Dict:
+    """Train a fresh student with the bilevel ratio network; returns the metric, final α and the α history."""
+    model, opt = _student(task, cfg, seed)
+    tr = task.train
+    objective = TrilateralKD(task.num_classes, class_means=teacher_class_means(tr.extras["teacher_logits"], tr.y,
+                                                                               task.num_classes),
+                             features=features, hidden=cfg["ratio_hidden"], temperature=cfg["temperature"],
+                             meta_lr=cfg["meta_lr"], meta_weight_decay=cfg["meta_weight_decay"])
+    meta = TensorIndexedDataset(task.x_meta, task.y_meta)
+    trainer = MetaTrainer(model, opt, _loader(tr, cfg, seed), objective=objective,
+                          meta_loader=_loader(meta, cfg, seed + 1), hypergrad=cfg["hypergrad"], progress=False)
+    trainer.fit(epochs=cfg["epochs"])
+    with torch.no_grad():
+        alpha = objective.ratio(predict(model, tr.x), tr.extras["teacher_logits"], tr.y).numpy()
+    return {"metric": task.metric(model), "alpha": alpha, "history": trainer.weights_history.arrays()}
+
+
+def alpha_stats(alpha: np.ndarray, train: TensorIndexedDataset) -> Dict[str, float]:
+    out_flag = train.extras["outlier"].numpy()
+    wrong = train.extras["teacher_wrong"].numpy() & ~out_flag
+    right = ~train.extras["teacher_wrong"].numpy() & ~out_flag
+    stats = {"alpha_teacher_wrong": float(alpha[wrong].mean()) if wrong.any() else float("nan"),
+             "alpha_teacher_right": float(alpha[right].mean())}
+    if out_flag.any():
+        stats["alpha_outlier"] = float(alpha[out_flag].mean())
+    return stats
+
+
+def run_seed(task_name: str, cfg: Dict, seed: int) -> Dict:
+    task = BUILDERS[task_name](cfg, seed)
+    res: Dict = {"seed": seed, "teacher": task.teacher_metric,
+                 "ce": train_fixed_rule(task, cfg, seed, KDLoss("ce", temperature=cfg["temperature"])),
+                 "wls": train_fixed_rule(task, cfg, seed, KDLoss("wls", temperature=cfg["temperature"]))}
+    res["kd_fixed"] = {str(a): train_fixed_rule(task, cfg, seed, KDLoss("fixed", a, cfg["temperature"]))
+                       for a in cfg["kd_alphas"]}
+    full = train_tgeo(task, cfg, seed)
+    res["tgeo"] = full["metric"]
+    res.update(alpha_stats(full["alpha"], task.train))
+    for name in cfg["ablations"]:
+        res[f"tgeo_{name}"] = train_tgeo(task, cfg, seed, name)["metric"]
+    hist = full["history"]
+    res["_plot"] = {"alpha": full["alpha"], "outlier": task.train.extras["outlier"].numpy(),
+                    "teacher_wrong": task.train.extras["teacher_wrong"].numpy(),
+                    "epoch": hist["epoch"], "weight": hist["weight"], "index": hist["index"]}
+    return res
+
+
+def summarise(task_name: str, cfg: Dict, per_seed: List[Dict]) -> Dict:
+    def ms(values):
+        v = np.asarray(values, float)
+        return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+    best = max(cfg["kd_alphas"], key=lambda a: np.mean([r["kd_fixed"][str(a)] for r in per_seed]))
+    for r in per_seed:
+        r["kd_fixed_best"] = r["kd_fixed"][str(best)]
+    keys = ["teacher", "ce", "kd_fixed_best", "wls", "tgeo"] + [f"tgeo_{a}" for a in cfg["ablations"]]
+    out: Dict = {"task": task_name, "metric_name": "auc" if task_name == "ctr" else "accuracy",
+                 "seeds": [r["seed"] for r in per_seed], "kd_fixed_best_alpha": best, "se": {}}
+    for k in keys:
+        out[k], out["se"][k] = ms([r[k] for r in per_seed])
+    out["kd_fixed"] = {str(a): ms([r["kd_fixed"][str(a)] for r in per_seed])[0] for a in cfg["kd_alphas"]}
+    out["ablations"] = {a: out[f"tgeo_{a}"] for a in cfg["ablations"]}
+    for k in ("alpha_teacher_wrong", "alpha_teacher_right", "alpha_outlier"):
+        if k in per_seed[0]:
+            out[k], out["se"][k] = ms([r[k] for r in per_seed])
+    out["per_seed"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in per_seed]
+    return out
+
+
+def save_alpha_plot(task_name: str, per_seed: List[Dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [("teacher right", "tab:blue"), ("teacher wrong", "tab:red"), ("outlier", "tab:orange")]
+
+    def group_masks(outlier, wrong):
+        return {"teacher right": ~wrong & ~outlier, "teacher wrong": wrong & ~outlier, "outlier": outlier}
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    p = per_seed[0]["_plot"]
+    masks = group_masks(p["outlier"][p["index"]], p["teacher_wrong"][p["index"]])
+    epochs = np.unique(p["epoch"])
+    for name, color in groups:
+        m = masks[name]
+        if m.any():
+            ax1.plot(epochs + 1, [p["weight"][m & (p["epoch"] == e)].mean() for e in epochs], color=color, label=name)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("mean α used in training")
+    ax1.set_title(f"seed {per_seed[0]['seed']}: α during training")
+    ax1.legend()
+    alpha = np.concatenate([r["_plot"]["alpha"] for r in per_seed])
+    final = group_masks(np.concatenate([r["_plot"]["outlier"] for r in per_seed]),
+                        np.concatenate([r["_plot"]["teacher_wrong"] for r in per_seed]))
+    bins = np.linspace(0, 1, 41)
+    for name, color in groups:
+        if final[name].any():
+            ax2.hist(alpha[final[name]], bins=bins, alpha=0.55, color=color, density=True,
+                     label=f"{name} ({final[name].sum()})")
+    ax2.set_xlabel("final α (weight on the teacher term)")
+    ax2.set_ylabel("density")
+    ax2.set_title(f"TGeo-KD on the {task_name} task, all seeds")
+    ax2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, help="which task (or `task:` in the config)")
+    p.add_argument("--config", help="YAML config (flat keys; see configs/trilateral_kd_*.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--quick", action="store_true", help="small sizes and few epochs (smoke tests)")
+    p.add_argument("--out", help="write results JSON here")
+    p.add_argument("--plot", help="write the α plot PNG here")
+    args = p.parse_args(argv)
+    task_name = args.task
+    if task_name is None and args.config:
+        import yaml
+        task_name = (yaml.safe_load(Path(args.config).read_text()) or {}).get("task")
+    if task_name not in TASKS:
+        p.error(f"give --task one of {TASKS} (or a config with `task:`)")
+    defaults = dict(DEFAULTS[task_name], **(QUICK[task_name] if args.quick else {}))
+    cfg = load_config(args.config, defaults, args.set)
+    if cfg["task"] != task_name:
+        raise ValueError(f"--task {task_name} disagrees with the config's task {cfg['task']!r}")
+    seeds = list(cfg.get("seeds") or [0])
+    torch.set_num_threads(1)
+    per_seed = [run_seed(task_name, cfg, s) for s in seeds]
+    result = summarise(task_name, cfg, per_seed)
+    ms = lambda k: mean_sd([r[k] for r in per_seed])  # noqa: E731
+    rows = [("teacher", ms("teacher")), ("CE only", ms("ce")),
+            (f"KD, best fixed α = {result['kd_fixed_best_alpha']}", ms("kd_fixed_best")), ("WLS-KD", ms("wls")),
+            ("TGeo-KD (bilevel)", ms("tgeo"))] + [(f"TGeo-KD, {a}", ms(f"tgeo_{a}")) for a in cfg["ablations"]]
+    print(f"\n{task_name}: test {result['metric_name']} (mean ± sd over seeds {seeds})")
+    print(table(rows, ["method", result["metric_name"]]))
+    print("α: " + ", ".join(f"{k} {result[k]:.3f}" for k in ("alpha_teacher_right", "alpha_teacher_wrong",
+                                                              "alpha_outlier") if k in result))
+    if args.plot:
+        save_alpha_plot(task_name, per_seed, Path(args.plot))
+    write_json(args.out, {**result, "config": cfg})
+    return result
+
+
+if __name__ == "__main__":
+    main()
