@@ -20,6 +20,8 @@ from .objectives import ResetOptimizerState, SelfTaughtRescaler
 from .objectives import KDLoss, TrilateralKD, teacher_class_means
 from .objectives import LSTMPolicy, Reinforce, SourceTaskWeighting
 from .trainer import MetaTrainer
+from .distributed import distributed_sampler
+from .wandb_logger import WandbLogger
 from .core.hypergrad import Fast
 
 __version__ = "0.1.0"
@@ -33,3 +35,4 @@ __all__ = [
     "cross_entropy_terms", "NonFiniteLossError",
 ]
 __all__ += ["SourceTaskWeighting", "LSTMPolicy", "Reinforce"]
+__all__ += ["distributed_sampler", "WandbLogger"]
