@@ -5,8 +5,8 @@
     metareweight run mwnet -- --quick                              # an experiment by name, without a config
     metareweight list                                              # experiments, objectives, hypergradient methods
 
-The experiment is the config's ``experiment:`` key, or else the longest ``_``-separated prefix of the file name that
-names a script (``classic_quick.yaml`` → ``classic``). Experiments are the scripts in ``experiments/`` (at the root of
+The experiment is the longest ``_``-separated prefix that names a script of the config's ``experiment:`` key, or of
+the file name when there is no such key (``classic_quick.yaml`` → ``classic``). Experiments are the scripts in ``experiments/`` (at the root of
 a source checkout, next to the package) that define ``main(argv)``; ``run`` calls that ``main`` with
 ``--config FILE --set key=value ...``.
 
@@ -88,16 +88,17 @@ def discover_objectives() -> Dict[str, str]:
 
 
 def experiment_for(config: str, raw: Dict, known: Sequence[str]) -> str:
-    """The experiment a config runs: its ``experiment:`` key, else the longest known prefix of the file name."""
-    name = raw.get("experiment")
-    if name is not None:
-        if name not in known:
-            raise ConfigError(f"{config}: experiment {name!r} is not one of {sorted(known)}")
-        return name
-    parts = Path(config).stem.split("_")
+    """The experiment a config runs: the longest ``_``-separated prefix naming a script of its ``experiment:`` key
+    (``domain_weights_prm`` → ``domain_weights``), or of the file name when the key is absent."""
+    label = raw.get("experiment")
+    if label is not None and not isinstance(label, str):
+        raise ConfigError(f"{config}: config key 'experiment' must be str, got {label!r}")
+    parts = (label or Path(config).stem).split("_")
     for n in range(len(parts), 0, -1):
         if "_".join(parts[:n]) in known:
             return "_".join(parts[:n])
+    if label is not None:
+        raise ConfigError(f"{config}: experiment {label!r} names none of {sorted(known)}")
     raise ConfigError(f"{config}: no 'experiment:' key, and the file name names no experiment; add e.g. "
                       f"'experiment: {sorted(known)[0] if known else 'NAME'}' (experiments: {sorted(known)})")
 
