@@ -6,9 +6,9 @@
     metareweight list                                              # experiments, objectives, hypergradient methods
 
 The experiment is the longest ``_``-separated prefix that names a script of the config's ``experiment:`` key, or of
-the file name when there is no such key (``classic_quick.yaml`` → ``classic``). Experiments are the scripts in ``experiments/`` (at the root of
-a source checkout, next to the package) that define ``main(argv)``; ``run`` calls that ``main`` with
-``--config FILE --set key=value ...``.
+the file name when there is no such key (``classic_quick.yaml`` → ``classic``). Experiments are the scripts in
+``experiments/`` (at the root of a source checkout, next to the package) that define ``main(argv)``; ``run`` calls
+that ``main`` with ``--config FILE --set key=value ...``.
 
 Example:
     >>> "mwnet" in discover_experiments()
@@ -43,7 +43,8 @@ def experiments_dir() -> Path:
     if not root.is_dir():
         raise ConfigError(
             f"no experiments directory at {root}: the experiment scripts live in the source checkout, not in the "
-            f"installed package. Install from a checkout with `pip install -e .`, or set {ENV_VAR}=/path/to/experiments")
+            f"installed package. Install from a checkout with `pip install -e .`, "
+            f"or set {ENV_VAR}=/path/to/experiments")
     return root
 
 
