@@ -119,7 +119,7 @@ def _problem(dropout=True, unroll=1, **kw):
     (True, 1, {}),                                     # G=3 dropout passes, RNG seeded before each evaluation
     (False, 1, {}),                                    # G=1, no dropout: deterministic as is
     (True, 2, {}),                                     # two unrolled steps: φ → θ_1 → features → weights of step 2
-    (True, 1, {"bn_scope": "class"}),
+    (True, 1, {"bn_scope": "batch"}),
     (True, 1, {"class_separation": False, "features": "loss"}),
     (True, 1, {"meta_loss_rescaling": False}),
 ])
@@ -164,7 +164,7 @@ def _model():
 
 def test_trainer_runs_storm_with_lookahead_and_keeps_optimizer_state():
     torch.manual_seed(0)
-    model, obj = _model(), SelfTaughtRescaler(3)
+    model, obj = _model(), SelfTaughtRescaler(3, singleton="neutral")
     before = [p.detach().clone() for p in obj.meta_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     trainer = MetaTrainer(model, opt, _noisy_loader(), objective=obj, real_step="lookahead", progress=False)
@@ -178,7 +178,7 @@ def test_reset_optimizer_state_reproduces_the_original_adam_quirk():
     torch.manual_seed(0)
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    trainer = MetaTrainer(model, opt, _noisy_loader(), objective=SelfTaughtRescaler(3), real_step="lookahead",
+    trainer = MetaTrainer(model, opt, _noisy_loader(), objective=SelfTaughtRescaler(3, singleton="neutral"), real_step="lookahead",
                           callbacks=[ResetOptimizerState()], adam_preconditioner="fixed", progress=False)
     trainer.fit(epochs=1)
     assert len(opt.state) == 0
@@ -186,7 +186,7 @@ def test_reset_optimizer_state_reproduces_the_original_adam_quirk():
 
 def test_without_meta_learning_the_rescaler_stays_at_init():
     torch.manual_seed(0)
-    obj = SelfTaughtRescaler(3, meta_learning=False)
+    obj = SelfTaughtRescaler(3, meta_learning=False, singleton="neutral")
     before = [p.detach().clone() for p in obj.parameters()]
     model = _model()
     trainer = MetaTrainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _noisy_loader(), objective=obj,
@@ -205,10 +205,11 @@ def test_clean_validation_variant_uses_the_meta_loader():
 
 # ---- errors ---------------------------------------------------------------------------------------------------
 def test_class_with_one_sample_names_the_class_and_the_fixes():
-    obj = SelfTaughtRescaler(3, bn_scope="class")
     batch = Batch(torch.randn(5, 6), torch.tensor([0, 0, 1, 1, 2]))
     with pytest.raises(ValueError, match=r"class 2 has 1 sample in this batch of 5.*larger batch.*class_separation"):
-        obj.inner_terms(_model(), batch)
+        SelfTaughtRescaler(3).inner_terms(_model(), batch)
+    w = SelfTaughtRescaler(3, singleton="neutral").inner_terms(_model(), batch).weights
+    assert float(w[4]) == 0.5 and not torch.equal(w[:4], torch.full_like(w[:4], 0.5))
 
 
 def test_batch_of_one_is_an_error():
@@ -229,7 +230,7 @@ def test_model_without_dropout_is_an_error_unless_input_dropout():
 
 @pytest.mark.parametrize("kw,msg", [
     ({"num_classes": 1}, "num_classes"), ({"passes": 0}, "passes"), ({"features": "all"}, "feature set"),
-    ({"bn_scope": "group"}, "bn_scope"), ({"meta_data": "val"}, "meta_data"),
+    ({"bn_scope": "group"}, "bn_scope"), ({"meta_data": "val"}, "meta_data"), ({"singleton": "x"}, "singleton"),
 ])
 def test_bad_options(kw, msg):
     args = {"num_classes": 3, **kw}

@@ -15,10 +15,14 @@ part through ``θ'`` and the direct part ``∂L_out/∂ω``; any exact method (`
 
 Choices that differ from, or pin down, the original code (``storm.py``/``modeling.py``):
 
-- **BatchNorm scope.** The original runs every class's rescaler on the *whole* batch and keeps rescaler ``c``'s
-  output for the samples labelled ``c`` (``bn_scope="batch"``, the default; needs a batch of at least 2).
-  ``bn_scope="class"`` runs rescaler ``c`` on class ``c``'s samples only (the paper's wording); each class in
-  the batch then needs at least 2 samples, and a clear error says so.
+- **BatchNorm scope.** ``bn_scope="class"`` (default; the paper's wording) runs rescaler ``c`` on the samples
+  labelled ``c`` only, so its last BatchNorm centres the weights *within* the class; each class in the batch then
+  needs at least 2 samples (a clear error says so; ``singleton="neutral"`` gives a lone sample the weight 0.5).
+  The original code runs every class's rescaler on the *whole* batch and keeps rescaler ``c``'s output for the
+  samples labelled ``c`` (``bn_scope="batch"``). That breaks the BatchNorm's guard against the degenerate
+  solution: the centring constraint is shared with samples rescaler ``c`` does not weigh, so it can lower all of
+  class ``c``'s weights at once (the group-statistics features identify the class). On Women's reviews with 40%
+  noise this gave within-class weight AUROCs around 0.5 and below, against about 0.6-0.8 with ``"class"``.
 - **Inner optimizer state.** The trainer keeps the optimizer's state (Adam moments) across steps and writes the
   virtual step's state back. The original code re-creates a differentiable Adam from the stored state on every
   step without writing it back, so its inner Adam is always at step 1 (a sign-like update). Pass
@@ -63,7 +67,8 @@ from ..losses import check_class_targets, cross_entropy_terms
 from .base import META_DATA_SOURCES, MetaObjective
 from .self_taught_features import compute_features, dropout_passes, feature_dim
 
-BN_SCOPES = ("batch", "class")
+BN_SCOPES = ("class", "batch")
+SINGLETON_POLICIES = ("error", "neutral")
 
 
 class RescalerNet(nn.Sequential):
@@ -98,14 +103,16 @@ class SelfTaughtRescaler(MetaObjective):
         meta_data: ``"train"`` (meta batches from the noisy training set; the method) or ``"loader"``.
         input_dropout: dropout applied to the inputs of passes ``1..G-1`` (for models without dropout, as the
             original does for TF-IDF features).
-        bn_scope: ``"batch"`` (original code) or ``"class"`` (see module docs).
+        bn_scope: ``"class"`` (default) or ``"batch"`` (the original code; see module docs).
+        singleton: with ``bn_scope="class"``, a class with a single sample in a batch is an error (``"error"``)
+            or gets the neutral weight 0.5 without gradient (``"neutral"``; for rare classes).
         meta_lr: Adam learning rate of the rescalers (1e-2 in the paper).
         loss_fn: per-sample loss ``(logits, targets) -> (batch,)``; cross-entropy by default.
     """
 
     def __init__(self, num_classes: int, passes: int = 3, features: str = "full", class_separation: bool = True,
                  meta_loss_rescaling: bool = True, meta_learning: bool = True, meta_data: str = "train",
-                 input_dropout: float = 0.0, bn_scope: str = "batch", meta_lr: float = 1e-2,
+                 input_dropout: float = 0.0, bn_scope: str = "class", singleton: str = "error", meta_lr: float = 1e-2,
                  meta_weight_decay: float = 0.0, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -116,6 +123,8 @@ class SelfTaughtRescaler(MetaObjective):
             raise ValueError(f"meta_data must be one of {META_DATA_SOURCES}, got {meta_data!r}")
         if bn_scope not in BN_SCOPES:
             raise ValueError(f"bn_scope must be one of {BN_SCOPES}, got {bn_scope!r}")
+        if singleton not in SINGLETON_POLICIES:
+            raise ValueError(f"singleton must be one of {SINGLETON_POLICIES}, got {singleton!r}")
         if meta_lr < 0:
             raise ValueError(f"meta_lr must be >= 0, got {meta_lr}")
         self.num_classes = num_classes
@@ -128,6 +137,7 @@ class SelfTaughtRescaler(MetaObjective):
         self.meta_data = meta_data
         self.input_dropout = input_dropout
         self.bn_scope = bn_scope
+        self.singleton = singleton
         self.meta_lr = meta_lr
         self.meta_weight_decay = meta_weight_decay
         self.loss_fn = loss_fn or cross_entropy_terms
@@ -156,21 +166,23 @@ class SelfTaughtRescaler(MetaObjective):
         dtype = self.rescalers[0][0].weight.dtype
         feats = feats.to(dtype)
         n = feats.shape[0]
+        self._check_bn(n, "the batch")
         if not self.class_separation:
-            self._check_bn(n, "the batch")
             return self.rescalers[0](feats)[:, 1]
         if self.bn_scope == "batch":
-            self._check_bn(n, "the batch")
             out = torch.stack([net(feats)[:, 1] for net in self.rescalers])  # (C, B)
             return out.gather(0, targets.view(1, -1)).squeeze(0)
         w = feats.new_zeros(n)
         for c in torch.unique(targets).tolist():
             idx = (targets == c).nonzero().squeeze(1)
+            if idx.numel() < 2 and self.singleton == "neutral":
+                w = w.index_put((idx,), torch.full_like(idx, 0.5, dtype=w.dtype))
+                continue
             if idx.numel() < 2:
                 raise ValueError(
                     f"class {c} has {idx.numel()} sample in this batch of {n}; its rescaler's BatchNorm "
                     "(bn_scope='class') needs at least 2 samples per class. Use a larger batch, "
-                    "class_separation=False, or bn_scope='batch' (BatchNorm over the whole batch, as the original code).")
+                    "class_separation=False, or singleton='neutral' (weight 0.5 for a class seen once in a batch).")
             w = w.index_put((idx,), self.rescalers[c](feats[idx])[:, 1])
         return w
 
@@ -221,4 +233,4 @@ class ResetOptimizerState(Callback):
         trainer.optimizer.state.clear()
 
 
-__all__ = ["SelfTaughtRescaler", "RescalerNet", "ResetOptimizerState", "BN_SCOPES"]
+__all__ = ["SelfTaughtRescaler", "RescalerNet", "ResetOptimizerState", "BN_SCOPES", "SINGLETON_POLICIES"]
