@@ -45,7 +45,7 @@ def test_two_processes_match_one_process(two_process_results, case, options):
     assert torch.equal(multi["index"][order], single["index"])  # every rank recorded the whole global batch
     torch.testing.assert_close(multi["weights"][order], single["weights"], rtol=0, atol=1e-6)
     for a, b in zip(single["history"], multi["history"]):
-        for key in ("train_loss", "meta_loss"):
+        for key in ("train_loss", "meta_loss", "eval_loss", "eval_accuracy"):  # eval: a sharded loader, summed
             assert abs(a[key] - b[key]) < 1e-10, (case, key, a[key], b[key])
 
 

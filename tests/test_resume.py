@@ -47,9 +47,23 @@ def _assert_same(a, b, where="") -> None:
         assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
 
 
+def _uninterrupted(out: Path) -> None:
+    """The reference run, in this process (one interpreter start fewer), with the workers' single thread."""
+    sys.path.insert(0, str(WORKER.parent))
+    import resume_worker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resume_worker.train(out)
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(WORKER.parent))
+
+
 def test_sigkilled_run_resumes_exactly(tmp_path):
-    full = _launch(tmp_path / "full")
     victim = _launch(tmp_path / "victim", "--block-at", "13")
+    _uninterrupted(tmp_path / "full")
     blocked = tmp_path / "victim" / "blocked"
     deadline = time.time() + 240
     while not blocked.exists():
@@ -65,7 +79,6 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     assert not list((tmp_path / "victim" / "ckpt").glob(".*tmp")), "a temporary checkpoint file was left behind"
 
     _finish(_launch(tmp_path / "victim", "--resume"))
-    _finish(full)
     a = torch.load(tmp_path / "full" / "final.pt", weights_only=False)
     b = torch.load(tmp_path / "victim" / "final.pt", weights_only=False)
     assert a["steps"] == (16, 16)

@@ -39,7 +39,8 @@ def run(hypergrad: str = "unrolled", **options) -> dict:
         DataLoader(train, batch_size=GLOBAL_BATCH // ctx.world_size, sampler=distributed_sampler(train, seed=3)),
         objective, meta_optimizer=torch.optim.Adam(objective.parameters(), lr=0.05),
         meta_loader=DataLoader(meta, batch_size=META_BATCH // ctx.world_size, sampler=distributed_sampler(meta, seed=4)),
-        hypergrad=hypergrad, grad_clip=0.5, progress=False, **options)
+        hypergrad=hypergrad, grad_clip=0.5, progress=False,
+        eval_loader=DataLoader(meta, batch_size=5, sampler=distributed_sampler(meta, shuffle=False)), **options)
     history = trainer.fit(epochs=2)
     latest = trainer.weights_history.latest()
     return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},

@@ -39,13 +39,8 @@ def jitter_collate(items):
     return batch
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--block-at", type=int)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+def train(out: Path, resume: bool = False, block_at=None) -> None:
+    """The whole run, writing ``out/final.pt`` (the test also calls it in-process for the uninterrupted run)."""
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(60, 6, generator=g)
@@ -60,14 +55,20 @@ def main():
         meta_loader=DataLoader(ds, batch_size=7, shuffle=True), meta_optimizer=meta_opt,
         scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.8),
         meta_scheduler=torch.optim.lr_scheduler.ExponentialLR(meta_opt, 0.9), scheduler_interval="step",
-        accumulate_steps=3, meta_accumulate_steps=2, log_dir=args.out / "logs", checkpoint_dir=args.out / "ckpt",
-        checkpoint_every=5, callbacks=[Block(args.out, args.block_at)], progress=False)
-    trainer.fit(epochs=2, resume=args.resume)
+        accumulate_steps=3, meta_accumulate_steps=2, log_dir=out / "logs", checkpoint_dir=out / "ckpt",
+        checkpoint_every=5, callbacks=[Block(out, block_at)], progress=False)
+    trainer.fit(epochs=2, resume=resume)
     torch.save({"model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
                 "meta_optimizer": meta_opt.state_dict(), "history": trainer.history,
                 "weights": trainer.weights_history.arrays(), "steps": (trainer.global_step, trainer.meta_steps)},
-               args.out / "final.pt")
+               out / "final.pt")
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--block-at", type=int)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    train(args.out, args.resume, args.block_at)
