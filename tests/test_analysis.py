@@ -177,12 +177,15 @@ def test_binned_stat_known_means():
 def test_triangle_edges_on_known_triangle():
     s = np.array([[0.5, 0.5], [1.0, 0.0]])
     t = np.array([[1.0, 0.0], [1.0, 0.0]])
-    e = triangle_edges(s, t, [0, 1])
+    e = triangle_edges([0, 1], teacher=t, student=s)
     np.testing.assert_allclose(e["S-G"], [np.sqrt(0.5), np.sqrt(2)])
     np.testing.assert_allclose(e["T-G"], [0, np.sqrt(2)])
     np.testing.assert_allclose(e["S-T"], [np.sqrt(0.5), 0])
-    with pytest.raises(ValueError, match="must be"):
-        triangle_edges(s, t[:1], [0, 1])
+    assert list(triangle_edges([0, 1], teacher=t)) == ["T-G"]
+    with pytest.raises(ValueError, match="differ in shape"):
+        triangle_edges([0, 1], teacher=t, student=s[:, :1])
+    with pytest.raises(ValueError, match="2 labels"):
+        triangle_edges([0, 1], teacher=t[:1])
 
 
 def test_load_run_reads_trainer_files(tmp_path, history):

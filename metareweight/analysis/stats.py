@@ -248,22 +248,27 @@ def binned_stat(x, y, bins: int = 8, quantiles: bool = True) -> Dict[str, np.nda
             "count": np.array([int((which == b).sum()) for b in keep])}
 
 
-def triangle_edges(student, teacher, labels) -> Dict[str, np.ndarray]:
+def triangle_edges(labels, teacher, student=None) -> Dict[str, np.ndarray]:
     """Per-sample Euclidean edge lengths of the student–teacher–label triangle (TGeo-KD's geometry).
 
-    ``student`` and ``teacher`` are ``(n, classes)`` probabilities, ``labels`` integer classes; G is the one-hot label.
-    Returns ``{"S-G", "T-G", "S-T"}``.
+    ``teacher`` and ``student`` are ``(n, classes)`` probabilities, ``labels`` integer classes; G is the one-hot
+    label. Returns ``{"T-G"}``, plus ``"S-G"`` and ``"S-T"`` when ``student`` is given.
 
     Example:
-        >>> e = triangle_edges([[1.0, 0.0]], [[0.0, 1.0]], [0])
+        >>> e = triangle_edges([0], teacher=[[0.0, 1.0]], student=[[1.0, 0.0]])
         >>> {k: round(float(v[0]), 4) for k, v in e.items()}
-        {'S-G': 0.0, 'T-G': 1.4142, 'S-T': 1.4142}
+        {'T-G': 1.4142, 'S-G': 0.0, 'S-T': 1.4142}
     """
-    s = np.asarray(student, np.float64)
     t = np.asarray(teacher, np.float64)
     y = np.asarray(labels, np.int64).ravel()
-    if s.shape != t.shape or s.ndim != 2 or len(y) != len(s):
-        raise ValueError(f"student {s.shape} and teacher {t.shape} must be (n, classes) with n labels, got {len(y)}")
-    g = np.eye(s.shape[1])[y]
+    if t.ndim != 2 or len(y) != len(t):
+        raise ValueError(f"teacher must be (n, classes) with n = {len(y)} labels, got {t.shape}")
+    g = np.eye(t.shape[1])[y]
     dist = lambda a, b: np.linalg.norm(a - b, axis=1)  # noqa: E731
-    return {"S-G": dist(s, g), "T-G": dist(t, g), "S-T": dist(s, t)}
+    out = {"T-G": dist(t, g)}
+    if student is not None:
+        s = np.asarray(student, np.float64)
+        if s.shape != t.shape:
+            raise ValueError(f"student {s.shape} and teacher {t.shape} probabilities differ in shape")
+        out.update({"S-G": dist(s, g), "S-T": dist(s, t)})
+    return out
