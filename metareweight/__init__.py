@@ -19,6 +19,7 @@ from .objectives import MetaObjective, MetaWeightNet
 from .objectives import ResetOptimizerState, SelfTaughtRescaler
 from .objectives import KDLoss, TrilateralKD, teacher_class_means
 from .objectives import LSTMPolicy, Reinforce, SourceTaskWeighting
+from .objectives import DomainWeights, StepAggregationLoss
 from .trainer import MetaTrainer
 from .distributed import distributed_sampler
 from .wandb_logger import WandbLogger
@@ -36,3 +37,4 @@ __all__ = [
 ]
 __all__ += ["SourceTaskWeighting", "LSTMPolicy", "Reinforce"]
 __all__ += ["distributed_sampler", "WandbLogger"]
+__all__ += ["DomainWeights", "StepAggregationLoss"]

@@ -17,7 +17,7 @@ Training domains of known quality (:data:`PRM_DOMAINS`) differ in how their data
 - ``clean``: the target distribution, honest MC labels (quality 1);
 - ``easy``: one- or two-step chains solved without error, labels ≈ 1 (correct but uninformative; quality 0.5);
 - ``shifted``: a sibling task whose operators mean ``±(a + 1)`` (an off-by-one convention); its MC labels follow
-  its own rule, so its correct steps look wrong to the target task and some of its errors look right (quality 0.25);
+  its own rule, so its correct steps look like the target task's ±1 errors and are labelled right (quality 0.25);
 - ``noisy``: target-distribution chains whose step labels were inverted (``1 − p``) with probability
   ``flip`` (quality 0).
 

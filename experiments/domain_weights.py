@@ -1,0 +1,284 @@
+"""Domain weights (DreamPRM) vs uniform weights, on generated PRM domains and on real text domains.
+
+    python experiments/domain_weights.py --task prm --quick --out r.json
+    python experiments/domain_weights.py --task text --config configs/domain_weights_text.yaml --out r.json
+    python experiments/domain_weights.py --task prm --set seeds=[0,1,2] epochs=40 --plot docs/img/domain_weights_prm.png
+
+``--task prm``: a small MLP process reward model scores arithmetic-chain step prefixes
+(:mod:`metareweight.data.prm`); training domains of known quality (clean ×2, trivially easy, shifted sibling task,
+inverted step labels); the meta set is whole solutions with outcome labels and DreamPRM's aggregation loss;
+metric: best-of-N selection accuracy on held-out problems.
+``--task text``: Women's E-Commerce reviews (positive = rating ≥ 4, negative = rating ≤ 3), one domain per
+department, each with its own injected label-flip rate; frozen WordLlama features, an MLP classifier, a clean meta
+set; metric: clean test accuracy.
+
+Uniform weights train the same model on the same batches with every α = 1. Output JSON keys: ``domain_weights``,
+``domain_quality``, ``quality_rank_corr`` (Spearman, learned weight vs quality), ``metric_uniform``,
+``metric_learned``, ``metric_name`` (means over seeds), ``per_seed`` and ``trajectory`` (first seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import load_config, mean_sd, mlp, seed_everything, table, write_json  # noqa: E402
+from metareweight import Callback, MetaTrainer, TensorIndexedDataset  # noqa: E402
+from metareweight.data import Batch, as_batch  # noqa: E402
+from metareweight.data import prm  # noqa: E402
+from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss, step_score_mse_terms  # noqa: E402
+
+COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hidden=64, lr=1e-3, meta_lr=0.05,
+              hypergrad="finite_difference", unroll_steps=5)
+DEFAULTS = {
+    "prm": dict(COMMON, hidden=32, lr=3e-3, meta_batch_size=100, meta_lr=0.02, warmup_epochs=5, train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300,
+                candidates=8, completions=16, step_error=0.12, completion_error=0.03),
+    "text": dict(COMMON, epochs=20, batch_size=32, meta_batch_size=300, meta_lr=0.02, departments=["Tops", "Dresses", "Bottoms", "Intimate", "Jackets"],
+                 noise_rates=[0.0, 0.15, 0.3, 0.45, 0.6], train_per_domain=300, meta_size=300, test_size=1500),
+}
+QUICK = {"prm": dict(epochs=12), "text": dict(epochs=8, train_per_domain=250)}
+
+
+class SlotPRM(nn.Module):
+    """A small PRM for :mod:`metareweight.data.prm` prefixes: one MLP shared by every step slot (so a step check
+    learnt once applies at every position), summed over the filled slots, then a head that also sees the prefix
+    position and chain length. Returns one logit per prefix."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.slot = nn.Sequential(nn.Linear(prm.SLOT, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(hidden + 2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, :prm.MAX_STEPS * prm.SLOT].reshape(x.shape[0], prm.MAX_STEPS, prm.SLOT)
+        pooled = (self.slot(s) * s[..., :1]).sum(1)
+        return self.head(torch.cat([pooled, x[:, -2:]], 1))
+
+
+class WeightTrajectory(Callback):
+    """Records the domain weights after every meta step (``offset``: real steps taken before the trainer ran)."""
+
+    def __init__(self, offset: int = 0):
+        self.offset = offset
+        self.steps: List[int] = []
+        self.weights: List[List[float]] = []
+
+    def on_step_end(self, trainer, metrics) -> None:
+        self.steps.append(self.offset + trainer.global_step)
+        self.weights.append(list(trainer.objective.named_weights().values()))
+
+
+def train_uniform(model, optimizer, loader, objective: DomainWeights, epochs: int) -> None:
+    """The baseline: the same weighted loss with every domain weight at 1 (φ = 0, never updated)."""
+    for _ in range(epochs):
+        for raw in loader:
+            wt = objective.inner_terms(model, as_batch(raw))
+            optimizer.zero_grad(set_to_none=True)
+            wt.loss().backward()
+            optimizer.step()
+
+
+def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorIndexedDataset, make_model: Callable,
+             make_objective: Callable[[], DomainWeights], evaluate: Callable) -> Dict:
+    """Train with uniform and with learned domain weights from the same initialisation and batch order.
+
+    The learned run first trains ``warmup_epochs`` with uniform weights (identical to the baseline's first epochs):
+    while the model is still learning the overall score level, every domain's gradient mostly moves that level and
+    the hypergradient says little about a domain's quality."""
+    def setup():
+        seed_everything(seed)
+        model = make_model()
+        g = torch.Generator().manual_seed(seed)
+        return (model, torch.optim.Adam(model.parameters(), lr=cfg["lr"]),
+                DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, generator=g),
+                DataLoader(meta, batch_size=cfg["meta_batch_size"], shuffle=True, generator=g))
+
+    model, opt, loader, _ = setup()
+    train_uniform(model, opt, loader, make_objective(), cfg["epochs"])
+    metric_uniform = evaluate(model)
+
+    model, opt, loader, meta_loader = setup()
+    objective = make_objective()
+    train_uniform(model, opt, loader, objective, cfg["warmup_epochs"])
+    traj = WeightTrajectory(offset=cfg["warmup_epochs"] * len(loader))
+    trainer = MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader, callbacks=[traj],
+                          adam_preconditioner="fixed", progress=False,
+                          **DomainWeights.trainer_options(cfg["hypergrad"], cfg["unroll_steps"]))
+    trainer.fit(epochs=cfg["epochs"] - cfg["warmup_epochs"])
+    return {"seed": seed, "metric_uniform": metric_uniform, "metric_learned": evaluate(model),
+            "domain_weights": objective.named_weights(),
+            "trajectory": {"step": traj.steps, "weights": traj.weights}}
+
+
+# ---- task A: process reward model ---------------------------------------------------------------------------------
+def prm_task(seed: int, cfg: Dict):
+    names = list(prm.PRM_DOMAINS)
+    if len(cfg["train_solutions"]) != len(names):
+        raise ValueError(f"train_solutions needs one count per PRM domain {names}")
+    rng = np.random.default_rng(seed)
+    xs, ys, ds = [], [], []
+    for k, (name, n) in enumerate(zip(names, cfg["train_solutions"])):
+        f, lab = prm.domain_examples(rng, name, n, cfg["completions"], cfg["step_error"], cfg["completion_error"])
+        xs.append(f), ys.append(lab), ds.append(np.full(len(lab), k))
+    train = TensorIndexedDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
+                                 domain=torch.from_numpy(np.concatenate(ds)))
+    meta_sols = prm.sample_solutions(rng, cfg["meta_solutions"], step_error=cfg["step_error"])
+    meta = TensorIndexedDataset(torch.from_numpy(prm.prefix_features(meta_sols)),
+                                torch.from_numpy(meta_sols.correct().astype(np.float32)),
+                                step_mask=torch.from_numpy(prm.step_mask(meta_sols)))
+    problems = prm.sample_problems(rng, cfg["test_problems"])
+    cands = prm.solve(rng, prm.repeat(problems, cfg["candidates"]), cfg["step_error"])
+    test = Batch(torch.from_numpy(prm.prefix_features(cands)), extras={"step_mask": torch.from_numpy(prm.step_mask(cands))})
+    correct = cands.correct().reshape(-1, cfg["candidates"])
+    scorer = StepAggregationLoss()
+
+    @torch.no_grad()
+    def best_of_n(model) -> float:
+        scores = scorer.scores(model, test).reshape(-1, cfg["candidates"]).numpy()
+        return float(correct[np.arange(len(correct)), scores.argmax(1)].mean())
+
+    make_objective = lambda: DomainWeights(len(names), loss="mse", aggregation="step_mse",  # noqa: E731
+                                           meta_lr=cfg["meta_lr"], names=names)
+    make_model = lambda: SlotPRM(cfg["hidden"])  # noqa: E731
+    quality = {n: prm.PRM_DOMAINS[n][0] for n in names}
+    extra = {"random_pick": float(correct.mean()), "oracle": float(correct.any(1).mean())}
+    return train, meta, make_model, make_objective, best_of_n, quality, extra
+
+
+# ---- task B: real text domains -----------------------------------------------------------------------------------
+def text_task(seed: int, cfg: Dict):
+    from metareweight.data.noise import symmetric_noise
+    from metareweight.data.text import embed, load_womens_reviews
+
+    deps, rates = cfg["departments"], cfg["noise_rates"]
+    if len(deps) != len(rates):
+        raise ValueError(f"{len(deps)} departments but {len(rates)} noise_rates")
+    df = load_womens_reviews()
+    df["label"] = (df.rating >= 4).astype(int)
+    rng = np.random.default_rng(seed)
+    per_class = cfg["train_per_domain"] // 2
+    train_idx, dom, held = [], [], []
+    for k, dep in enumerate(deps):
+        rows = df.index[df.department == dep].to_numpy()
+        if len(rows) == 0:
+            raise ValueError(f"no reviews in department {dep!r}")
+        for c in (0, 1):
+            pool = rng.permutation(rows[df.label.to_numpy()[rows] == c])
+            if len(pool) < per_class:
+                raise ValueError(f"department {dep!r} has only {len(pool)} reviews of class {c}; "
+                                 f"lower train_per_domain (now {cfg['train_per_domain']})")
+            train_idx.append(pool[:per_class]), dom.append(np.full(per_class, k)), held.append(pool[per_class:])
+    train_idx, dom = np.concatenate(train_idx), np.concatenate(dom)
+    held = np.concatenate(held)
+    # meta and test sets: clean, class-balanced, from the same departments
+    held0, held1 = [rng.permutation(held[df.label.to_numpy()[held] == c]) for c in (0, 1)]
+    m, t = cfg["meta_size"] // 2, cfg["test_size"] // 2
+    meta_idx = np.concatenate([held0[:m], held1[:m]])
+    test_idx = np.concatenate([held0[m:m + t], held1[m:m + t]])
+    feats = torch.from_numpy(embed(df.text.tolist()))
+    labels = df.label.to_numpy()
+    y_train = labels[train_idx].copy()
+    for k, rate in enumerate(rates):
+        sel = dom == k
+        y_train[sel], _ = symmetric_noise(y_train[sel], rate, 2, seed=seed * 100 + k)
+    train = TensorIndexedDataset(feats[train_idx], torch.from_numpy(y_train), domain=torch.from_numpy(dom))
+    meta = TensorIndexedDataset(feats[meta_idx], torch.from_numpy(labels[meta_idx]))
+    x_test, y_test = feats[test_idx], torch.from_numpy(labels[test_idx])
+
+    @torch.no_grad()
+    def test_accuracy(model) -> float:
+        return float((model(x_test).argmax(1) == y_test).float().mean())
+
+    make_objective = lambda: DomainWeights(len(deps), loss="cross_entropy", aggregation="cross_entropy",  # noqa: E731
+                                           meta_lr=cfg["meta_lr"], names=list(deps))
+    make_model = lambda: mlp(feats.shape[1], cfg["hidden"], 2, depth=1)  # noqa: E731
+    quality = {d: 1.0 - r for d, r in zip(deps, rates)}
+    return train, meta, make_model, make_objective, test_accuracy, quality, {}
+
+
+TASKS = {"prm": (prm_task, "best_of_n_accuracy"), "text": (text_task, "test_accuracy")}
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
+def run(task: str, cfg: Dict, seeds: List[int]) -> Dict:
+    build, metric_name = TASKS[task]
+    per_seed = []
+    for seed in seeds:
+        train, meta, make_model, make_objective, evaluate, quality, extra = build(seed, cfg)
+        r = run_pair(seed, cfg, train, meta, make_model, make_objective, evaluate)
+        r["quality_rank_corr"] = spearman([r["domain_weights"][n] for n in quality], list(quality.values()))
+        per_seed.append({**r, **extra})
+    names = list(quality)
+    weights = {n: float(np.mean([r["domain_weights"][n] for r in per_seed])) for n in names}
+    keep = ("seed", "metric_uniform", "metric_learned", "quality_rank_corr", "domain_weights", *extra)
+    return {"task": task, "metric_name": metric_name, "domain_weights": weights, "domain_quality": quality,
+            "quality_rank_corr": spearman(list(weights.values()), list(quality.values())),
+            "metric_uniform": float(np.mean([r["metric_uniform"] for r in per_seed])),
+            "metric_learned": float(np.mean([r["metric_learned"] for r in per_seed])),
+            "per_seed": [{k: r[k] for k in keep} for r in per_seed], "trajectory": per_seed[0]["trajectory"]}
+
+
+def save_plot(result: Dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traj = result["trajectory"]
+    w = np.asarray(traj["weights"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for k, (name, q) in enumerate(result["domain_quality"].items()):
+        ax.plot(traj["step"], w[:, k], label=f"{name} (quality {q:.2f})")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("domain weight α")
+    ax.set_title(f"DreamPRM domain weights, task {result['task']} (seed {result['per_seed'][0]['seed']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--quick", action="store_true", help="short run for smoke tests")
+    p.add_argument("--config", help="flat YAML config (keys as in DEFAULTS)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--out", help="write results JSON here")
+    p.add_argument("--plot", help="write the weight-trajectory PNG here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    defaults = dict(DEFAULTS[args.task], **(QUICK[args.task] if args.quick else {}))
+    cfg = load_config(args.config, defaults, args.set)
+    seeds = args.seeds or cfg.get("seeds") or [0]
+    result = run(args.task, cfg, seeds)
+    rows = [(n, f"{result['domain_quality'][n]:.2f}", f"{w:.3f}") for n, w in result["domain_weights"].items()]
+    print(f"\ntask {args.task}, seeds {seeds}: Spearman(weight, quality) = {result['quality_rank_corr']:.3f}")
+    print(table(rows, ["domain", "quality", "learned weight"]))
+    print(table([("uniform", mean_sd([r["metric_uniform"] for r in result["per_seed"]])),
+                 ("learned (DreamPRM)", mean_sd([r["metric_learned"] for r in result["per_seed"]]))],
+                ["domain weights", result["metric_name"]]))
+    if args.plot:
+        save_plot(result, Path(args.plot))
+        print(f"weight trajectory: {args.plot}")
+    write_json(args.out, {**result, "config": cfg, "seeds": seeds})
+    return result
+
+
+if __name__ == "__main__":
+    main()
