@@ -303,7 +303,7 @@ class MetaTrainer:
         ensure_finite((wt.weights * wt.terms).sum(), f"the training loss at step {self.global_step}")
         for name, p in self.model.named_parameters():
             if grads.get(name) is not None:
-                g = grads[name] / self.accumulate_steps
+                g = grads[name] if self.accumulate_steps == 1 else grads[name] / self.accumulate_steps
                 p.grad = g if p.grad is None else p.grad + g
         return wt
 
