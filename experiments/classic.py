@@ -239,10 +239,40 @@ def results_table(per_seed: List[Dict], cfg: Dict) -> str:
     return table(rows, ["method", *settings, "s / run"])
 
 
+def save_plot(per_seed: List[Dict], cfg: Dict, path: Path) -> None:
+    """Grouped bars: mean test accuracy per method in each setting, with the seeds' standard deviation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(per_seed)
+    settings = [s for s in cfg["settings"] if s in summary]
+    methods = [m for m in cfg["methods"] if any(m in summary[s] for s in settings)]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        stats = [summary[s].get(m, {"mean": np.nan, "sd": 0.0}) for s in settings]
+        ax.bar(np.arange(len(settings)) + (i - (len(methods) - 1) / 2) * width, [st["mean"] for st in stats], width,
+               yerr=[st["sd"] for st in stats], label=LABELS[m], capsize=2)
+    ax.set_xticks(np.arange(len(settings)), settings)
+    lo = min(summary[s][m]["mean"] for s in settings for m in methods if m in summary[s])
+    ax.set_ylim(max(0.0, lo - 0.08), None)
+    ax.set_ylabel("test accuracy")
+    seeds = sorted({r["seed"] for r in per_seed})
+    ax.set_title(f"Fashion-MNIST, {cfg['model'].upper()}, mean ± sd over seeds {seeds}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small subset, fewer epochs, one seed")
     p.add_argument("--out", help="write results JSON here")
+    p.add_argument("--plot", help="write a bar chart PNG here")
+    p.add_argument("--from-json", metavar="FILE", help="print the table (and --plot) of a finished run; no training")
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args, QUICK if args.quick else FULL)
@@ -250,6 +280,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         bad = [v for v in cfg[key] if v not in allowed]
         if bad:
             raise ConfigError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
+    if args.from_json:
+        import json
+        result = json.loads(Path(args.from_json).read_text())
+        print(results_table(result["per_seed"], result["config"]))
+        if args.plot:
+            save_plot(result["per_seed"], result["config"], Path(args.plot))
+        return result
     torch.set_num_threads(1)
     arrays = load_fashion_mnist()
     per_seed: List[Dict] = []
@@ -277,6 +314,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"FAILED {f['setting']} seed {f['seed']} {f['method']}: {f['error']}")
     result = {"config": cfg, "per_seed": per_seed, "failures": failures, "summary": summarise(per_seed)}
     write_json(args.out, result)
+    if args.plot:
+        save_plot(per_seed, cfg, Path(args.plot))
     return result
 
 
