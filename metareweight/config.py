@@ -260,12 +260,13 @@ def load(schema: Type[T], path: Optional[Union[str, Path]] = None, overrides: Se
 
 def schema_from_defaults(defaults: Mapping[str, Any], name: str = "Config", base: type = RunConfig) -> type:
     """A dataclass schema whose fields are ``defaults``' keys, typed by their values (``None`` allows anything),
-    on top of ``base``'s fields.
+    on top of ``base``'s fields (a default given for one of those replaces the base's default, keeping its type).
 
     Example:
-        >>> S = schema_from_defaults({"epochs": 10, "noise": 0.4, "names": ["a"]})
-        >>> load(S, overrides=["noise=1"]).noise
-        1.0
+        >>> S = schema_from_defaults({"epochs": 10, "noise": 0.4, "names": ["a"], "seeds": [0, 1, 2]})
+        >>> cfg = load(S, overrides=["noise=1"])
+        >>> cfg.noise, cfg.seeds
+        (1.0, [0, 1, 2])
     """
     def infer(v: Any) -> Any:
         if v is None:
@@ -278,8 +279,8 @@ def schema_from_defaults(defaults: Mapping[str, Any], name: str = "Config", base
     def default(v: Any):
         return field(default_factory=lambda v=v: _copy(v)) if isinstance(v, (list, dict)) else field(default=v)
 
-    inherited = {f.name for f in dataclasses.fields(base)}
-    spec = [(k, infer(v), default(v)) for k, v in defaults.items() if k not in inherited]
+    inherited = typing.get_type_hints(base)  # a default for a base key (e.g. seeds) keeps the base's type
+    spec = [(k, inherited.get(k) or infer(v), default(v)) for k, v in defaults.items()]
     return dataclasses.make_dataclass(name, spec, bases=(base,))
 
 

@@ -95,6 +95,10 @@ def test_load_config_keeps_its_dict_contract():
     cfg = load_config(None, defaults, ["epochs=3", "noise=1", "extra=[1]", "seeds=[1, 2]"])
     assert cfg == {"noise": 1.0, "epochs": 3, "hypergrad": "unrolled", "extra": [1], "seeds": [1, 2]}
     assert load_config(None, defaults) == defaults
+    with_seeds = {**defaults, "seeds": [0, 1, 2]}
+    assert load_config(None, with_seeds)["seeds"] == [0, 1, 2]  # the script's own default, not RunConfig's
+    with pytest.raises(ValueError, match=r"'seeds' must be list\[int\]"):
+        load_config(None, with_seeds, ["seeds=[a]"])
     with pytest.raises(ValueError, match=r"unknown config key 'epoch' \(did you mean 'epochs'\?\)"):
         load_config(None, defaults, ["epoch=3"])
     with pytest.raises(ValueError, match="did you mean 'unrolled'"):
