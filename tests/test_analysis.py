@@ -229,6 +229,10 @@ def test_plots_return_figures_with_expected_content(tmp_path, history):
     fig = plot_group_means(group_stats(history, "noisy"), labels=labels)
     assert [l.get_label() for l in fig.axes[0].lines] == ["clean", "flipped"]
     np.testing.assert_allclose(fig.axes[0].lines[1].get_ydata(), group_stats(history, "noisy").mean[:, 1])
+    assert len(fig.axes[0].collections) == 2                                  # the ±1 std bands
+    assert not plot_group_means(group_stats(history, "noisy"), band=None).axes[0].collections
+    with pytest.raises(ValueError, match="band/errors must be one of"):
+        plot_group_means(group_stats(history, "noisy"), band="iqr")
     fig = plot_weight_histograms(history, "noisy", labels=labels)
     assert [ax.get_title() for ax in fig.axes] == ["epoch 0", "epoch 1", "epoch 2"]
     assert sum(p.get_height() for p in fig.axes[0].patches) == N
@@ -238,6 +242,9 @@ def test_plots_return_figures_with_expected_content(tmp_path, history):
     assert len(fig.axes[0].lines) == 4
     fig = plot_series(np.arange(3), {"a": np.ones(3), "b": np.zeros(3)}, hline=1.0)
     assert len(fig.axes[0].lines) == 3
-    fig = plot_binned({"all": binned_stat(np.arange(10.0), np.arange(10.0), bins=2)}, xlabel="x")
+    b = binned_stat(np.arange(10.0), np.arange(10.0), bins=2)                 # two bins of 5: std √2 each
+    fig = plot_binned({"all": b}, xlabel="x")                                  # error bars: ±std/√count
+    segments = fig.axes[0].containers[0].lines[2][0].get_segments()
+    np.testing.assert_allclose([seg[1][1] - seg[0][1] for seg in segments], 2 * np.sqrt(2) / np.sqrt(5))
     path = save_figure(fig, tmp_path / "sub" / "binned.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

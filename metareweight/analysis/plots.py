@@ -25,6 +25,8 @@ import numpy as np
 from .io import as_arrays
 from .stats import GroupStats, Roc, Source, _column, final_weights, trajectories
 
+SPREADS = ("std", "sem", None)
+
 
 def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.2):
     from matplotlib.figure import Figure
@@ -39,14 +41,25 @@ def _name(labels: Optional[Mapping], group) -> str:
     return str(labels.get(key, key)) if labels else str(key)
 
 
+def _spread(std: np.ndarray, count: np.ndarray, kind: Optional[str]) -> Optional[np.ndarray]:
+    """The half-width of a band or error bar: ``"std"``, ``"sem"`` (std / √count) or ``None`` (none drawn)."""
+    if kind not in SPREADS:
+        raise ValueError(f"band/errors must be one of {SPREADS}, got {kind!r}")
+    if kind is None:
+        return None
+    return std if kind == "std" else std / np.sqrt(np.maximum(count, 1))
+
+
 def plot_group_means(stats: GroupStats, labels: Optional[Mapping] = None, title: str = "",
-                     ylabel: str = "mean weight") -> "Figure":  # noqa: F821
-    """Mean weight per group over epochs (or steps), with a ±1 std band."""
+                     ylabel: str = "mean weight", band: Optional[str] = "std") -> "Figure":  # noqa: F821
+    """Mean weight per group over epochs (or steps), with a band of ±1 ``band`` (``"std"``, ``"sem"`` or None)."""
     fig, (ax,) = _figure()
     for j, g in enumerate(stats.groups):
-        m, s = stats.mean[:, j], stats.std[:, j]
+        m = stats.mean[:, j]
         ax.plot(stats.periods, m, marker="o" if len(stats.periods) <= 30 else None, ms=3, label=_name(labels, g))
-        ax.fill_between(stats.periods, m - s, m + s, alpha=0.15)
+        half = _spread(stats.std[:, j], stats.count[:, j], band)
+        if half is not None:
+            ax.fill_between(stats.periods, m - half, m + half, alpha=0.15)
     ax.set_xlabel(stats.per)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -121,11 +134,12 @@ def plot_series(x, series: Mapping[str, np.ndarray], xlabel: str = "step", ylabe
 
 
 def plot_binned(binned: Mapping[str, Dict[str, np.ndarray]], xlabel: str, ylabel: str = "mean weight",
-                title: str = "") -> "Figure":  # noqa: F821
-    """Binned means (from ``binned_stat``) of one or more named groups, with ±1 std error bars."""
+                title: str = "", errors: Optional[str] = "sem") -> "Figure":  # noqa: F821
+    """Binned means (from ``binned_stat``) of one or more named groups, error bars ±1 ``errors`` (sem, std, None)."""
     fig, (ax,) = _figure()
     for name, b in binned.items():
-        ax.errorbar(b["center"], b["mean"], yerr=b["std"], marker="o", ms=3, capsize=2, label=str(name))
+        ax.errorbar(b["center"], b["mean"], yerr=_spread(b["std"], b["count"], errors), marker="o", ms=3,
+                    capsize=2, label=str(name))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
