@@ -162,3 +162,24 @@ def test_real_step_reuses_the_captures_and_matches_recompute():
     assert forwards == [5 * 2 + 5, 5 * 3 + 5]
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_several_terms_per_sample():
+    # K = 2 terms per sample (cross-entropy and a logit penalty), each with its own weight
+    from metareweight import WeightedTerms
+
+    problem = _problem("seq", "momentum")
+    inner = problem.inner
+
+    def two_terms(forward, batch):
+        out = forward(batch.inputs)
+        wt = inner(lambda x: out, batch)
+        penalty = (out ** 2).mean(1)
+        return WeightedTerms(torch.stack([wt.terms[:, 0], penalty], 1),
+                             torch.stack([wt.weights[:, 0], 0.1 * wt.weights[:, 0] ** 2], 1))
+
+    problem.inner = two_terms
+    for gram in ("always", "never"):
+        _assert_close(Fast(gram=gram)(problem).grads, Unrolled()(problem).grads)
+    d = random_direction(problem, 4)
+    assert dot(Fast()(problem).grads, d) == pytest.approx(central_difference(problem, d), rel=1e-6, abs=1e-10)

@@ -17,7 +17,9 @@ of ``c_ik`` from one forward-mode JVP along ``P ∇L_out`` (exact; announced onc
 (BatchNorm using batch statistics, or any coupling found by the first-call check that Σ r_i δ_i a_iᵀ equals the true
 gradient for random r) take that JVP path for every parameter: still exact, never a per-sample shortcut.
 
-``unroll_steps > 1`` is refused (use ``unrolled``), as is Adam with the differentiable preconditioner.
+``unroll_steps > 1`` is refused (use ``unrolled``), as are Adam with the differentiable preconditioner and the
+distributed (synced) optimizer. The first JVP in a process loads torch's forward-mode decompositions (a few seconds).
+``real_step="lookahead"`` needs ``Fast(lookahead=True)``, which materialises the virtual parameters.
 
 After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
 from the stored model outputs with the updated φ) from the captured ``(a_i, δ_i)``, while the parameters are unchanged;
@@ -275,11 +277,13 @@ class Fast(HypergradMethod):
                 if n in g_fallback:
                     g_step[n] = g_fallback[n]
                 elif n in lowrank:
-                    g_step[n] = None if _base_is_theta(opt.hypers[n], state.get(n, {})) else torch.zeros_like(theta_d[n])
+                    g_step[n] = None  # W'(0) below; the update itself enters as a low-rank correction
                 else:
                     g_step[n] = param_grad(n, w)
             scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in g_step.items()}, state)
             new_theta, new_state = opt.step(theta_d, g_step, state)
+            for n in lowrank:
+                new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
             corrections = {}
             for n in lowrank:
                 parts = [(c.rows(c.input), c.rows(summed(i, w))) for i, c in enumerate(tcalls) if c.weight == n]
@@ -355,9 +359,20 @@ class _MetaIncomplete(Exception):
     """A Gram-form weight is used outside its layer in the meta forward: redo the step without the Gram form."""
 
 
-def _base_is_theta(h, st) -> bool:
-    """Whether a zero gradient leaves the parameter unchanged (plain SGD, or momentum before its first buffer)."""
-    return h.kind == "sgd" and not h.weight_decay and (not h.momentum or "momentum_buffer" not in st)
+def _zero_gradient_step(h, p: Tensor, st) -> Tensor:
+    """``θ'(0)``, the SGD-family step with a zero loss gradient, as ``A·θ + B·buffer`` in one pass over memory.
+    ``A`` and ``B`` come from the optimizer's own update rule applied to scalars (it is linear in θ and the buffer)."""
+    buf = st.get("momentum_buffer")
+
+    def probe(theta, b):
+        one = torch.tensor(1.0, dtype=torch.float64)
+        st2 = {} if buf is None else {"momentum_buffer": b * one}
+        return float(FunctionalOptimizer._sgd(theta * one, 0 * one, st2, h))
+
+    A, B = probe(1.0, 0.0), (0.0 if buf is None else probe(0.0, 1.0))
+    if B == 0.0:
+        return p if A == 1.0 else p * A
+    return torch.add(p, buf, alpha=B / A).mul_(A) if A != 0.0 else buf * B
 
 
 def _rng_state(params) -> Tuple[Tensor, Optional[List[Tensor]]]:
