@@ -604,11 +604,16 @@ class MetaTrainer:
         every rank must call it. Returns the path on rank 0."""
         if path is None and self.checkpoint_dir is None:
             raise ValueError("save_checkpoint needs a path, or MetaTrainer(checkpoint_dir=...)")
-        state = self.state_dict()
-        self._last_checkpoint_step = self.global_step
-        if not self.dist.is_main:
-            return None
-        return ckpt.atomic_save(state, Path(path) if path is not None else self.checkpoint_dir / ckpt.CHECKPOINT_NAME)
+        previous, self._last_checkpoint_step = self._last_checkpoint_step, self.global_step  # saved with the state
+        try:
+            state = self.state_dict()
+            if not self.dist.is_main:
+                return None
+            return ckpt.atomic_save(state, Path(path) if path is not None else
+                                    self.checkpoint_dir / ckpt.CHECKPOINT_NAME)
+        except BaseException:
+            self._last_checkpoint_step = previous
+            raise
 
     def load_checkpoint(self, path: Union[str, Path]) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (every rank reads the same file)."""

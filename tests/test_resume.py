@@ -75,6 +75,7 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     assert victim.returncode == -signal.SIGKILL
     saved = ckpt.load(tmp_path / "victim" / "ckpt" / "last.pt")
     assert saved["counters"]["global_step"] == 10 and saved["counters"]["epoch"] == 1  # mid-epoch 1 (steps 9-16)
+    assert saved["counters"]["_last_checkpoint_step"] == 10
     assert saved["counters"]["_accumulated"] == 2 and saved["per_rank"][0]["train"]["consumed"] == 2
     assert not list((tmp_path / "victim" / "ckpt").glob(".*tmp")), "a temporary checkpoint file was left behind"
 
