@@ -17,7 +17,8 @@ explicit, one coalesced collective each:
 With equal shard sizes, an R-process run on a global batch equals a 1-process run on the same batch (up to
 float summation order) for methods that differentiate through the optimizer step (``"unrolled"``). Methods that
 take ``∇_θ L_out`` themselves (``"finite_difference"``, ``"neumann"``) then return the average of the per-rank
-estimates, which is close to but not the global one. Objectives whose weights are normalised over the batch use
+estimates, which is close to but not the global one; ``"fast"`` is refused (its low-rank virtual step would mix
+local and global updates). Objectives whose weights are normalised over the batch use
 :func:`global_mean` for the normaliser (Meta-Weight-Net does). The price against DDP: the real step's all-reduce
 does not overlap with the backward pass.
 

@@ -133,8 +133,9 @@ class MetaTrainer:
             micro-batch.
         precision: ``"fp32"``, ``"bf16"`` (autocast on CPU and GPU) or ``"fp16"`` (GPU, with gradient scalers);
             see :mod:`metareweight.precision`.
-        distributed: ``"auto"`` (use an initialised ``torch.distributed`` process group), ``True`` (require one)
-            or ``False``; see :mod:`metareweight.distributed`. Each rank's loaders must yield its shard
+        distributed: ``"auto"`` (use an initialised ``torch.distributed`` process group), ``True`` (require one),
+            ``False``, or a :class:`~metareweight.distributed.DistributedContext`; see
+            :mod:`metareweight.distributed`. Each rank's loaders must yield its shard
             (:func:`~metareweight.distributed.distributed_sampler`).
         scheduler, meta_scheduler: optional learning-rate schedulers of ``optimizer`` / the meta optimizer,
             stepped once per epoch or, with ``scheduler_interval="step"``, after every step of their optimizer.
@@ -156,7 +157,7 @@ class MetaTrainer:
                  callbacks: Sequence[Callback] = (), log_dir: Optional[Union[str, Path]] = None,
                  grad_clip: Optional[float] = None, meta_grad_clip: Optional[float] = None,
                  accumulate_steps: int = 1, meta_accumulate_steps: int = 1, precision: str = "fp32",
-                 distributed: Union[str, bool] = "auto", scheduler: Any = None, meta_scheduler: Any = None,
+                 distributed: Union[str, bool, "dist_utils.DistributedContext"] = "auto", scheduler: Any = None, meta_scheduler: Any = None,
                  scheduler_interval: str = "epoch", checkpoint_dir: Optional[Union[str, Path]] = None,
                  checkpoint_every: Optional[int] = None, logger: Union[None, str, Callback] = None,
                  progress: bool = True):
@@ -198,6 +199,9 @@ class MetaTrainer:
         self.adam_preconditioner = adam_preconditioner
         self.functional_optimizer = FunctionalOptimizer.from_torch(optimizer, model, adam_preconditioner)
         self.method = get_hypergradient(hypergrad, hypergrad_options) if objective.uses_hypergradient else None
+        if self.dist.enabled and getattr(self.method, "name", None) == "fast":
+            raise ValueError("hypergrad='fast' is not data-parallel yet: its low-rank virtual step uses this rank's "
+                             "activations only. Use hypergrad='unrolled' with distributed runs (or distributed=False)")
         self.meta_optimizer = meta_optimizer or (objective.make_meta_optimizer()
                                                  if objective.meta_parameters() else None)
         self.meta_interval = meta_interval
