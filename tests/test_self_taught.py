@@ -20,6 +20,15 @@ from metareweight.objectives.self_taught_features import (FEATURE_NAMES, agreeme
                                                           normal_overlap, storm_features)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread: the machine's cores are shared, and these small problems gain nothing from more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---- features ------------------------------------------------------------------------------------------------
 def _reference_features(losses, logits, y):
     """Sample-by-sample port of the original ``Results``/``Filter`` code (stats_window=1, class separation on)."""
@@ -126,7 +135,7 @@ def _problem(dropout=True, unroll=1, **kw):
 def test_hypergradient_matches_float64_finite_difference(dropout, unroll, kw):
     problem, _ = _problem(dropout, unroll, **kw)
     grads = Unrolled()(problem).grads
-    for seed in (1, 2):
+    for seed in (1,):
         d = random_direction(problem, seed)
         # h = 1e-6: the rescaler's ReLUs put kinks within 1e-5 of some points (the FD error there is ~3e-3)
         assert dot(grads, d) == pytest.approx(central_difference(problem, d, h=1e-6), rel=1e-6, abs=1e-10)
@@ -148,7 +157,7 @@ def test_hypergradient_has_both_a_second_order_and_a_direct_part():
 
 
 # ---- switches and the trainer ---------------------------------------------------------------------------------
-def _noisy_loader(n=96, classes=3, seed=0, batch_size=16):
+def _noisy_loader(n=64, classes=3, seed=0, batch_size=16):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)
     y = (x[:, :classes]).argmax(1)
@@ -169,9 +178,9 @@ def test_trainer_runs_storm_with_lookahead_and_keeps_optimizer_state():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     trainer = MetaTrainer(model, opt, _noisy_loader(), objective=obj, real_step="lookahead", progress=False)
     hist = trainer.fit(epochs=1)
-    assert trainer.meta_steps == 6 and "weight_auroc" in hist[-1]
+    assert trainer.meta_steps == 4 and "weight_auroc" in hist[-1]
     assert any(not torch.equal(a, b) for a, b in zip(before, obj.meta_parameters()))
-    assert float(next(iter(opt.state.values()))["step"]) == 6  # the state survives across steps
+    assert float(next(iter(opt.state.values()))["step"]) == 4  # the state survives across steps
 
 
 def test_reset_optimizer_state_reproduces_the_original_adam_quirk():
@@ -192,7 +201,7 @@ def test_without_meta_learning_the_rescaler_stays_at_init():
     trainer = MetaTrainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _noisy_loader(), objective=obj,
                           real_step="lookahead", progress=False)
     trainer.fit(epochs=1)
-    assert obj.meta_parameters() == [] and trainer.global_step == 6 and len(trainer.weights_history) == 96
+    assert obj.meta_parameters() == [] and trainer.global_step == 4 and len(trainer.weights_history) == 64
     assert all(torch.equal(a, b) for a, b in zip(before, obj.parameters()))
 
 
@@ -209,7 +218,7 @@ def test_class_with_one_sample_names_the_class_and_the_fixes():
     with pytest.raises(ValueError, match=r"class 2 has 1 sample in this batch of 5.*larger batch.*class_separation"):
         SelfTaughtRescaler(3).inner_terms(_model(), batch)
     w = SelfTaughtRescaler(3, singleton="neutral").inner_terms(_model(), batch).weights
-    assert float(w[4]) == 0.5 and not torch.equal(w[:4], torch.full_like(w[:4], 0.5))
+    assert float(w[4].detach()) == 0.5 and not torch.equal(w[:4], torch.full_like(w[:4], 0.5))
 
 
 def test_batch_of_one_is_an_error():
