@@ -60,6 +60,7 @@ def plot_group_means(stats: GroupStats, labels: Optional[Mapping] = None, title:
         half = _spread(stats.std[:, j], stats.count[:, j], band)
         if half is not None:
             ax.fill_between(stats.periods, m - half, m + half, alpha=0.15)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(stats.per)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
