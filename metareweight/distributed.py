@@ -22,6 +22,17 @@ local and global updates). Objectives whose weights are normalised over the batc
 :func:`global_mean` for the normaliser (Meta-Weight-Net does). The price against DDP: the real step's all-reduce
 does not overlap with the backward pass.
 
+Launch (the script calls ``torch.distributed.init_process_group`` and, on GPUs,
+``torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))`` before building the trainer)::
+
+    torchrun --standalone --nproc_per_node 8 train.py                              # one machine
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
+             --rdzv_endpoint HOST:29500 --rdzv_id RUN train.py                    # on each of 2 machines
+
+Caveats: BatchNorm statistics are per rank (use ``nn.SyncBatchNorm`` for equivalence); objectives that sample meta
+batches from the training set (``meta_data="train"``) need an explicit sharded ``meta_loader``; ``checkpoint_dir``
+must be on a file system every rank can read.
+
 Example (single process: every helper is the identity):
     >>> import torch
     >>> ctx = resolve("auto")

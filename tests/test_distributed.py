@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from metareweight.distributed import DistributedContext, SyncedFunctionalOptimizer, distributed_sampler, resolve
+from metareweight.distributed import DistributedContext, distributed_sampler, resolve
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
