@@ -49,15 +49,16 @@ _COMMON = dict(epochs=12, batch_size=100, lr=0.05, momentum=0.9, weight_decay=5e
                kd_alphas=[0.25, 0.5, 0.75, 0.9], ratio_hidden=64, meta_lr=3e-3, meta_weight_decay=0.0,
                hypergrad="unrolled", ablations=["no_tbar", "no_st"], teacher_epochs=5, teacher_lr=1e-3)
 DEFAULTS: Dict[str, Dict] = {
-    "image": dict(_COMMON, task="image", n_teacher=8000, n_train=4000, n_meta=500, n_test=5000, student_hidden=32,
-                  corrupt_frac=0.3, outlier_frac=0.15, outlier_std=2.0, teacher_epochs=4, epochs=15, meta_lr=5e-3),
+    "image": dict(_COMMON, task="image", n_teacher=6000, n_train=2000, n_meta=500, n_test=5000, student_hidden=32,
+                  corrupt_frac=0.3, outlier_frac=0.15, outlier_std=2.0, teacher_epochs=3, epochs=20, batch_size=50,
+                  temperature=1.0, meta_lr=1e-2, kd_alphas=[0.25, 0.5, 0.75]),
     "attack": dict(_COMMON, task="attack", dataset="spambase", test_fraction=0.25, meta_fraction=0.08,
                    student_hidden=4, teacher_hidden=256, epochs=30, batch_size=50, teacher_epochs=40),
     "ctr": dict(_COMMON, task="ctr", n_rows=0, meta_fraction=0.05, test_fraction=0.2, student_dim=2, teacher_dim=16,
                 teacher_hidden=64, epochs=4, batch_size=256, lr=0.1, teacher_epochs=3, kd_alphas=[0.25, 0.5, 0.75]),
 }
 QUICK: Dict[str, Dict] = {
-    "image": dict(n_teacher=3000, n_train=1500, n_meta=200, n_test=2000, teacher_epochs=3, epochs=6),
+    "image": dict(n_teacher=3000, n_train=1500, n_meta=200, n_test=2000, epochs=8),
     "attack": dict(epochs=15, teacher_epochs=20),
     "ctr": dict(n_rows=30000, epochs=2, teacher_epochs=2),
 }
@@ -365,6 +366,7 @@ def main(argv=None) -> Dict:
     p.add_argument("--quick", action="store_true", help="small sizes and few epochs (smoke tests)")
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write the α plot PNG here")
+    p.add_argument("--workers", type=int, default=1, help="run seeds in this many processes")
     args = p.parse_args(argv)
     task_name = args.task
     if task_name is None and args.config:
@@ -378,8 +380,19 @@ def main(argv=None) -> Dict:
         raise ValueError(f"--task {task_name} disagrees with the config's task {cfg['task']!r}")
     seeds = list(cfg.get("seeds") or [0])
     torch.set_num_threads(1)
-    per_seed = [run_seed(task_name, cfg, s) for s in seeds]
-    result = summarise(task_name, cfg, per_seed)
+    per_seed: List[Dict] = []
+    if args.workers > 1:  # one process per seed (each single-threaded)
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(args.workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            runs = pool.map(run_seed, [task_name] * len(seeds), [cfg] * len(seeds), seeds)
+    else:
+        runs = (run_seed(task_name, cfg, s) for s in seeds)
+    for s, res in zip(seeds, runs):  # the JSON is rewritten after every seed, so a long run leaves partial results
+        per_seed.append(res)
+        row = {k: v for k, v in res.items() if isinstance(v, float)}
+        print(f"seed {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+        result = summarise(task_name, cfg, per_seed)
+        write_json(args.out, {**result, "config": cfg})
     ms = lambda k: mean_sd([r[k] for r in per_seed])  # noqa: E731
     rows = [("teacher", ms("teacher")), ("CE only", ms("ce")),
             (f"KD, best fixed α = {result['kd_fixed_best_alpha']}", ms("kd_fixed_best")), ("WLS-KD", ms("wls")),
@@ -390,7 +403,6 @@ def main(argv=None) -> Dict:
                                                               "alpha_outlier") if k in result))
     if args.plot:
         save_alpha_plot(task_name, per_seed, Path(args.plot))
-    write_json(args.out, {**result, "config": cfg})
     return result
 
 
