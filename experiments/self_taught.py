@@ -59,7 +59,7 @@ FULL = dict(
     datasets=list(DATASETS), noise=[0.0, 0.3, 0.4], methods=list(METHODS),
     n_train=1000, n_val=300, n_test=1000, epochs=4, batch_size=32, passes=3, meta_lr=0.1,
     adam_preconditioner="fixed",
-    rt_max_features=3000, rt_lr=1e-3, rt_input_dropout=0.1,
+    rt_max_features=3000, rt_lr=1e-2, rt_input_dropout=0.1,
     wr_hidden=128, wr_dropout=0.1, wr_lr=1e-3,
 )
 QUICK = dict(FULL, noise=[0.3, 0.4], n_train=1000, n_test=1000, n_val=200, epochs=4)
