@@ -187,3 +187,48 @@ def test_fine_tune_and_balanced_sampler():
     model = nn.Linear(4, 2)
     fine_tune(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(TensorIndexedDataset(x, y), 20), 30)
     assert float((model(x).argmax(1) == y).float().mean()) > 0.75
+
+
+# ---- the experiment: configs load, and the claims hold on the quick generated-task configuration -------------------
+QUICK_CONFIG = ROOT / "configs" / "source_tasks_quick.yaml"
+
+
+@pytest.mark.parametrize("name", ["source_tasks.yaml", "source_tasks_quick.yaml"])
+def test_shipped_configs_load(name):
+    from experiments.common import load_config
+    from experiments.source_tasks import DEFAULTS
+
+    cfg = load_config(str(ROOT / "configs" / name), DEFAULTS)
+    assert cfg["experiment"] == "source_tasks" and set(cfg["setups"]) <= {"generated", "text"}
+    with pytest.raises(ValueError, match="entropy_coef"):
+        load_config(str(ROOT / "configs" / name), DEFAULTS, ["entropy_coeff=1"])
+
+
+def _claims(result, margin):
+    """The policy ranks sources by relatedness, the harmful source gets the least, Meta-RTL wins by ``margin``."""
+    weights = result["policy_weights"]
+    assert result["rank_corr_with_relatedness"] >= 0.8, weights
+    assert min(weights, key=weights.get) == "cos -0.5", weights
+    assert result["acc_meta_rtl"] > result["acc_uniform"] + margin, result
+    assert result["acc_meta_rtl"] > result["acc_target_only"] + margin, result
+
+
+def test_quick_generated_run_ranks_sources_and_beats_both_baselines(tmp_path):
+    from experiments.source_tasks import main
+
+    out = main(["--config", str(QUICK_CONFIG), "--set", "seeds=[0]", "gen_target_sizes=[10]",
+                "--out", str(tmp_path / "r.json")])
+    _claims(out["generated"]["10"], margin=0.05)
+    assert (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_quick_config_claims_over_seeds_and_both_target_sizes():
+    from experiments.source_tasks import main
+
+    sizes = main(["--config", str(QUICK_CONFIG)])["generated"]
+    small, large = (sizes[k] for k in sorted(sizes, key=int))
+    _claims(small, margin=0.05)
+    _claims(large, margin=0.01)
+    gain = lambda r: r["acc_meta_rtl"] - max(r["acc_uniform"], r["acc_target_only"])  # noqa: E731
+    assert gain(small) > gain(large) + 0.02, (gain(small), gain(large))

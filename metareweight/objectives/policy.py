@@ -3,22 +3,26 @@
 Meta-RTL (Fu et al., arXiv 2409.19075) states only that source-task weights come from "a policy network built on
 LSTMs" trained with REINFORCE. The choices below are inferred (METHODS.md §3.2, §3.5) and can be changed by arguments:
 
+- **Reward scale** [inferred]: rewards are loss differences that shrink as training converges.
+  :meth:`LSTMPolicy.scale_rewards` divides the reward vector by a running mean of ``mean_s |R_s|``, so the spread
+  between sources stays O(1) and the entropy bonus keeps one meaning over the run. The scale comes from all ``S``
+  rewards of an iteration, not only the sampled one, so it does not depend on which source was drawn.
 - **State and input** [inferred]: one ``LSTMCell`` step per meta-iteration. Its input at iteration ``t`` is the
-  reward vector of iteration ``t-1`` (divided by a running mean of ``|reward|``, so its scale does not drift as the
-  losses shrink) concatenated with the previous probabilities ``π_{t-1}``; zeros at ``t = 0``. The hidden state is
-  carried across iterations but detached (truncated back-propagation of one step): each update differentiates only
-  the current cell step, so the cost per iteration is constant.
+  (scaled) reward vector of iteration ``t-1`` concatenated with ``π_{t-1}``; zeros at ``t = 0``. The hidden state
+  is carried across iterations but detached (truncated back-propagation of one step): each update differentiates
+  only the current cell step, so the cost per iteration is constant.
 - **Output**: logits over sources, ``π_t = softmax(logits)``. The head starts at zero, so ``π_0`` is uniform.
 - **Action** (``mode``): ``"sample"`` draws one source ``a ~ Categorical(π_t)`` (discrete source sampling, weights
   are the one-hot of ``a``); ``"mixture"`` draws continuous mixture weights ``w = softmax(log π_t + σ·ε)``,
   ``ε ~ N(0, I)`` (a logistic-normal policy around ``π_t``) [inferred]. Both are REINFORCE actions with a
   log-probability. A Dirichlet around ``π_t`` was tried first and dropped: its score ``ψ(Σα) − ψ(α_s) + log w_s``
   explodes as ``α_s → 0`` and sent a 4-armed bandit to a wrong vertex; the Gaussian score ``ε/σ`` stays bounded.
-- **REINFORCE** (:class:`Reinforce`): loss ``-(R - b)/s · log p(action) - β·H(π_t)`` with ``b`` a moving average of
-  past rewards (the baseline), ``s`` a moving average of the advantage's magnitude (reward normalisation
-  [inferred]; ``normalize=False`` turns it off) and ``H`` the categorical entropy of ``π_t`` (optional bonus,
-  ``entropy_coef = 0`` by default). The optimizer is the caller's (Adam on the policy, via ``MetaTrainer``'s
-  meta optimizer).
+- **REINFORCE** (:class:`Reinforce`): loss ``-(R - b) · log p(action) - β·H(π_t)`` with ``b`` a moving average of
+  past rewards (the baseline) and ``H`` the categorical entropy of ``π_t`` (optional bonus, ``entropy_coef``).
+  With the bonus, the fixed point of the expected update is ``π ∝ exp(E[R]/β)``: sources keep weights graded by
+  their reward instead of all mass going to the single best one. ``normalize=True`` additionally divides the
+  advantage by its running magnitude (off by default: it amplifies noise once rewards carry no signal). The
+  optimizer is the caller's (Adam on the policy, via ``MetaTrainer``'s meta optimizer).
 
 Why not ``metareweight.core.hypergrad``: a hypergradient method maps a :class:`~metareweight.core.BilevelProblem`
 (θ, inner terms, outer loss of a virtual step) to ``dL_out/dφ``. REINFORCE needs a sampled action, its
@@ -78,7 +82,7 @@ class LSTMPolicy(nn.Module):
         hidden: LSTM hidden size.
         mode: ``"sample"`` (discrete source sampling) or ``"mixture"`` (logistic-normal mixture weights).
         noise: standard deviation ``σ`` of the logit perturbation in ``"mixture"`` mode (smaller: less exploration).
-        input_decay: decay of the running ``|reward|`` scale used to normalise the LSTM input.
+        input_decay: decay of the running ``|reward|`` scale of :meth:`scale_rewards`.
     """
 
     def __init__(self, num_sources: int, hidden: int = 32, mode: str = "sample", noise: float = 0.5,
@@ -160,7 +164,7 @@ class Reinforce:
     Args:
         baseline_decay: the baseline is ``b ← d·b + (1-d)·R`` (initialised to the first reward).
         entropy_coef: weight ``β`` of the entropy bonus (0 disables it).
-        normalize: divide the advantage by a moving average of its magnitude.
+        normalize: divide the advantage by a moving average of its magnitude (off by default).
 
     ``step(action, reward, optimizer)`` takes one policy-gradient step and returns diagnostics.
     """

@@ -15,7 +15,10 @@ One meta-iteration (:meth:`SourceTaskWeighting.meta_step`, called by ``MetaTrain
    as Reptile restarts its inner optimizer per task [inferred]. Nothing copies the module: parameters are dicts of
    tensors run through ``torch.func.functional_call``. A source with no rows in the group keeps ``θ^s = θ`` (reward 0).
 2. On the meta batch (a target batch): ``L_gen = L(θ)``, ``L_s = L(θ^s)``, reward ``R_s = L_gen - L_s`` (positive
-   when adapting on ``s`` helps the target; no further normalisation here, see :mod:`.policy`).
+   when adapting on ``s`` helps the target), divided by a running reward scale (``normalize_rewards``, see
+   :mod:`.policy`). Small inner steps keep the reward close to its first-order value ``η ∇L_tgt·∇L_s``, which
+   ranks sources by gradient alignment; with large steps the curvature term ``∝ |step|²`` dominates and any
+   source that moves the model far looks bad, related or not (seen on the generated tasks).
 3. The policy (:class:`~metareweight.objectives.policy.LSTMPolicy`) acts: ``mode="sample"`` draws one source
    (action reward ``R_a``); ``mode="mixture"`` draws logistic-normal mixture weights ``w`` around ``π_t`` (action reward ``Σ_s w_s R_s``,
    the first-order value of the mixed update [inferred]). One REINFORCE step with a moving-average baseline on the
@@ -53,7 +56,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -180,7 +183,7 @@ class SourceTaskWeighting(MetaObjective):
         baseline_decay: decay of REINFORCE's moving-average baseline.
         entropy_coef: entropy bonus of the policy (0 disables it).
         mixture_noise: standard deviation of the logit perturbation in ``"mixture"`` mode.
-        normalize_rewards: divide REINFORCE advantages by their running magnitude.
+        normalize_rewards: divide the rewards by a running mean of their magnitude (``LSTMPolicy.scale_rewards``).
         loss_fn: per-sample loss ``(outputs, targets) -> (batch,)``; cross-entropy by default.
         source_key: the name of the per-sample source field in train batches.
     """
@@ -250,7 +253,7 @@ class SourceTaskWeighting(MetaObjective):
 
     # ---- one meta-iteration -----------------------------------------------------------------------------------
     def temporal_params(self, trainer: Any, params: Params, buffers: Params, batches: Sequence[Batch],
-                        source: int) -> (Params, float):
+                        source: int) -> Tuple[Params, float]:
         """``θ^s``: one functional optimizer step per batch on its rows of ``source``, from a fresh optimizer
         state. Returns the detached parameters and the mean source loss of the steps (nan if none)."""
         fopt = trainer.functional_optimizer
