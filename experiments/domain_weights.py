@@ -35,17 +35,19 @@ from experiments.common import load_config, mean_sd, mlp, seed_everything, table
 from metareweight import Callback, MetaTrainer, TensorIndexedDataset  # noqa: E402
 from metareweight.data import Batch, as_batch  # noqa: E402
 from metareweight.data import prm  # noqa: E402
-from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss, step_score_mse_terms  # noqa: E402
+from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss  # noqa: E402
 
 COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hidden=64, lr=1e-3, meta_lr=0.05,
               hypergrad="finite_difference", unroll_steps=5)
 DEFAULTS = {
-    "prm": dict(COMMON, hidden=32, lr=3e-3, meta_batch_size=100, meta_lr=0.02, warmup_epochs=5, train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300,
-                candidates=8, completions=16, step_error=0.12, completion_error=0.03),
-    "text": dict(COMMON, epochs=20, batch_size=32, meta_batch_size=300, meta_lr=0.02, departments=["Tops", "Dresses", "Bottoms", "Intimate", "Jackets"],
+    "prm": dict(COMMON, hidden=32, lr=3e-3, meta_batch_size=200, meta_lr=0.02, warmup_epochs=5,
+                train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300, candidates=8,
+                completions=16, step_error=0.12, completion_error=0.03),
+    "text": dict(COMMON, epochs=20, batch_size=32, meta_batch_size=300, meta_lr=0.02,
+                 departments=["Tops", "Dresses", "Bottoms", "Intimate", "Jackets"],
                  noise_rates=[0.0, 0.15, 0.3, 0.45, 0.6], train_per_domain=300, meta_size=300, test_size=1500),
 }
-QUICK = {"prm": dict(epochs=12), "text": dict(epochs=8, train_per_domain=250)}
+QUICK = {"prm": dict(epochs=12, warmup_epochs=3), "text": dict(epochs=10)}
 
 
 class SlotPRM(nn.Module):
@@ -94,13 +96,17 @@ def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorInde
     The learned run first trains ``warmup_epochs`` with uniform weights (identical to the baseline's first epochs):
     while the model is still learning the overall score level, every domain's gradient mostly moves that level and
     the hypergradient says little about a domain's quality."""
+    if not 0 <= cfg["warmup_epochs"] < cfg["epochs"]:
+        raise ValueError(f"warmup_epochs must lie in 0..epochs-1, got {cfg['warmup_epochs']} for {cfg['epochs']} epochs")
     def setup():
         seed_everything(seed)
         model = make_model()
-        g = torch.Generator().manual_seed(seed)
+        # separate generators: drawing meta batches must not change the order of the training batches
         return (model, torch.optim.Adam(model.parameters(), lr=cfg["lr"]),
-                DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, generator=g),
-                DataLoader(meta, batch_size=cfg["meta_batch_size"], shuffle=True, generator=g))
+                DataLoader(train, batch_size=cfg["batch_size"], shuffle=True,
+                           generator=torch.Generator().manual_seed(seed)),
+                DataLoader(meta, batch_size=cfg["meta_batch_size"], shuffle=True,
+                           generator=torch.Generator().manual_seed(seed + 10_000)))
 
     model, opt, loader, _ = setup()
     train_uniform(model, opt, loader, make_objective(), cfg["epochs"])
@@ -115,6 +121,7 @@ def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorInde
                           **DomainWeights.trainer_options(cfg["hypergrad"], cfg["unroll_steps"]))
     trainer.fit(epochs=cfg["epochs"] - cfg["warmup_epochs"])
     return {"seed": seed, "metric_uniform": metric_uniform, "metric_learned": evaluate(model),
+            "warmup_steps": traj.offset,
             "domain_weights": objective.named_weights(),
             "trajectory": {"step": traj.steps, "weights": traj.weights}}
 
@@ -137,7 +144,8 @@ def prm_task(seed: int, cfg: Dict):
                                 step_mask=torch.from_numpy(prm.step_mask(meta_sols)))
     problems = prm.sample_problems(rng, cfg["test_problems"])
     cands = prm.solve(rng, prm.repeat(problems, cfg["candidates"]), cfg["step_error"])
-    test = Batch(torch.from_numpy(prm.prefix_features(cands)), extras={"step_mask": torch.from_numpy(prm.step_mask(cands))})
+    test = Batch(torch.from_numpy(prm.prefix_features(cands)),
+                 extras={"step_mask": torch.from_numpy(prm.step_mask(cands))})
     correct = cands.correct().reshape(-1, cfg["candidates"])
     scorer = StepAggregationLoss()
 
@@ -228,7 +236,8 @@ def run(task: str, cfg: Dict, seeds: List[int]) -> Dict:
             "quality_rank_corr": spearman(list(weights.values()), list(quality.values())),
             "metric_uniform": float(np.mean([r["metric_uniform"] for r in per_seed])),
             "metric_learned": float(np.mean([r["metric_learned"] for r in per_seed])),
-            "per_seed": [{k: r[k] for k in keep} for r in per_seed], "trajectory": per_seed[0]["trajectory"]}
+            "per_seed": [{k: r[k] for k in keep} for r in per_seed], "trajectory": per_seed[0]["trajectory"],
+            "warmup_steps": per_seed[0]["warmup_steps"]}
 
 
 def save_plot(result: Dict, path: Path) -> None:
@@ -242,6 +251,9 @@ def save_plot(result: Dict, path: Path) -> None:
     for k, (name, q) in enumerate(result["domain_quality"].items()):
         ax.plot(traj["step"], w[:, k], label=f"{name} (quality {q:.2f})")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    warm = result.get("warmup_steps", 0)
+    if warm:
+        ax.axvspan(0, warm, color="grey", alpha=0.15, label="uniform warm-up")
     ax.set_xlabel("training step")
     ax.set_ylabel("domain weight α")
     ax.set_title(f"DreamPRM domain weights, task {result['task']} (seed {result['per_seed'][0]['seed']})")

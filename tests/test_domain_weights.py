@@ -82,7 +82,7 @@ def test_a_declared_domain_that_never_appears_fails_after_the_first_epoch():
         trainer.fit(epochs=1)
 
 
-# ---- hypergradients on a small float64 PRM problem -------------------------------------------------------------------
+# ---- hypergradients on a small float64 PRM problem ------------------------------------------------------------------
 def _prm_problem(unroll: int, lr: float = 0.5, seed: int = 0, aggregation: str = "step_mse"):
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -130,7 +130,7 @@ def test_darts_finite_difference_agrees_in_direction_with_the_exact_hypergradien
     assert cos > (0.999 if unroll == 1 else 0.9), cos
 
 
-# ---- configs and the experiment ---------------------------------------------------------------------------------------
+# ---- configs and the experiment --------------------------------------------------------------------------------------
 def _script():
     from experiments import domain_weights
     return domain_weights
@@ -194,3 +194,21 @@ def test_text_learned_domain_weights_order_departments_by_noise_and_beat_uniform
     pytest.importorskip("wordllama")
     r = _script().main(["--task", "text", "--config", str(ROOT / "configs/domain_weights_text.yaml")])
     _check_claims(r, clean=["Tops"], bad=["Intimate", "Jackets"])
+
+
+def test_learned_run_with_frozen_weights_reproduces_the_uniform_baseline():
+    """The comparison is fair: with meta_lr = 0 the meta-trained run takes exactly the baseline's steps."""
+    dw = _script()
+    cfg = dict(dw.DEFAULTS["prm"], epochs=2, warmup_epochs=1, train_solutions=[10] * 5, meta_solutions=8,
+               test_problems=4, meta_batch_size=4, meta_lr=0.0)
+    train, meta, make_model, make_objective, evaluate, _, _ = dw.prm_task(0, cfg)
+    models = []
+    orig = dw.train_uniform
+    try:  # capture the baseline's model by wrapping the baseline loop
+        dw.train_uniform = lambda m, *a: (models.append(m), orig(m, *a))
+        dw.run_pair(0, cfg, train, meta, make_model, make_objective, evaluate)
+    finally:
+        dw.train_uniform = orig
+    uniform, learned = models[0], models[1]
+    for (n, a), (_, b) in zip(uniform.named_parameters(), learned.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)

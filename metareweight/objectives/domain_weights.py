@@ -115,7 +115,8 @@ class StepAggregationLoss:
             raise ValueError(f"the meta batch has no {self.mask_key!r} field marking each solution's real step "
                              "prefixes; yield it beside x and y")
         if tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"{self.mask_key} has shape {tuple(mask.shape)} but inputs start with {tuple(x.shape[:2])}")
+            raise ValueError(f"{self.mask_key} has shape {tuple(mask.shape)} but inputs start with "
+                             f"{tuple(x.shape[:2])}")
         mask = mask.bool()
         if not mask.any(1).all():
             raise ValueError("every solution in the meta batch needs at least one step prefix (a row of "
