@@ -1,7 +1,7 @@
 """TGeo-KD (learned per-sample KD fusion ratio, bilevel) vs CE, fixed-α KD and WLS-KD on three tasks.
 
     python experiments/trilateral_kd.py --task image --quick --out r.json
-    python experiments/trilateral_kd.py --config configs/trilateral_kd_image.yaml --out results/trilateral_kd_image.json
+    python experiments/trilateral_kd.py --config configs/trilateral_kd_image.yaml --workers 3 --out results/trilateral_kd_image.json
     python experiments/trilateral_kd.py --task ctr --set seeds=[0,1] epochs=3
 
 Tasks (all offline):
