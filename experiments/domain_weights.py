@@ -4,7 +4,7 @@
     python experiments/domain_weights.py --task text --config configs/domain_weights_text.yaml --out r.json
     python experiments/domain_weights.py --task prm --set seeds=[0,1,2] epochs=40 --plot docs/img/domain_weights_prm.png
 
-``--task prm``: a small MLP process reward model scores arithmetic-chain step prefixes
+``--task prm``: a small slot-shared process reward model scores arithmetic-chain step prefixes
 (:mod:`metareweight.data.prm`); training domains of known quality (clean ×2, trivially easy, shifted sibling task,
 inverted step labels); the meta set is whole solutions with outcome labels and DreamPRM's aggregation loss;
 metric: best-of-N selection accuracy on held-out problems.

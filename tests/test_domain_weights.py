@@ -130,6 +130,16 @@ def test_darts_finite_difference_agrees_in_direction_with_the_exact_hypergradien
     assert cos > (0.999 if unroll == 1 else 0.9), cos
 
 
+def test_fast_exact_one_step_hypergradient_agrees_with_unrolled():
+    from metareweight import available_methods, get_hypergradient
+    if "fast" not in available_methods():
+        pytest.skip("no fast hypergradient method registered")
+    problem = _prm_problem(1)
+    exact, fast = Unrolled()(problem).grads, get_hypergradient("fast")(problem).grads
+    for a, b in zip(exact, fast):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+
 # ---- configs and the experiment --------------------------------------------------------------------------------------
 def _script():
     from experiments import domain_weights
