@@ -254,12 +254,12 @@ def save_plot(per_seed: List[Dict], cfg: Dict, path: Path) -> None:
         stats = [summary[s].get(m, {"mean": np.nan, "sd": 0.0}) for s in settings]
         ax.bar(np.arange(len(settings)) + (i - (len(methods) - 1) / 2) * width, [st["mean"] for st in stats], width,
                yerr=[st["sd"] for st in stats], label=LABELS[m], capsize=2)
-    ax.set_xticks(np.arange(len(settings)), settings)
+    ax.set_xticks(np.arange(len(settings)), [f"{s} ({max(v['n'] for v in summary[s].values())} seeds)"
+                                             for s in settings])
     lo = min(summary[s][m]["mean"] for s in settings for m in methods if m in summary[s])
     ax.set_ylim(max(0.0, lo - 0.08), None)
     ax.set_ylabel("test accuracy")
-    seeds = sorted({r["seed"] for r in per_seed})
-    ax.set_title(f"Fashion-MNIST, {cfg['model'].upper()}, mean ± sd over seeds {seeds}")
+    ax.set_title(f"Fashion-MNIST, {cfg['model'].upper()}, test accuracy after {cfg['epochs']} epochs (mean ± sd)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
