@@ -152,6 +152,21 @@ def test_trainer_integration_counts_steps_and_records_source_weights():
     assert "weight_source0" in history[-1] and math.isfinite(history[-1]["meta_loss"])
 
 
+def test_state_dict_round_trip_keeps_policy_state_baseline_and_trajectory():
+    x, y, src = _sources()
+    obj = SourceTaskWeighting(3, meta_lr=0.05)
+    _trainer(obj, x, y, src).fit(epochs=1)
+    fresh = SourceTaskWeighting(3, meta_lr=0.05)
+    fresh.load_state_dict(obj.state_dict())
+    assert fresh.reinforce.baseline == obj.reinforce.baseline is not None
+    np.testing.assert_array_equal(fresh.weight_trajectory(), obj.weight_trajectory())
+    torch.testing.assert_close(fresh.policy.h, obj.policy.h)
+    torch.manual_seed(5)
+    a = obj.policy.act().probs
+    torch.manual_seed(5)
+    torch.testing.assert_close(fresh.policy.act().probs, a)
+
+
 def test_non_meta_groups_take_a_policy_weighted_step():
     x, y, src = _sources()
     obj = SourceTaskWeighting(3, mode="sample")

@@ -106,11 +106,12 @@ class LSTMPolicy(nn.Module):
         self.head = nn.Linear(hidden, num_sources)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # the recurrent state is part of state_dict, so a checkpointed run resumes where it stopped
         for name in ("h", "c"):
-            self.register_buffer(name, torch.zeros(1, hidden), persistent=False)
-        self.register_buffer("x", torch.zeros(1, 2 * num_sources), persistent=False)
-        self.register_buffer("probs", torch.full((num_sources,), 1.0 / num_sources), persistent=False)
-        self.register_buffer("reward_scale", torch.zeros(()), persistent=False)
+            self.register_buffer(name, torch.zeros(1, hidden))
+        self.register_buffer("x", torch.zeros(1, 2 * num_sources))
+        self.register_buffer("probs", torch.full((num_sources,), 1.0 / num_sources))
+        self.register_buffer("reward_scale", torch.zeros(()))
 
     def reset(self) -> None:
         """Forget the recurrent state and the last input (start of a new run)."""

@@ -215,6 +215,16 @@ class SourceTaskWeighting(MetaObjective):
         self.reinforce = Reinforce(baseline_decay=baseline_decay, entropy_coef=entropy_coef)
         self.trajectory: List[Dict[str, np.ndarray]] = []
 
+    # ---- checkpoints: REINFORCE's baseline and the trajectory travel in state_dict ----------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"baseline": self.reinforce.baseline, "advantage_scale": self.reinforce.scale,
+                "trajectory": [{k: v.tolist() for k, v in r.items()} for r in self.trajectory]}  # plain lists
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self.reinforce.baseline = state["baseline"]
+        self.reinforce.scale = state["advantage_scale"]
+        self.trajectory = [{k: np.asarray(v, np.float32) for k, v in r.items()} for r in state["trajectory"]]
+
     # ---- weights ------------------------------------------------------------------------------------------------
     def current_weights(self) -> Tensor:
         """The policy's latest probabilities ``π_t`` (uniform before the first meta step or in ``"uniform"`` mode)."""
