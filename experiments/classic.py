@@ -239,6 +239,17 @@ def results_table(per_seed: List[Dict], cfg: Dict) -> str:
     return table(rows, ["method", *settings, "s / run"])
 
 
+def merge_results(paths: List[str]) -> Dict:
+    """Several runs' JSON (e.g. extra seeds for one setting) as one result; the first run's config, all seeds."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    per_seed = [r for run in runs for r in run["per_seed"]]
+    config = dict(runs[0]["config"], seeds=sorted({r["seed"] for r in per_seed}))
+    return {"config": config, "per_seed": per_seed, "failures": [f for run in runs for f in run.get("failures", [])],
+            "summary": summarise(per_seed)}
+
+
 def save_plot(per_seed: List[Dict], cfg: Dict, path: Path) -> None:
     """Grouped bars: mean test accuracy per method in each setting, with the seeds' standard deviation."""
     import matplotlib
@@ -272,7 +283,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--quick", action="store_true", help="small subset, fewer epochs, one seed")
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write a bar chart PNG here")
-    p.add_argument("--from-json", metavar="FILE", help="print the table (and --plot) of a finished run; no training")
+    p.add_argument("--from-json", metavar="FILE", nargs="+",
+                   help="print the table (and --plot, --out) of finished runs, merged; no training")
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args, QUICK if args.quick else FULL)
@@ -281,9 +293,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if bad:
             raise ConfigError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
     if args.from_json:
-        import json
-        result = json.loads(Path(args.from_json).read_text())
+        result = merge_results(args.from_json)
         print(results_table(result["per_seed"], result["config"]))
+        write_json(args.out, result)
         if args.plot:
             save_plot(result["per_seed"], result["config"], Path(args.plot))
         return result

@@ -63,5 +63,7 @@ def test_quick_smoke_run_on_fashion_mnist(tmp_path):
     for setting, methods in result["summary"].items():
         assert set(methods) == set(classic.METHODS), setting
         assert all(0.0 <= m["mean"] <= 1.0 for m in methods.values())
-    again = classic.main(["--from-json", str(out), "--plot", str(tmp_path / "classic.png")])  # no training
-    assert again["summary"] == result["summary"] and (tmp_path / "classic.png").stat().st_size > 10_000
+    again = classic.main(["--from-json", str(out), str(out), "--plot", str(tmp_path / "classic.png")])  # no training
+    assert (tmp_path / "classic.png").stat().st_size > 10_000
+    assert {s: {m: v["n"] for m, v in ms.items()} for s, ms in again["summary"].items()} == \
+        {s: {m: 2 for m in ms} for s, ms in result["summary"].items()}  # merged: every run counted twice
