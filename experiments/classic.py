@@ -8,10 +8,10 @@ model initialisation, optimizer, epochs and batch order for a seed; test accurac
 early stopping on test data). The Fashion-MNIST test set is class-balanced, so on the long tail it is the balanced
 accuracy.
 
-    metareweight run configs/classic.yaml                               # the RESULTS.md table
-    python experiments/classic.py --config configs/classic.yaml --out results/classic.json
-    python experiments/classic.py --quick                               # minutes, one seed
-    python experiments/classic.py --config configs/classic.yaml --set settings=[lt100] --set seeds=[0]
+    metareweight run configs/classic.yaml -- --out results/classic.json     # the RESULTS.md table (seeds 0-2)
+    python experiments/classic.py --config configs/classic.yaml --set settings=[lt100] seeds=[3,4]
+    python experiments/classic.py --quick                                   # minutes, one seed
+    python experiments/classic.py --from-json a.json b.json --plot docs/img/classic.png   # merge runs, no training
 
 Output JSON: ``config``, ``per_seed`` (setting, method, seed, test_acc, seconds[, weight_auroc]), ``failures``
 (runs that raised; reported, not fatal) and ``summary`` (setting → method → mean/sd of test accuracy).
