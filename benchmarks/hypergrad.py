@@ -1,0 +1,338 @@
+"""Step time and added peak memory of one Meta-Weight-Net training step, as multiples of plain training.
+
+Configurations: plain training (forward, mean cross-entropy, backward, SGD step: the floor); this library's
+``MetaTrainer`` with ``unrolled``, ``fast`` and ``finite_difference`` (one meta step per train step) and ``fast`` /
+``unrolled`` with ``meta_interval=5``; the peers higher (``innerloop_ctx``) and TorchOpt (``MetaSGD``) running the same
+step (virtual SGD step on the weighted loss, meta-gradient of the clean meta loss into the weight net, Adam on it,
+then the real re-weighted step). Betty is not run: it declares ``python_requires <3.11`` and cannot be installed here.
+
+Models: MLP 64→H→H→10 for H = 256/1024/4096 and a small CNN (two 3×3 convs, 32 and 64 channels) on 8×8 digits
+(sklearn's bundled copy, 40 % symmetric label noise); train and meta batches of 128; SGD(lr 0.1, momentum 0.9, weight
+decay 5e-4); ``torch.set_num_threads(1)``.
+
+Time: every configuration of a model lives in one process and is timed in interleaved blocks (the order rotates
+each repetition); each block's time is divided by the plain block of the same repetition and the median of these
+ratios is reported, for process CPU time (primary: with one thread it excludes time the shared machine spends on
+other jobs) and for wall time.
+
+Memory: ``tracemalloc`` does not see torch's CPU allocations, so each configuration runs in a fresh subprocess that
+builds everything, resets the kernel's RSS high-water mark (``/proc/self/clear_refs``), runs a few steps and reports
+``VmHWM`` minus the RSS before the first step ("added peak memory"; includes gradients, optimizer state and what the
+allocator keeps).
+
+Usage::
+
+    python benchmarks/hypergrad.py --out experiments/results/bench_hypergrad.json
+    python benchmarks/hypergrad.py --quick --out /tmp/bench_quick.json     # smoke test, about a minute
+    python benchmarks/hypergrad.py --adam-gap --out benchmarks/adam_gap.json  # fixed vs differentiable Adam
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metareweight import MetaTrainer, MetaWeightNet  # noqa: E402
+from metareweight.data import Batch  # noqa: E402
+
+ARCHS = ["mlp256", "mlp1024", "mlp4096", "cnn"]
+METHODS = ["plain", "unrolled", "fast", "finite_difference", "higher", "torchopt", "fast_k5", "unrolled_k5"]
+BATCH = 128
+LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
+
+
+def make_model(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    if arch == "cnn":
+        return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
+    h = int(arch[3:])
+    return nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+
+
+def make_batches(arch: str, count: int = 8):
+    """Train batches (40 % symmetric noise) and clean meta batches from sklearn's digits."""
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    if arch == "cnn":
+        x = x.reshape(-1, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    noisy = y.clone()
+    flip = torch.rand(len(y), generator=g) < 0.4
+    noisy[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
+
+    def draw(labels):
+        idx = torch.randint(0, len(y), (BATCH,), generator=g)
+        return Batch(x[idx], labels[idx], idx)
+
+    return [draw(noisy) for _ in range(count)], [draw(y) for _ in range(count)]
+
+
+def _weighted_real_step(model, opt, objective, batch):
+    opt.zero_grad(set_to_none=True)
+    losses = F.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
+    with torch.no_grad():
+        w = objective.weight(losses)
+    ((w / w.sum()) * losses).sum().backward()
+    opt.step()
+
+
+def make_runner(method: str, arch: str) -> Callable[[], None]:
+    """A closure that performs one training step of ``method`` on its own copy of the model."""
+    model = make_model(arch)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    train, meta = make_batches(arch)
+    train_it, meta_it = itertools.cycle(train), itertools.cycle(meta)
+    objective = MetaWeightNet(hidden=100)
+    phi = objective.meta_parameters()
+
+    if method == "plain":
+        def step():
+            b = next(train_it)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(b.inputs), b.targets).backward()
+            opt.step()
+        return step
+
+    if method in ("unrolled", "fast", "finite_difference", "fast_k5", "unrolled_k5"):
+        name, _, k = method.partition("_k")
+        trainer = MetaTrainer(model, opt, train, objective=objective, meta_loader=meta, hypergrad=name,
+                              meta_interval=int(k or 1), progress=False)
+        return lambda: trainer._run_group([next(train_it)])
+
+    meta_opt = objective.make_meta_optimizer()
+
+    def meta_update(grads):
+        meta_opt.zero_grad(set_to_none=True)
+        for p, g in zip(phi, grads):
+            p.grad = g
+        meta_opt.step()
+
+    if method == "higher":
+        import higher
+
+        def step():
+            b, mb = next(train_it), next(meta_it)
+            with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+                losses = F.cross_entropy(fmodel(b.inputs), b.targets, reduction="none")
+                w = objective.weight(losses.detach())
+                diffopt.step(((w / w.sum()) * losses).sum())
+                meta_update(torch.autograd.grad(F.cross_entropy(fmodel(mb.inputs), mb.targets), phi))
+            _weighted_real_step(model, opt, objective, b)
+        return step
+
+    if method == "torchopt":
+        import torchopt
+        virtual = torchopt.MetaSGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+        def step():
+            b, mb = next(train_it), next(meta_it)
+            net_state = torchopt.extract_state_dict(model, by="reference", detach_buffers=True)
+            opt_state = torchopt.extract_state_dict(virtual)
+            losses = F.cross_entropy(model(b.inputs), b.targets, reduction="none")
+            w = objective.weight(losses.detach())
+            virtual.step(((w / w.sum()) * losses).sum())
+            meta_update(torch.autograd.grad(F.cross_entropy(model(mb.inputs), mb.targets), phi))
+            torchopt.recover_state_dict(model, net_state)
+            torchopt.recover_state_dict(virtual, opt_state)
+            _weighted_real_step(model, opt, objective, b)
+        return step
+
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def available(methods: List[str]) -> Dict[str, str]:
+    """Methods whose peer library is missing, with the reason."""
+    missing = {}
+    for m, mod in (("higher", "higher"), ("torchopt", "torchopt")):
+        if m in methods:
+            try:
+                __import__(mod)
+            except ImportError as e:
+                missing[m] = f"not installed ({e}); pip install -c constraints.txt {mod}"
+    return missing
+
+
+def time_arch(arch: str, methods: List[str], reps: int, steps: int, warmup: int) -> Dict[str, Dict[str, float]]:
+    runners = {m: make_runner(m, arch) for m in methods}
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    cpu = {m: [] for m in methods}
+    wall = {m: [] for m in methods}
+    for rep in range(reps):
+        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+        for m in order:
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                runners[m]()
+            cpu[m].append((time.process_time() - c0) / steps)
+            wall[m].append((time.perf_counter() - w0) / steps)
+    out = {}
+    for m in methods:
+        out[m] = {
+            "ratio_cpu": statistics.median(a / b for a, b in zip(cpu[m], cpu["plain"])),
+            "ratio_wall": statistics.median(a / b for a, b in zip(wall[m], wall["plain"])),
+            "ms_cpu": 1e3 * statistics.median(cpu[m]),
+            "ms_wall": 1e3 * statistics.median(wall[m]),
+        }
+    return out
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(arch: str, method: str, steps: int) -> None:
+    torch.set_num_threads(1)
+    run = make_runner(method, arch)
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    for _ in range(steps):
+        run()
+    print(json.dumps({"added_mib": (_rss_kib("VmHWM") - before) / 1024}))
+
+
+def memory_arch(arch: str, methods: List[str], steps: int) -> Dict[str, Dict[str, float]]:
+    out = {}
+    for m in methods:
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", arch, m, "--steps", str(steps)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"memory run {arch}/{m} failed:\n{proc.stderr[-2000:]}")
+        out[m] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for m in methods:
+        out[m]["ratio"] = out[m]["added_mib"] / out["plain"]["added_mib"]
+    return out
+
+
+def adam_gap(warm_steps=(0, 10, 100), arch: str = "mlp") -> Dict[str, Dict[str, float]]:
+    """How far the fixed-preconditioner Adam hypergradient (what ``fast`` computes exactly) is from the one that
+    also differentiates Adam's second-moment estimate, after ``warm_steps`` real Adam steps: cosine and relative
+    difference of the two (both by ``unrolled``, float32), on a Tanh MLP 64→256→256→10."""
+    from metareweight.core import BilevelProblem, FunctionalOptimizer
+    from metareweight.core.hypergrad import Unrolled
+    out = {}
+    for warm in warm_steps:
+        # an exactly zero gradient entry (a ReLU unit dead on the batch, a digits pixel that is always 0) makes the
+        # derivative of Adam's sqrt(v) undefined: the differentiable mode then returns NaN. Tanh units and a little
+        # input jitter keep the comparison defined everywhere.
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        train, meta = make_batches(arch, count=max(warm, 1) + 1)
+        g = torch.Generator().manual_seed(1)
+        train, meta = [[Batch(b.inputs + 0.01 * torch.randn(b.inputs.shape, generator=g), b.targets, b.index)
+                        for b in bs] for bs in (train, meta)]
+        for b in train[:warm]:
+            opt.zero_grad()
+            F.cross_entropy(model(b.inputs), b.targets).backward()
+            opt.step()
+        objective = MetaWeightNet(hidden=100)
+        grads = {}
+        for mode in ("fixed", "differentiable"):
+            fopt = FunctionalOptimizer.from_torch(opt, model, mode)
+            problem = BilevelProblem(model, {k: v.detach() for k, v in model.named_parameters()}, {}, fopt,
+                                     fopt.read_state(), objective.meta_parameters(), objective.inner_terms,
+                                     objective.outer_loss, [train[-1]], meta[0])
+            grads[mode] = torch.cat([g.flatten() for g in Unrolled()(problem).grads])
+        a, b = grads["fixed"], grads["differentiable"]
+        out[f"after_{warm}_adam_steps"] = {"cosine": float(a @ b / (a.norm() * b.norm())),
+                                           "relative_difference": float((a - b).norm() / b.norm())}
+    return out
+
+
+def targets(result) -> Dict[str, object]:
+    t, mem = result["time"], result["memory"]
+    out = {}
+    wide = [a for a in ("mlp1024", "mlp4096") if a in t and "fast" in t[a]]
+    if wide:
+        out["fast <= 2.0x plain at width >= 1024"] = {a: round(t[a]["fast"]["ratio_cpu"], 2) for a in wide}
+    wide5 = [a for a in wide if "fast_k5" in t[a]]
+    if wide5:
+        out["fast meta_interval=5 <= 1.3x plain"] = {a: round(t[a]["fast_k5"]["ratio_cpu"], 2) for a in wide5}
+    if "mlp4096" in mem and "fast" in mem["mlp4096"]:
+        out["fast added peak memory <= 1.5x plain's at width 4096"] = round(mem["mlp4096"]["fast"]["ratio"], 2)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=False, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="smoke test: one small model, one repetition")
+    ap.add_argument("--archs", nargs="*", default=None, choices=ARCHS)
+    ap.add_argument("--methods", nargs="*", default=None, choices=METHODS)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--adam-gap", action="store_true", help="only measure fixed vs differentiable Adam hypergradients")
+    ap.add_argument("--memory-child", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        return memory_child(*args.memory_child, args.steps)
+    if args.out is None:
+        ap.error("--out is required")
+    if args.adam_gap:
+        torch.set_num_threads(1)
+        args.out.write_text(json.dumps({"adam_fixed_vs_differentiable": adam_gap()}, indent=2))
+        return print(args.out.read_text())
+
+    torch.set_num_threads(1)
+    archs = args.archs or (["mlp256"] if args.quick else ARCHS)
+    methods = args.methods or METHODS
+    if "plain" not in methods:
+        methods = ["plain"] + methods
+    skipped = available(methods)
+    methods = [m for m in methods if m not in skipped]
+    reps = args.reps or (1 if args.quick else 5)
+    result = {"settings": {"batch": BATCH, "meta_batch": BATCH, "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, "
+                           f"weight_decay={WD})", "weight_net": "MetaWeightNet(hidden=100)", "threads": 1,
+                           "reps": reps, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)},
+              "env": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                      "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+              "not_run": {"betty": "python_requires <3.11 (this is Python %s): cannot be installed"
+                                   % platform.python_version(), **skipped},
+              "time": {}, "memory": {}}
+    for arch in archs:
+        wide = arch in ("mlp4096",)
+        steps = 5 if (wide or args.quick) else 10  # a multiple of 5 so meta_interval=5 averages whole cycles
+        print(f"[time] {arch} ...", flush=True)
+        result["time"][arch] = time_arch(arch, methods, reps, steps, warmup=2 if args.quick else 5)
+        if not args.no_memory:
+            print(f"[memory] {arch} ...", flush=True)
+            mem_methods = ["plain", "fast"] if args.quick else methods
+            result["memory"][arch] = memory_arch(arch, [m for m in methods if m in mem_methods], steps=5)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result["targets"] = targets(result)
+        args.out.write_text(json.dumps(result, indent=2))
+    for arch, rows in result["time"].items():
+        for m, r in rows.items():
+            mem = result["memory"].get(arch, {}).get(m, {})
+            print(f"{arch:8s} {m:18s} time x{r['ratio_cpu']:.2f} (wall x{r['ratio_wall']:.2f}, {r['ms_cpu']:.1f} ms)"
+                  + (f"  added peak {mem['added_mib']:.0f} MiB (x{mem['ratio']:.2f})" if mem else ""))
+    print(json.dumps(result["targets"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
