@@ -224,9 +224,28 @@ def test_configs_load(task):
         load_config(None, exp.DEFAULTS[task], ["meta_rl=0.1"])
 
 
+@pytest.fixture(scope="module")
+def image_result(tmp_path_factory):
+    """The image task's full configuration on seeds 0-2 (about 11 minutes on a busy 2-core machine)."""
+    out = tmp_path_factory.mktemp("tkd") / "image.json"
+    return _experiment().main(["--config", str(ROOT / "configs" / "trilateral_kd_image.yaml"), "--set", "seeds=[0,1,2]",
+                               "--workers", "3", "--out", str(out)])
+
+
 @pytest.mark.slow
-def test_image_quick_experiment_claims(tmp_path):
-    """The image task, quick sizes, two seeds: α lower where the teacher is wrong and on outliers."""
-    res = _experiment().main(["--task", "image", "--quick", "--set", "seeds=[0,1]", "--out", str(tmp_path / "r.json")])
-    assert res["alpha_teacher_wrong"] < res["alpha_teacher_right"] - 0.1
-    assert res["alpha_outlier"] < res["alpha_teacher_right"] - 0.05
+def test_image_claims(image_result):
+    """α lower where the teacher is wrong and on outliers (mean over seeds); TGeo-KD at least the best fixed α;
+    removing T̄ hurts on this outlier-heavy task. Measured: α 0.128 / 0.191 vs 0.272; 0.8026 vs 0.8002; 0.7967."""
+    r = image_result
+    assert r["alpha_teacher_wrong"] < r["alpha_teacher_right"] - 0.1
+    assert r["alpha_outlier"] < r["alpha_teacher_right"] - 0.05
+    assert r["tgeo"] >= r["kd_fixed_best"]
+    assert r["tgeo_no_tbar"] < r["tgeo"] - 0.003
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met: TGeo-KD ties WLS-KD on the corrupted image task "
+                                       "(experiments/RESULTS.md, trilateral_kd section)")
+def test_image_tgeo_strictly_better_than_wls_and_fixed_alpha(image_result):
+    r = image_result
+    assert r["tgeo"] > max(r["wls"], r["kd_fixed_best"]) + r["se"]["tgeo"]
