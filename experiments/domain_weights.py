@@ -40,7 +40,7 @@ from metareweight.objectives.domain_weights import DomainWeights, StepAggregatio
 COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hidden=64, lr=1e-3, meta_lr=0.05,
               hypergrad="finite_difference", unroll_steps=5)
 DEFAULTS = {
-    "prm": dict(COMMON, hidden=32, lr=3e-3, meta_batch_size=200, meta_lr=0.02, warmup_epochs=5,
+    "prm": dict(COMMON, hidden=32, lr=3e-3, meta_batch_size=200, meta_lr=0.01, warmup_epochs=5,
                 train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300, candidates=8,
                 completions=16, step_error=0.12, completion_error=0.03),
     "text": dict(COMMON, epochs=20, batch_size=32, meta_batch_size=300, meta_lr=0.02,
