@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, mlp, seed_everything,  # noqa: E402
                                 table, train_plain, write_json)
-from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc  # noqa: E402
+from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc, available_methods  # noqa: E402
 from metareweight.data.datasets import noisy_digits  # noqa: E402
 
 FULL = dict(noise=0.4, epochs=40, hidden=256, batch_size=64, lr=0.1, momentum=0.9, meta_lr=1e-4, hypergrad="unrolled")
@@ -97,7 +97,7 @@ def main(argv=None) -> Dict:
     p.add_argument("--demo", action="store_true", help="the make-demo run: progress bars, table and PNG")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds, else 0")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--hypergrad", choices=["unrolled", "finite_difference", "neumann"])
+    p.add_argument("--hypergrad", choices=available_methods())
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", default=None, help="write the weight histogram PNG here")
     add_config_args(p)

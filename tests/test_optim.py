@@ -76,3 +76,18 @@ def test_adam_linear_scale_requires_fixed_preconditioner():
     params = {k: v.detach() for k, v in net.named_parameters()}
     with pytest.raises(ValueError, match="preconditioner='fixed'"):
         fopt.linear_scale(params, {k: torch.ones_like(v) for k, v in params.items()}, {})
+
+
+def test_differentiable_adam_step_has_finite_derivative_where_gradients_are_zero():
+    """A parameter with an exactly zero gradient (dead unit, constant-zero input) must not make the
+    hypergradient NaN through d sqrt(v)/dv at v = 0."""
+    net = nn.Linear(3, 1).double()
+    fopt = FunctionalOptimizer.from_torch(torch.optim.Adam(net.parameters(), lr=0.1), net)
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[1.0, 0.0, 2.0]], dtype=torch.float64)  # the weight of input 1 gets a zero gradient
+    params = {k: v.detach().requires_grad_() for k, v in net.named_parameters()}
+    loss = scale * torch.func.functional_call(net, params, (x,)).pow(2).sum()
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True)))
+    new, _ = fopt.step(params, grads, {})
+    (d,) = torch.autograd.grad(new["weight"].sum() + new["bias"].sum(), scale)
+    assert torch.isfinite(d)

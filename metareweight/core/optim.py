@@ -67,6 +67,13 @@ def _hyper_from_group(optimizer: torch.optim.Optimizer, group: Mapping) -> _Hype
     )
 
 
+def _safe_sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` with a zero (not NaN) derivative where ``v == 0`` (a parameter whose gradient is exactly zero,
+    e.g. behind a dead ReLU): same values as ``v.sqrt()``."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
 class FunctionalOptimizer:
     """The update rule of a ``torch.optim`` optimizer, applied functionally to named tensors.
 
@@ -186,7 +193,7 @@ class FunctionalOptimizer:
             st["max_exp_avg_sq"] = v
         bc1 = 1 - h.beta1 ** t
         bc2 = 1 - h.beta2 ** t
-        denom = v.sqrt() / (bc2 ** 0.5) + h.eps
+        denom = _safe_sqrt(v) / (bc2 ** 0.5) + h.eps
         if self.preconditioner == "fixed":
             denom = denom.detach()
         return p - (h.lr / bc1) * m / denom
