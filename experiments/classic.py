@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, seed_everything,  # noqa: E402
+from experiments.common import (accuracy, save_png, add_config_args, config_from_args, mean_sd, seed_everything,  # noqa: E402
                                 table, write_json)
 from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc  # noqa: E402
 from metareweight import baselines as B  # noqa: E402
@@ -272,10 +272,7 @@ def save_plot(per_seed: List[Dict], cfg: Dict, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title(f"Fashion-MNIST, {cfg['model'].upper()}, test accuracy after {cfg['epochs']} epochs (mean ± sd)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:

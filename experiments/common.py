@@ -62,6 +62,18 @@ def train_plain(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Data
             optimizer.step()
 
 
+def save_png(fig, path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it as a PNG (parents created) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: Optional[str], payload) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

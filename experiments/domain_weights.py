@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import load_config, mean_sd, mlp, seed_everything, table, write_json  # noqa: E402
+from experiments.common import load_config, save_png, mean_sd, mlp, seed_everything, table, write_json  # noqa: E402
 from metareweight import Callback, MetaTrainer, TensorIndexedDataset  # noqa: E402
 from metareweight.data import Batch, as_batch  # noqa: E402
 from metareweight.data import prm  # noqa: E402
@@ -258,10 +258,7 @@ def save_plot(result: Dict, path: Path) -> None:
     ax.set_ylabel("domain weight α")
     ax.set_title(f"DreamPRM domain weights, task {result['task']} (seed {result['per_seed'][0]['seed']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv=None) -> Dict:

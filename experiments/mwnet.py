@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, mlp, seed_everything,  # noqa: E402
+from experiments.common import (accuracy, save_png, add_config_args, config_from_args, mean_sd, mlp, seed_everything,  # noqa: E402
                                 table, train_plain, write_json)
 from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc, available_methods  # noqa: E402
 from metareweight.data.datasets import noisy_digits  # noqa: E402
@@ -85,10 +85,7 @@ def save_histogram(result: Dict, path: Path) -> None:
     ax.set_ylabel("samples")
     ax.set_title(f"Meta-Weight-Net on digits, 40% flipped labels (AUROC {result['weight_auroc']:.2f})")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv=None) -> Dict:

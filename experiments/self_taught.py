@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, mlp,  # noqa: E402
+from experiments.common import (accuracy, save_png, add_config_args, config_from_args, mean_sd, mlp,  # noqa: E402
                                 seed_everything, table, train_plain, write_json)
 from metareweight import MetaTrainer, SelfTaughtRescaler, TensorIndexedDataset, auroc, symmetric_noise  # noqa: E402
 
@@ -191,11 +191,7 @@ def save_plots(rows: List[Dict], folder: Path) -> List[Path]:
             ax.set_xlabel("STORM weight")
         np.atleast_1d(axes)[0].legend()
         fig.suptitle(f"{r['dataset']}, {int(r['noise'] * 100)}% flipped labels (seed 0)")
-        fig.tight_layout()
-        path = folder / f"self_taught_hist_{r['dataset']}_{int(r['noise'] * 100)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, folder / f"self_taught_hist_{r['dataset']}_{int(r['noise'] * 100)}.png", dpi=100))
     from sklearn.metrics import roc_curve
     for name in dict.fromkeys(r["dataset"] for r in kept):
         fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -208,11 +204,7 @@ def save_plots(rows: List[Dict], folder: Path) -> List[Path]:
         ax.set_ylabel("true positive rate (clean kept)")
         ax.set_title(f"{name}: ROC of last-epoch STORM weights")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = folder / f"self_taught_roc_{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, folder / f"self_taught_roc_{name}.png", dpi=100))
     return written
 
 

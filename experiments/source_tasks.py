@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (accuracy, add_config_args, load_config, mean_sd, mlp, seed_everything,  # noqa: E402
+from experiments.common import (accuracy, save_png, add_config_args, load_config, mean_sd, mlp, seed_everything,  # noqa: E402
                                 table, write_json)
 from metareweight import MetaTrainer, TensorIndexedDataset  # noqa: E402
 from metareweight.objectives.source_tasks import SourceBatches, SourceTaskWeighting, fine_tune  # noqa: E402
@@ -223,10 +223,7 @@ def plot_trajectory(result: Dict, size: int, path: Path, title: str) -> None:
     ax.set_ylabel("policy probability π_t (mean over seeds)")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 SETUPS = {"generated": (generated_setup, "gen_target_sizes"), "text": (text_setup, "text_target_sizes")}

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import (accuracy, load_config, mean_sd, mlp, seed_everything, table, train_plain,  # noqa: E402
+from experiments.common import (accuracy, save_png, load_config, mean_sd, mlp, seed_everything, table, train_plain,  # noqa: E402
                                 write_json)
 from metareweight import MetaTrainer, TensorIndexedDataset, TrilateralKD, auroc, teacher_class_means  # noqa: E402
 from metareweight.data import as_batch  # noqa: E402
@@ -352,10 +352,7 @@ def save_alpha_plot(task_name: str, per_seed: List[Dict], path: Path) -> None:
     ax2.set_ylabel("density")
     ax2.set_title(f"TGeo-KD on the {task_name} task, all seeds")
     ax2.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def main(argv=None) -> Dict:

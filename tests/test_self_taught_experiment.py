@@ -45,9 +45,10 @@ def test_tiny_run_writes_the_documented_rows(tmp_path):
     out = tmp_path / "rows.json"
     self_taught.main(["--quick", "--seeds", "0", "--out", str(out), "--set", "datasets=[rotten_tomatoes]",
                       "noise=[0.3]", "methods=[no_rescaling,storm,no_meta_learning]", "n_train=128", "n_val=64",
-                      "n_test=100", "epochs=1"])
+                      "n_test=100", "epochs=1", "--plots", str(tmp_path / "plots")])
     rows = json.loads(out.read_text())
     assert len(rows) == 1
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")), "no weight histogram / ROC PNG written"
     row = rows[0]
     for key in ("dataset", "noise", "acc_no_rescaling", "acc_storm", "weight_auroc", "acc_no_meta_learning"):
         assert key in row
