@@ -39,6 +39,16 @@ class DirectTermObjective(MetaObjective):
         return losses.mean()
 
 
+#: inner optimizers the exactness tests sweep over, by name
+OPTS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.3}),
+    "momentum": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-2}),
+    "nesterov": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "nesterov": True}),
+    "adam": (torch.optim.Adam, {"lr": 0.05}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1}),
+}
+
+
 def mlp(d_in=5, hidden=7, classes=3):
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
 

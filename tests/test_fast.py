@@ -6,25 +6,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bilevel_fixtures import central_difference, dot, make_problem, random_direction
+from bilevel_fixtures import OPTS, central_difference, dot, make_problem, random_direction
 from metareweight import Fast, MetaTrainer, MetaWeightNet, TensorIndexedDataset, Unrolled
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: thread hand-offs cost more than the arithmetic on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-OPTS = {
-    "sgd": (torch.optim.SGD, {"lr": 0.3}),
-    "momentum": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-2}),
-    "nesterov": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "nesterov": True}),
-    "adam": (torch.optim.Adam, {"lr": 0.05}),
-    "adamw": (torch.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1}),
-}
 
 
 def _problem(kind, opt="momentum", direct=True):

@@ -4,17 +4,10 @@ and the approximate ones against what they approximate."""
 import pytest
 import torch
 
-from bilevel_fixtures import (batches, central_difference, dot, make_problem, random_direction)
+from bilevel_fixtures import (OPTS, batches, central_difference, dot, make_problem, random_direction)
 from metareweight import FiniteDifference, Neumann, Unrolled, get_hypergradient
 from metareweight.core import BilevelProblem, FunctionalOptimizer, WeightedTerms
 
-OPTS = {
-    "sgd": (torch.optim.SGD, {"lr": 0.3}),
-    "momentum": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-2}),
-    "nesterov": (torch.optim.SGD, {"lr": 0.2, "momentum": 0.9, "nesterov": True}),
-    "adam": (torch.optim.Adam, {"lr": 0.05}),
-    "adamw": (torch.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1}),
-}
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

@@ -20,13 +20,7 @@ from metareweight.objectives.self_taught_features import (FEATURE_NAMES, agreeme
                                                           normal_overlap, storm_features)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: the machine's cores are shared, and these small problems gain nothing from more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- features ------------------------------------------------------------------------------------------------

@@ -16,13 +16,7 @@ from experiments.common import load_config  # noqa: E402
 from experiments import self_taught  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: the machine's cores are shared, and these small problems gain nothing from more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["self_taught.yaml", "self_taught_quick.yaml"])
