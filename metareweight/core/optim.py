@@ -122,13 +122,15 @@ class FunctionalOptimizer:
 
     # ---- state exchange with the torch optimizer -------------------------------------------------------------
     def read_state(self) -> State:
-        """A detached copy of the torch optimizer's state, keyed by parameter name."""
+        """The torch optimizer's state, detached and keyed by parameter name. No copy is made: nothing in the
+        functional path modifies state in place (steps build new tensors), and a meta step consumes it before the
+        real step updates the torch optimizer's buffers."""
         out: State = {}
         for p, st in self.optimizer.state.items():
             name = self._names.get(id(p))
             if name is None:
                 continue
-            out[name] = {k: (v.detach().clone() if torch.is_tensor(v) else torch.tensor(float(v)))
+            out[name] = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(float(v)))
                          for k, v in st.items() if v is not None}
         return out
 
