@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -261,9 +261,22 @@ def save_plot(result: Dict, path: Path) -> None:
     save_png(fig, path)
 
 
+def _task_from_config(path: Optional[str], parser: argparse.ArgumentParser) -> str:
+    """The task named by a config's ``experiment: domain_weights_<task>`` key, so a config alone runs."""
+    import yaml
+
+    name = (yaml.safe_load(Path(path).read_text()) or {}).get("experiment", "") if path else ""
+    task = str(name).rsplit("_", 1)[-1]
+    if task not in TASKS:
+        parser.error(f"give --task {{{','.join(sorted(TASKS))}}}, or a --config whose experiment is "
+                     f"domain_weights_<task> (got {name!r})")
+    return task
+
+
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--task", choices=sorted(TASKS),
+                   help="default: from the config's `experiment:` key (domain_weights_prm / domain_weights_text)")
     p.add_argument("--quick", action="store_true", help="short run for smoke tests")
     p.add_argument("--config", help="flat YAML config (keys as in DEFAULTS)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
@@ -271,6 +284,7 @@ def main(argv=None) -> Dict:
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write the weight-trajectory PNG here")
     args = p.parse_args(argv)
+    args.task = args.task or _task_from_config(args.config, p)
     torch.set_num_threads(1)
     defaults = dict(DEFAULTS[args.task], **(QUICK[args.task] if args.quick else {}))
     cfg = load_config(args.config, defaults, args.set)

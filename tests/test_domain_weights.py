@@ -224,3 +224,14 @@ def test_learned_run_with_frozen_weights_reproduces_the_uniform_baseline():
     uniform, learned = models[0], models[1]
     for (n, a), (_, b) in zip(uniform.named_parameters(), learned.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_task_comes_from_the_config_when_not_given(capsys):
+    import argparse
+    script = _script()
+    parser = argparse.ArgumentParser()
+    assert script._task_from_config(str(ROOT / "configs" / "domain_weights_prm.yaml"), parser) == "prm"
+    assert script._task_from_config(str(ROOT / "configs" / "domain_weights_text.yaml"), parser) == "text"
+    with pytest.raises(SystemExit):
+        script._task_from_config(None, parser)
+    assert "give --task" in capsys.readouterr().err
