@@ -8,7 +8,8 @@ model initialisation, optimizer, epochs and batch order for a seed; test accurac
 early stopping on test data). The Fashion-MNIST test set is class-balanced, so on the long tail it is the balanced
 accuracy.
 
-    metareweight run configs/classic.yaml -- --out results/classic.json     # the RESULTS.md table (seeds 0-2)
+    metareweight run configs/classic.yaml -- --out results/classic_cnn.json     # small CNN, seeds 0-2 (RESULTS.md)
+    metareweight run configs/classic_mlp.yaml -- --out results/classic.json     # the MLP table
     python experiments/classic.py --config configs/classic.yaml --set settings=[lt100] seeds=[3,4]
     python experiments/classic.py --quick                                   # minutes, one seed
     python experiments/classic.py --from-json a.json b.json --plot docs/img/classic.png   # merge runs, no training

@@ -67,3 +67,23 @@ def test_quick_smoke_run_on_fashion_mnist(tmp_path):
     assert (tmp_path / "classic.png").stat().st_size > 10_000
     assert {s: {m: v["n"] for m, v in ms.items()} for s, ms in again["summary"].items()} == \
         {s: {m: 2 for m in ms} for s, ms in result["summary"].items()}  # merged: every run counted twice
+
+
+def test_cnn_meta_weight_net_trains_the_same_with_the_fast_and_unrolled_hypergradients(monkeypatch):
+    """The table's CNN runs Meta-Weight-Net with ``hypergrad: fast``: exact for one SGD step, so the same parameters."""
+    import torch
+
+    models = []
+    make = classic.make_model
+    monkeypatch.setattr(classic, "make_model", lambda kind: models.append(make(kind)) or models[-1])
+    methods = []
+    trainer = classic.MetaTrainer
+    monkeypatch.setattr(classic, "MetaTrainer", lambda *a, **k: methods.append(k["hypergrad"]) or trainer(*a, **k))
+    cfg = dict(CFG, model="cnn", epochs=2, batch_size=50, lr_milestones=[1])
+    task = classic.make_task("sym40", 0, cfg, fake_arrays())
+    runs = [classic.run_method("mwnet", task, dict(cfg, hypergrad=h), 0) for h in ("unrolled", "fast")]
+    assert runs[0]["weight_auroc"] == pytest.approx(runs[1]["weight_auroc"], abs=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, torch.nn.Conv2d) for m in models[0])
+    assert methods == ["unrolled", "unrolled", "fast", "fast"]  # one trainer per learning-rate phase
