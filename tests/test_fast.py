@@ -69,6 +69,10 @@ def test_gram_and_direct_forms_agree(kind):
     gram, direct = Fast(gram="always"), Fast(gram="never")
     _assert_close(gram(problem).grads, direct(problem).grads, rtol=1e-10)
     assert set(direct.last_paths.values()) == {"direct"}
+    # with lookahead the Gram weights are materialised and the products are formed without the low-rank forward
+    ahead = Fast(gram="always", lookahead=True)
+    _assert_close(ahead(problem).grads, direct(problem).grads, rtol=1e-10)
+    assert "gram" in ahead.last_paths.values()
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "tied"])

@@ -284,18 +284,13 @@ class Fast(HypergradMethod):
             new_theta, new_state = opt.step(theta_d, g_step, state)
             for n in lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
-            corrections = {}
-            for n in lowrank:
-                parts = [(c.rows(c.input), c.rows(summed(i, w))) for i, c in enumerate(tcalls) if c.weight == n]
-                corrections[n] = (torch.cat([a for a, _ in parts]), torch.cat([d for _, d in parts]), scale[n])
+            grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n]) for n in gram}
         theta_p = {k: v.detach().requires_grad_(k in trainable) for k, v in new_theta.items()}
         meta_ids = {id(theta_p[n]): n for n in trainable}
 
         def low_rank(module, call):
-            if call.weight not in corrections:
-                return None
-            A, D, p = corrections[call.weight]
-            return call.output - p * ((call.rows(call.input) @ A.T) @ D).reshape(call.output.shape)
+            layer = grams.get(call.weight) if call.weight in lowrank else None
+            return None if layer is None else layer.correct(call)
 
         with capture_calls(model, low_rank, meta_ids) as mcalls:
             outer = problem.outer_loss(theta_p)
@@ -314,17 +309,7 @@ class Fast(HypergradMethod):
         with torch.no_grad():
             c = torch.zeros_like(terms_d)
             for n in gram:
-                mc = [(cl, d) for cl, d in zip(mcalls, dmeta) if cl.weight == n and d is not None]
-                if not mc:
-                    continue
-                Am = torch.cat([cl.rows(cl.input.detach()) for cl, _ in mc])
-                Dm = torch.cat([cl.rows(d) for cl, d in mc])
-                for i, cl in enumerate(tcalls):
-                    if cl.weight != n:
-                        continue
-                    aa = cl.rows(cl.input) @ Am.T
-                    for k, dk in enumerate(deltas[i]):
-                        c[:, k] += scale[n] * ((cl.rows(dk) @ Dm.T) * aa).sum(1).reshape(B, -1).sum(1)
+                c += grams[n].coefficients([(cl, d) for cl, d in zip(mcalls, dmeta) if cl.weight == n], B)
             for n in closed - gram:
                 if v.get(n) is None:
                     continue
@@ -353,6 +338,79 @@ class Fast(HypergradMethod):
         if self.lookahead:
             lookahead = (detach_params(new_theta), detach_state(new_state))
         return HypergradResult(grads, float(outer.detach()), lookahead)
+
+
+class _GramLayer:
+    """A Linear weight on the Gram route: the train rows ``A`` (inputs) and ``Δ_k`` (output gradients per term),
+    their per-row weights ``w_k`` and the step scale ``p``. The meta forward runs at ``W'(0)`` and :meth:`correct`
+    adds ``−p Σ_k ((a' Aᵀ) ⊙ w_k) Δ_k``; :meth:`coefficients` then needs ``S = a' Aᵀ`` and ``G_k = δ' Δ_kᵀ``, which
+    the correction's forward and backward compute anyway, so they are kept rather than recomputed."""
+
+    def __init__(self, A: Tensor, deltas: List[Tensor], row_weights: List[Tensor], p: Tensor,
+                 spans: List[Tuple[int, int]]):
+        self.A, self.deltas, self.row_weights, self.p, self.spans = A, deltas, row_weights, p, spans
+        self.products: Dict[int, Dict[str, object]] = {}  # id(meta call output) -> {"S": .., "G": [..]}
+
+    @classmethod
+    def build(cls, name: str, tcalls: List[LayerCall], deltas: List[List[Tensor]], w: Tensor, p) -> "_GramLayer":
+        idx = [i for i, c in enumerate(tcalls) if c.weight == name]
+        rows = [tcalls[i].rows(tcalls[i].input) for i in idx]
+        spans, start = [], 0
+        for r in rows:
+            spans.append((start, start + r.shape[0]))
+            start += r.shape[0]
+        K, B = w.shape[1], w.shape[0]
+        d = [torch.cat([tcalls[i].rows(deltas[i][k]) for i in idx]) for k in range(K)]
+        rw = [torch.cat([w[:, k].to(r.dtype).repeat_interleave(r.shape[0] // B) for r in rows]) for k in range(K)]
+        return cls(torch.cat(rows), d, rw, p, spans)
+
+    def correct(self, call: LayerCall) -> Tensor:
+        entry: Dict[str, object] = {}
+        out = _LowRankUpdate.apply(call.output, call.rows(call.input), self, entry)
+        self.products[id(out)] = entry
+        return out
+
+    def coefficients(self, mcalls: List[Tuple[LayerCall, Optional[Tensor]]], B: int) -> Tensor:
+        """``(B, K)``: this weight's part of ``c_ik = p Σ_j (δ_ik·δ'_j)(a_i·a'_j)`` over every meta call ``j``."""
+        K = len(self.deltas)
+        per_row = torch.zeros(self.A.shape[0], K, dtype=self.A.dtype, device=self.A.device)
+        for call, d in mcalls:
+            if d is None:
+                continue
+            entry = self.products.get(id(call.output), {})
+            S = entry.get("S")
+            if S is None:
+                S = call.rows(call.input.detach()) @ self.A.T
+            G = entry.get("G") or [call.rows(d) @ dk.T for dk in self.deltas]
+            for k in range(K):
+                per_row[:, k] += (G[k] * S).sum(0)
+        out = torch.stack([per_row[a:b].reshape(B, -1, K).sum(1) for a, b in self.spans]).sum(0)
+        return self.p * out
+
+
+class _LowRankUpdate(torch.autograd.Function):
+    """``z − p Σ_k ((a' Aᵀ) ⊙ w_k) Δ_k`` for a meta call ``(a', z)`` at ``W'(0)``; stores ``S = a' Aᵀ`` and, in the
+    backward, ``G_k = g Δ_kᵀ`` (``g`` is ``∂L_out/∂z``, the meta output gradient the coefficients need)."""
+
+    @staticmethod
+    def forward(ctx, out, am, layer, entry):
+        S = am @ layer.A.T
+        corr = sum((S * wk) @ dk for wk, dk in zip(layer.row_weights, layer.deltas))
+        entry["S"] = S
+        ctx.layer, ctx.entry = layer, entry
+        ctx.out_shape = out.shape
+        return out - layer.p * corr.reshape(out.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        layer = ctx.layer
+        gr = g.reshape(-1, g.shape[-1])
+        G = [gr @ dk.T for dk in layer.deltas]
+        ctx.entry["G"] = G
+        grad_am = None
+        if ctx.needs_input_grad[1]:
+            grad_am = -layer.p * (sum(Gk * wk for Gk, wk in zip(G, layer.row_weights)) @ layer.A)
+        return g, grad_am, None, None
 
 
 class _MetaIncomplete(Exception):
