@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -233,19 +234,22 @@ class Fast(HypergradMethod):
         def summed(i, coef):  # Σ_k coef_k ⊙ δ_k for call i
             return sum(_col(coef[:, k], dk) * dk for k, dk in enumerate(deltas[i]))
 
-        def param_grad(n, coef):
+        def param_grad(n, coef, memo):  # memo: call index -> summed(i, coef), shared by a layer's weight and bias
             out = None
             for i, c in enumerate(tcalls):
                 for name, fn in ((c.weight, c.weight_grad), (c.bias, c.bias_grad)):
                     if name == n:
-                        g = fn(summed(i, coef))
+                        if i not in memo:
+                            memo[i] = summed(i, coef)
+                        g = fn(memo[i])
                         out = g if out is None else out + g
             return out
 
         if check is not None:
             r, names, true = check
             with torch.no_grad():
-                ours = [param_grad(n, r) for n in names]
+                memo_r: Dict[int, Tensor] = {}
+                ours = [param_grad(n, r, memo_r) for n in names]
             err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ours, true))
             self._verified.add(model)
             if err > 1e-3:
@@ -273,13 +277,14 @@ class Fast(HypergradMethod):
             state = problem.opt_state
             theta_d = detach_params(theta)
             g_step: Dict[str, Optional[Tensor]] = {}
+            memo_w: Dict[int, Tensor] = {}
             for n in used:
                 if n in g_fallback:
                     g_step[n] = g_fallback[n]
                 elif n in lowrank:
                     g_step[n] = None  # W'(0) below; the update itself enters as a low-rank correction
                 else:
-                    g_step[n] = param_grad(n, w)
+                    g_step[n] = param_grad(n, w, memo_w)
             scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in g_step.items()}, state)
             new_theta, new_state = opt.step(theta_d, g_step, state)
             for n in lowrank:
@@ -421,16 +426,21 @@ def _zero_gradient_step(h, p: Tensor, st) -> Tensor:
     """``θ'(0)``, the SGD-family step with a zero loss gradient, as ``A·θ + B·buffer`` in one pass over memory.
     ``A`` and ``B`` come from the optimizer's own update rule applied to scalars (it is linear in θ and the buffer)."""
     buf = st.get("momentum_buffer")
-
-    def probe(theta, b):
-        one = torch.tensor(1.0, dtype=torch.float64)
-        st2 = {} if buf is None else {"momentum_buffer": b * one}
-        return float(FunctionalOptimizer._sgd(theta * one, 0 * one, st2, h))
-
-    A, B = probe(1.0, 0.0), (0.0 if buf is None else probe(0.0, 1.0))
+    A, B = _zero_gradient_coefficients(h, buf is not None)
     if B == 0.0:
         return p if A == 1.0 else p * A
     return torch.add(p, buf, alpha=B / A).mul_(A) if A != 0.0 else buf * B
+
+
+@functools.lru_cache(maxsize=256)
+def _zero_gradient_coefficients(h, has_buffer: bool) -> Tuple[float, float]:
+    """``(A, B)`` with ``θ'(0) = A·θ + B·buffer``, from the optimizer's update rule applied to scalars."""
+    def probe(theta, b):
+        one = torch.tensor(1.0, dtype=torch.float64)
+        st = {"momentum_buffer": b * one} if has_buffer else {}
+        return float(FunctionalOptimizer._sgd(theta * one, 0 * one, st, h))
+
+    return probe(1.0, 0.0), (probe(0.0, 1.0) if has_buffer else 0.0)
 
 
 def _rng_state(params) -> Tuple[Tensor, Optional[List[Tensor]]]:
