@@ -333,19 +333,22 @@ class MetaTrainer:
             p.grad = g if self._meta_accumulated == 0 or p.grad is None else p.grad + g
         self._meta_accumulated += 1
         if self._meta_accumulated == self.meta_accumulate_steps:
-            Precision.step(self.meta_optimizer, params, self.precision.meta_scaler, self.meta_grad_clip)
-            self._meta_accumulated = 0
-            if self.meta_scheduler is not None and self.scheduler_interval == "step":
-                self.meta_scheduler.step()
+            self._meta_optimizer_step()
+
+    def _meta_optimizer_step(self) -> None:
+        """Unscale (fp16), clip and step φ, then the per-step meta scheduler."""
+        Precision.step(self.meta_optimizer, self.objective.meta_parameters(), self.precision.meta_scaler,
+                       self.meta_grad_clip)
+        self._meta_accumulated = 0
+        if self.meta_scheduler is not None and self.scheduler_interval == "step":
+            self.meta_scheduler.step()
 
     def _flush_accumulation(self) -> None:
-        """Apply a partial accumulation window (at the end of an epoch)."""
+        """Apply a partial accumulation window (at the end of an epoch), schedulers included."""
         if self._accumulated:
             self._optimizer_step()
         if self._meta_accumulated:
-            params = self.objective.meta_parameters()
-            Precision.step(self.meta_optimizer, params, self.precision.meta_scaler, self.meta_grad_clip)
-            self._meta_accumulated = 0
+            self._meta_optimizer_step()
 
     def _step_schedulers(self) -> None:
         if self.scheduler_interval != "epoch":

@@ -110,6 +110,26 @@ def test_clipping_bounds_the_real_and_the_meta_step():
     assert float(step) == pytest.approx(1e-3, rel=1e-3) and float(meta_step) == pytest.approx(1e-4, rel=1e-3)
 
 
+def test_per_step_schedulers_also_step_for_a_partial_window_at_the_end_of_an_epoch():
+    # 4 steps an epoch, windows of 3: a full window and a flushed partial one each epoch, for both optimizers
+    opt_holder = {}
+
+    def make(**kw):
+        model = nn.Linear(8, 3)
+        opt_holder["opt"] = torch.optim.SGD(model.parameters(), lr=1.0)
+        return _trainer(model=model, optimizer=opt_holder["opt"], accumulate_steps=3, meta_accumulate_steps=3,
+                        scheduler_interval="step", **kw)
+
+    trainer = make()
+    opt = opt_holder["opt"]
+    trainer.scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    trainer.meta_scheduler = torch.optim.lr_scheduler.StepLR(trainer.meta_optimizer, 1, gamma=0.5)
+    meta_lr = trainer.meta_optimizer.param_groups[0]["lr"]
+    trainer.fit(epochs=2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 ** 4)
+    assert trainer.meta_optimizer.param_groups[0]["lr"] == pytest.approx(meta_lr * 0.5 ** 4)
+
+
 def test_schedulers_step_per_epoch_and_virtual_steps_follow_the_learning_rate():
     model = nn.Linear(8, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.4)
