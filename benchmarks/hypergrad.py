@@ -195,6 +195,40 @@ def time_arch(arch: str, methods: List[str], reps: int, steps: int, warmup: int)
     return out
 
 
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution_backward",
+              "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"}
+
+
+def breakdown_arch(arch: str, methods: List[str], reps: int, steps: int) -> Dict[str, Dict[str, float]]:
+    """Self CPU time per step in matrix products (``MATMUL_OPS``) and in everything else, from torch.profiler, as
+    medians over interleaved repetitions of the ratio to plain. Where a method's time goes: the matmul ratio is the
+    floor its arithmetic sets, the rest is elementwise work and per-op overhead (inflated by the profiler's own
+    per-op cost, so it overstates the share of methods that run many small ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    runners = {m: make_runner(m, arch) for m in methods}
+    for run in runners.values():
+        for _ in range(3):
+            run()
+    rec = {m: [] for m in methods}
+    for rep in range(reps):
+        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    runners[m]()
+            events = prof.key_averages()
+            mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+            rec[m].append((mm, sum(e.self_cpu_time_total for e in events) - mm))
+    out = {}
+    for m in methods:
+        pairs = list(zip(rec[m], rec["plain"]))
+        out[m] = {"matmul_ratio": statistics.median(a[0] / b[0] for a, b in pairs),
+                  "other_ratio": statistics.median(a[1] / b[1] for a, b in pairs),
+                  "matmul_share": statistics.median(a[0] / (a[0] + a[1]) for a, _ in pairs),
+                  "matmul_ms": statistics.median(a[0] for a, _ in pairs) / 1e3 / steps,
+                  "other_ms": statistics.median(a[1] for a, _ in pairs) / 1e3 / steps}
+    return out
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -286,6 +320,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--adam-gap", action="store_true", help="only measure fixed vs differentiable Adam hypergradients")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only split each method's step into matrix products and the rest (torch.profiler)")
     ap.add_argument("--memory-child", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -306,6 +342,14 @@ def main(argv=None):
     skipped = available(methods)
     methods = [m for m in methods if m not in skipped]
     reps = args.reps or (1 if args.quick else 5)
+    if args.breakdown:
+        out = {arch: breakdown_arch(arch, methods, reps, steps=5) for arch in archs}
+        args.out.write_text(json.dumps({"breakdown": out, "command": " ".join(sys.argv)}, indent=2))
+        for arch, rows in out.items():
+            for m, r in rows.items():
+                print(f"{arch:8s} {m:18s} matmul x{r['matmul_ratio']:.2f} ({r['matmul_ms']:.1f} ms)  "
+                      f"rest x{r['other_ratio']:.2f} ({r['other_ms']:.1f} ms)  matmul share {r['matmul_share']:.0%}")
+        return None
     result = {"settings": {"batch": BATCH, "meta_batch": BATCH, "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, "
                            f"weight_decay={WD})", "weight_net": "MetaWeightNet(hidden=100)", "threads": 1,
                            "reps": reps, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)},
