@@ -241,6 +241,20 @@ def results_table(per_seed: List[Dict], cfg: Dict) -> str:
     return table(rows, ["method", *settings, "s / run"])
 
 
+def paired_gains(per_seed: List[Dict], method: str = "mwnet", reference: str = "plain") -> str:
+    """Per setting, ``method`` − ``reference`` test accuracy paired by seed (same data, init, batch order):
+    mean ± sd in points and the number of seeds where ``method`` is ahead."""
+    acc = {(r["setting"], r["method"], r["seed"]): r["test_acc"] for r in per_seed}
+    parts = []
+    for setting in dict.fromkeys(r["setting"] for r in per_seed):
+        d = [100 * (acc[(setting, method, s)] - a) for (st, m, s), a in acc.items()
+             if st == setting and m == reference and (setting, method, s) in acc]
+        if d:
+            sd = np.std(d, ddof=1) if len(d) > 1 else 0.0
+            parts.append(f"{setting} {np.mean(d):+.1f} ± {sd:.1f} ({sum(x > 0 for x in d)}/{len(d)} seeds)")
+    return f"{LABELS[method]} − {LABELS[reference]}, paired by seed, points: " + "; ".join(parts)
+
+
 def merge_results(paths: List[str]) -> Dict:
     """Several runs' JSON (e.g. extra seeds for one setting) as one result; the first run's config, all seeds."""
     import json
@@ -294,6 +308,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.from_json:
         result = merge_results(args.from_json)
         print(results_table(result["per_seed"], result["config"]))
+        print(paired_gains(result["per_seed"]))
         write_json(args.out, result)
         if args.plot:
             save_plot(result["per_seed"], result["config"], Path(args.plot))
@@ -321,6 +336,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(f"\nFashion-MNIST, {cfg['model']}, {cfg['train_per_class']} train/class (before the long-tail cut), "
           f"{cfg['meta_per_class']} meta/class, {cfg['epochs']} epochs, seeds {cfg['seeds']}")
     print(results_table(per_seed, cfg))
+    print(paired_gains(per_seed))
     for f in failures:
         print(f"FAILED {f['setting']} seed {f['seed']} {f['method']}: {f['error']}")
     result = {"config": cfg, "per_seed": per_seed, "failures": failures, "summary": summarise(per_seed)}
