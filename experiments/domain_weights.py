@@ -14,7 +14,8 @@ set; metric: clean test accuracy.
 
 Uniform weights train the same model on the same batches with every α = 1. Output JSON keys: ``domain_weights``,
 ``domain_quality``, ``quality_rank_corr`` (Spearman, learned weight vs quality), ``metric_uniform``,
-``metric_learned``, ``metric_name`` (means over seeds), ``per_seed`` and ``trajectory`` (first seed).
+``metric_learned``, ``metric_name`` (means over seeds; the final epoch's metric), ``per_seed`` (with the metric after
+every epoch, ``curve_uniform`` / ``curve_learned``) and ``trajectory`` (first seed).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from metareweight.data import Batch, as_batch  # noqa: E402
 from metareweight.data import prm  # noqa: E402
 from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss  # noqa: E402
 
-COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hidden=64, lr=1e-3, meta_lr=0.05,
-              hypergrad="finite_difference", unroll_steps=5)
+COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hidden=64, lr=1e-3, lr_schedule="constant",
+              meta_lr=0.05, hypergrad="finite_difference", unroll_steps=5)
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULTS = {
-    "prm": dict(COMMON, hidden=32, lr=3e-3, meta_batch_size=200, meta_lr=0.01, warmup_epochs=5,
+    "prm": dict(COMMON, hidden=64, lr=3e-3, lr_schedule="cosine", meta_batch_size=200, meta_lr=0.01, warmup_epochs=5,
                 train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300, candidates=8,
                 completions=16, step_error=0.12, completion_error=0.03),
     "text": dict(COMMON, epochs=20, batch_size=32, meta_batch_size=300, meta_lr=0.02,
@@ -66,6 +68,16 @@ class SlotPRM(nn.Module):
         return self.head(torch.cat([pooled, x[:, -2:]], 1))
 
 
+class EpochMetric(Callback):
+    """Appends ``evaluate(model)`` to ``curve`` after every epoch (the metric's learning curve)."""
+
+    def __init__(self, evaluate: Callable, curve: List[float]):
+        self.evaluate, self.curve = evaluate, curve
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.curve.append(self.evaluate(trainer.model))
+
+
 class WeightTrajectory(Callback):
     """Records the domain weights after every meta step (``offset``: real steps taken before the trainer ran)."""
 
@@ -79,19 +91,38 @@ class WeightTrajectory(Callback):
         self.weights.append(list(trainer.objective.named_weights().values()))
 
 
-def train_uniform(model, optimizer, loader, objective: DomainWeights, epochs: int) -> None:
-    """The baseline: the same weighted loss with every domain weight at 1 (φ = 0, never updated)."""
+def lr_scheduler(optimizer, cfg: Dict):
+    """The θ learning-rate schedule, stepped once per epoch in both runs: ``constant`` (None) or ``cosine`` (from
+    ``lr`` towards 0 over ``epochs``, warm-up included, so both runs end converged on the same schedule)."""
+    if cfg["lr_schedule"] not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg['lr_schedule']!r}")
+    if cfg["lr_schedule"] == "constant":
+        return None
+    epochs = cfg["epochs"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1.0 + np.cos(np.pi * e / epochs)))
+
+
+def train_uniform(model, optimizer, loader, objective: DomainWeights, epochs: int, scheduler=None,
+                  evaluate: Optional[Callable] = None) -> List[float]:
+    """The baseline: the same weighted loss with every domain weight at 1 (φ = 0, never updated). Returns
+    ``evaluate(model)`` after every epoch (empty without ``evaluate``)."""
+    curve = []
     for _ in range(epochs):
         for raw in loader:
             wt = objective.inner_terms(model, as_batch(raw))
             optimizer.zero_grad(set_to_none=True)
             wt.loss().backward()
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if evaluate is not None:
+            curve.append(evaluate(model))
+    return curve
 
 
 def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorIndexedDataset, make_model: Callable,
              make_objective: Callable[[], DomainWeights], evaluate: Callable) -> Dict:
-    """Train with uniform and with learned domain weights from the same initialisation and batch order.
+    """Train with uniform and with learned domain weights from the same initialisation, batch order and lr schedule.
 
     The learned run first trains ``warmup_epochs`` with uniform weights (identical to the baseline's first epochs):
     while the model is still learning the overall score level, every domain's gradient mostly moves that level and
@@ -101,27 +132,29 @@ def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorInde
     def setup():
         seed_everything(seed)
         model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
         # separate generators: drawing meta batches must not change the order of the training batches
-        return (model, torch.optim.Adam(model.parameters(), lr=cfg["lr"]),
+        return (model, opt, lr_scheduler(opt, cfg),
                 DataLoader(train, batch_size=cfg["batch_size"], shuffle=True,
                            generator=torch.Generator().manual_seed(seed)),
                 DataLoader(meta, batch_size=cfg["meta_batch_size"], shuffle=True,
                            generator=torch.Generator().manual_seed(seed + 10_000)))
 
-    model, opt, loader, _ = setup()
-    train_uniform(model, opt, loader, make_objective(), cfg["epochs"])
-    metric_uniform = evaluate(model)
+    model, opt, sched, loader, _ = setup()
+    curve_uniform = train_uniform(model, opt, loader, make_objective(), cfg["epochs"], sched, evaluate)
 
-    model, opt, loader, meta_loader = setup()
+    model, opt, sched, loader, meta_loader = setup()
     objective = make_objective()
-    train_uniform(model, opt, loader, objective, cfg["warmup_epochs"])
+    curve_learned = train_uniform(model, opt, loader, objective, cfg["warmup_epochs"], sched, evaluate)
     traj = WeightTrajectory(offset=cfg["warmup_epochs"] * len(loader))
-    trainer = MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader, callbacks=[traj],
-                          adam_preconditioner="fixed", progress=False,
+    trainer = MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader,
+                          callbacks=[traj, EpochMetric(evaluate, curve_learned)],
+                          adam_preconditioner="fixed", progress=False, scheduler=sched,
                           **DomainWeights.trainer_options(cfg["hypergrad"], cfg["unroll_steps"]))
     trainer.fit(epochs=cfg["epochs"] - cfg["warmup_epochs"])
-    return {"seed": seed, "metric_uniform": metric_uniform, "metric_learned": evaluate(model),
-            "warmup_steps": traj.offset,
+    # the reported metric is the final epoch's, for both runs
+    return {"seed": seed, "metric_uniform": curve_uniform[-1], "metric_learned": curve_learned[-1],
+            "curve_uniform": curve_uniform, "curve_learned": curve_learned, "warmup_steps": traj.offset,
             "domain_weights": objective.named_weights(),
             "trajectory": {"step": traj.steps, "weights": traj.weights}}
 
@@ -231,7 +264,8 @@ def run(task: str, cfg: Dict, seeds: List[int]) -> Dict:
         per_seed.append({**r, **extra})
     names = list(quality)
     weights = {n: float(np.mean([r["domain_weights"][n] for r in per_seed])) for n in names}
-    keep = ("seed", "metric_uniform", "metric_learned", "quality_rank_corr", "domain_weights", *extra)
+    keep = ("seed", "metric_uniform", "metric_learned", "quality_rank_corr", "domain_weights", "curve_uniform",
+            "curve_learned", *extra)
     return {"task": task, "metric_name": metric_name, "domain_weights": weights, "domain_quality": quality,
             "quality_rank_corr": spearman(list(weights.values()), list(quality.values())),
             "metric_uniform": float(np.mean([r["metric_uniform"] for r in per_seed])),
@@ -241,13 +275,20 @@ def run(task: str, cfg: Dict, seeds: List[int]) -> Dict:
 
 
 def save_plot(result: Dict, path: Path) -> None:
+    """Left: the first seed's weight trajectory. Right: the metric after every epoch, both runs, every seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (ax, ax_metric) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1.4, 1]})
+    _plot_weights(ax, result)
+    _plot_curves(ax_metric, result)
+    save_png(fig, path)
+
+
+def _plot_weights(ax, result: Dict) -> None:
     traj = result["trajectory"]
     w = np.asarray(traj["weights"])
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for k, (name, q) in enumerate(result["domain_quality"].items()):
         ax.plot(traj["step"], w[:, k], label=f"{name} (quality {q:.2f})")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -258,7 +299,18 @@ def save_plot(result: Dict, path: Path) -> None:
     ax.set_ylabel("domain weight α")
     ax.set_title(f"DreamPRM domain weights, task {result['task']} (seed {result['per_seed'][0]['seed']})")
     ax.legend(fontsize=8)
-    save_png(fig, path)
+
+
+def _plot_curves(ax, result: Dict) -> None:
+    for key, color, label in (("curve_uniform", "tab:grey", "uniform"), ("curve_learned", "tab:blue", "learned")):
+        curves = np.asarray([s[key] for s in result["per_seed"]])
+        epochs = np.arange(1, curves.shape[1] + 1)
+        ax.plot(epochs, curves.T, color=color, lw=0.6, alpha=0.35)
+        ax.plot(epochs, curves.mean(0), color=color, lw=2, label=f"{label} (mean of {len(curves)} seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(result["metric_name"].replace("_", " "))
+    ax.set_title("metric after every epoch (thin: single seeds)")
+    ax.legend(fontsize=8)
 
 
 def _task_from_config(path: Optional[str], parser: argparse.ArgumentParser) -> str:

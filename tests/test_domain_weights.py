@@ -217,7 +217,7 @@ def test_learned_run_with_frozen_weights_reproduces_the_uniform_baseline():
     models = []
     orig = dw.train_uniform
     try:  # capture the baseline's model by wrapping the baseline loop
-        dw.train_uniform = lambda m, *a: (models.append(m), orig(m, *a))
+        dw.train_uniform = lambda m, *a: (models.append(m), orig(m, *a))[1]
         dw.run_pair(0, cfg, train, meta, make_model, make_objective, evaluate)
     finally:
         dw.train_uniform = orig
