@@ -3,6 +3,7 @@
     python experiments/trilateral_kd.py --task image --quick --out r.json
     python experiments/trilateral_kd.py --config configs/trilateral_kd_image.yaml --workers 3 --out results/trilateral_kd_image.json
     python experiments/trilateral_kd.py --task ctr --set seeds=[0,1] epochs=3
+    python experiments/trilateral_kd.py --config configs/trilateral_kd_image.yaml --signal 1 5 15 --out signal.json
 
 Tasks (all offline):
 - ``image``: Fashion-MNIST subsample; a small CNN teacher trained on its own split, a one-hidden-layer MLP student.
@@ -19,7 +20,17 @@ over seeds, an oracle choice that favours the baseline), ``wls`` (WLS-KD), ``tge
 epochs and the KD terms. T̄ is computed once over the student's training split from the cached (possibly corrupted)
 teacher logits. α statistics are computed after training on the training split: ``alpha_teacher_wrong`` /
 ``alpha_teacher_right`` over non-outlier samples whose (given) teacher prediction is wrong / right, ``alpha_outlier``
-over the noisy inputs; means over seeds.
+over the noisy inputs; means over seeds. ``agree_alphas`` (empty by default) adds a diagnostic reference,
+``kd_agree_best``: KD with α where the teacher's argmax agrees with the label and 0 elsewhere (best grid value by
+mean test metric), i.e. the per-sample α an oracle for "teacher wrong" would set.
+
+Knobs of the learned ratio (defaults as in the first version): ``init_alpha``, ``meta_lr``, ``meta_batch_size``
+(0: the training batch size), ``hypergrad``, ``unroll_steps``; ``lr_schedule`` (``constant`` or ``cosine``, per
+epoch) applies to every method's student.
+
+``--signal E1 E2 ...`` skips the methods and reports, for a student trained E epochs with WLS-KD, the one-step meta
+signal on each sample's α (:func:`per_sample_signal`) by group: does the bilevel gradient tell the ratio network to
+lower α where the teacher is wrong?
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -42,12 +54,13 @@ from experiments.common import (accuracy, save_png, load_config, mean_sd, mlp, s
                                 write_json)
 from metareweight import MetaTrainer, TensorIndexedDataset, TrilateralKD, auroc, teacher_class_means  # noqa: E402
 from metareweight.data import as_batch  # noqa: E402
-from metareweight.objectives.kd_baselines import KDLoss  # noqa: E402
+from metareweight.objectives.kd_baselines import KDLoss, kd_terms  # noqa: E402
 
 TASKS = ("image", "attack", "ctr")
-_COMMON = dict(epochs=12, batch_size=100, lr=0.05, momentum=0.9, weight_decay=5e-4, temperature=2.0,
-               kd_alphas=[0.25, 0.5, 0.75, 0.9], ratio_hidden=64, meta_lr=3e-3, meta_weight_decay=0.0,
-               hypergrad="unrolled", ablations=["no_tbar", "no_st"], teacher_epochs=5, teacher_lr=1e-3)
+_COMMON = dict(epochs=12, batch_size=100, lr=0.05, lr_schedule="constant", momentum=0.9, weight_decay=5e-4,
+               temperature=2.0, kd_alphas=[0.25, 0.5, 0.75, 0.9], agree_alphas=[], ratio_hidden=64, init_alpha=0.5,
+               meta_lr=3e-3, meta_weight_decay=0.0, meta_batch_size=0, hypergrad="unrolled", unroll_steps=1,
+               ablations=["no_tbar", "no_st"], teacher_epochs=5, teacher_lr=1e-3)
 DEFAULTS: Dict[str, Dict] = {
     "image": dict(_COMMON, task="image", n_teacher=6000, n_train=2000, n_meta=500, n_test=5000, student_hidden=32,
                   corrupt_frac=0.3, outlier_frac=0.15, outlier_std=2.0, teacher_epochs=3, epochs=20, batch_size=50,
@@ -225,41 +238,85 @@ BUILDERS = {"image": image_task, "attack": attack_task, "ctr": ctr_task}
 
 # ---- methods ----------------------------------------------------------------------------------------------------
 def _student(task: KDTask, cfg: Dict, seed: int):
+    """A fresh student, its SGD optimizer and its per-epoch learning-rate schedule (``lr_schedule``)."""
     seed_everything(seed)
     model = task.make_student()
-    return model, torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                  weight_decay=cfg["weight_decay"])
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if cfg["lr_schedule"] not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg['lr_schedule']!r}")
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg["epochs"]) if cfg["lr_schedule"] == "cosine"
+             else None)
+    return model, opt, sched
 
 
-def _loader(ds, cfg: Dict, seed: int) -> DataLoader:
-    return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, generator=torch.Generator().manual_seed(seed))
+def _loader(ds, cfg: Dict, seed: int, batch_size: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size or cfg["batch_size"], shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def train_fixed_rule(task: KDTask, cfg: Dict, seed: int, loss_fn: KDLoss) -> float:
     """Train a fresh student with a fixed-rule KD loss; returns the test metric."""
-    model, opt = _student(task, cfg, seed)
+    return task.metric(fit_student(task, cfg, seed, loss_fn, cfg["epochs"]))
+
+
+def fit_student(task: KDTask, cfg: Dict, seed: int, loss_fn: KDLoss, epochs: int) -> nn.Module:
+    """A fresh student trained ``epochs`` epochs with a fixed-rule KD loss (the shared optimiser and schedule)."""
+    model, opt, sched = _student(task, cfg, seed)
     loader = _loader(task.train, cfg, seed)  # one generator: a new order each epoch, as in MetaTrainer
-    for _ in range(cfg["epochs"]):
+    for _ in range(epochs):
         for raw in loader:
             b = as_batch(raw)
             loss = loss_fn(model(b.inputs), b.extras["teacher_logits"], b.targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return task.metric(model)
+        if sched is not None:
+            sched.step()
+    return model
+
+
+def per_sample_signal(model: nn.Module, task: KDTask, temperature: float) -> np.ndarray:
+    """``g_i = ∇L_meta(θ) · (∇KD_i(θ) − ∇CE_i(θ))`` for every training sample, with L_meta the CE on the meta split.
+
+    For a plain SGD lookahead step of size η on the mean loss over B samples, ``dL_meta(θ')/dα_i = −η·g_i/B`` to first
+    order: ``g_i > 0`` says "raise α_i".
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_meta = torch.autograd.grad(F.cross_entropy(model(task.x_meta), task.y_meta), params)
+    tr = task.train
+    terms = kd_terms(model(tr.x), tr.extras["teacher_logits"], tr.y, temperature)
+    signal = np.empty(len(tr.y))
+    for i in range(len(tr.y)):
+        grads = torch.autograd.grad(terms[i, 0] - terms[i, 1], params, retain_graph=True)
+        signal[i] = float(sum((a * b).sum() for a, b in zip(g_meta, grads)))
+    return signal
+
+
+def alpha_signal(task: KDTask, cfg: Dict, seed: int, epochs: int) -> Dict[str, Dict[str, float]]:
+    """:func:`per_sample_signal` by group (teacher right / wrong among non-outliers, outliers) for a student trained
+    ``epochs`` epochs with WLS-KD: the mean, its standard error and the fraction of samples with ``g > 0``."""
+    signal = per_sample_signal(fit_student(task, cfg, seed, KDLoss("wls", temperature=cfg["temperature"]), epochs),
+                               task, cfg["temperature"])
+    out_flag = task.train.extras["outlier"].numpy()
+    wrong = task.train.extras["teacher_wrong"].numpy()
+    groups = {"teacher_right": ~wrong & ~out_flag, "teacher_wrong": wrong & ~out_flag, "outlier": out_flag}
+    return {name: {"mean": float(signal[m].mean()), "se": float(signal[m].std(ddof=1) / np.sqrt(m.sum())),
+                   "frac_positive": float((signal[m] > 0).mean())} for name, m in groups.items() if m.sum() > 1}
 
 
 def train_tgeo(task: KDTask, cfg: Dict, seed: int, features: str = "full") -> Dict:
     """Train a fresh student with the bilevel ratio network; returns the metric, final α and the α history."""
-    model, opt = _student(task, cfg, seed)
+    model, opt, sched = _student(task, cfg, seed)
     tr = task.train
     objective = TrilateralKD(task.num_classes, class_means=teacher_class_means(tr.extras["teacher_logits"], tr.y,
                                                                                task.num_classes),
                              features=features, hidden=cfg["ratio_hidden"], temperature=cfg["temperature"],
+                             init_alpha=cfg["init_alpha"],
                              meta_lr=cfg["meta_lr"], meta_weight_decay=cfg["meta_weight_decay"])
     meta = TensorIndexedDataset(task.x_meta, task.y_meta)
     trainer = MetaTrainer(model, opt, _loader(tr, cfg, seed), objective=objective,
-                          meta_loader=_loader(meta, cfg, seed + 1), hypergrad=cfg["hypergrad"], progress=False)
+                          meta_loader=_loader(meta, cfg, seed + 1, cfg["meta_batch_size"]), hypergrad=cfg["hypergrad"],
+                          unroll_steps=cfg["unroll_steps"], scheduler=sched, progress=False)
     trainer.fit(epochs=cfg["epochs"])
     with torch.no_grad():
         alpha = objective.ratio(predict(model, tr.x), tr.extras["teacher_logits"], tr.y).numpy()
@@ -282,8 +339,9 @@ def run_seed(task_name: str, cfg: Dict, seed: int) -> Dict:
     res: Dict = {"seed": seed, "teacher": task.teacher_metric,
                  "ce": train_fixed_rule(task, cfg, seed, KDLoss("ce", temperature=cfg["temperature"])),
                  "wls": train_fixed_rule(task, cfg, seed, KDLoss("wls", temperature=cfg["temperature"]))}
-    res["kd_fixed"] = {str(a): train_fixed_rule(task, cfg, seed, KDLoss("fixed", a, cfg["temperature"]))
-                       for a in cfg["kd_alphas"]}
+    for rule, grid in (("fixed", "kd_alphas"), ("agree", "agree_alphas")):
+        res[f"kd_{rule}"] = {str(a): train_fixed_rule(task, cfg, seed, KDLoss(rule, a, cfg["temperature"]))
+                             for a in cfg[grid]}
     full = train_tgeo(task, cfg, seed)
     res["tgeo"] = full["metric"]
     res.update(alpha_stats(full["alpha"], task.train))
@@ -301,15 +359,22 @@ def summarise(task_name: str, cfg: Dict, per_seed: List[Dict]) -> Dict:
         v = np.asarray(values, float)
         return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
-    best = max(cfg["kd_alphas"], key=lambda a: np.mean([r["kd_fixed"][str(a)] for r in per_seed]))
-    for r in per_seed:
-        r["kd_fixed_best"] = r["kd_fixed"][str(best)]
-    keys = ["teacher", "ce", "kd_fixed_best", "wls", "tgeo"] + [f"tgeo_{a}" for a in cfg["ablations"]]
     out: Dict = {"task": task_name, "metric_name": "auc" if task_name == "ctr" else "accuracy",
-                 "seeds": [r["seed"] for r in per_seed], "kd_fixed_best_alpha": best, "se": {}}
+                 "seeds": [r["seed"] for r in per_seed], "se": {}}
+    keys = ["teacher", "ce", "kd_fixed_best", "wls", "tgeo"] + [f"tgeo_{a}" for a in cfg["ablations"]]
+    for rule, grid in (("fixed", "kd_alphas"), ("agree", "agree_alphas")):
+        if not cfg[grid]:
+            continue
+        best = max(cfg[grid], key=lambda a: np.mean([r[f"kd_{rule}"][str(a)] for r in per_seed]))
+        for r in per_seed:  # the grid value with the best mean test metric: an oracle choice
+            r[f"kd_{rule}_best"] = r[f"kd_{rule}"][str(best)]
+        out[f"kd_{rule}_best_alpha"] = best
+        out[f"kd_{rule}"] = {str(a): ms([r[f"kd_{rule}"][str(a)] for r in per_seed])[0] for a in cfg[grid]}
+        keys += [f"kd_{rule}_best"] if rule != "fixed" else []
     for k in keys:
         out[k], out["se"][k] = ms([r[k] for r in per_seed])
-    out["kd_fixed"] = {str(a): ms([r["kd_fixed"][str(a)] for r in per_seed])[0] for a in cfg["kd_alphas"]}
+    out["paired"] = {f"tgeo-{k}": ms([r["tgeo"] - r[k] for r in per_seed])
+                     for k in ("ce", "kd_fixed_best", "wls", *(f"tgeo_{a}" for a in cfg["ablations"]))}
     out["ablations"] = {a: out[f"tgeo_{a}"] for a in cfg["ablations"]}
     for k in ("alpha_teacher_wrong", "alpha_teacher_right", "alpha_outlier"):
         if k in per_seed[0]:
@@ -355,6 +420,22 @@ def save_alpha_plot(task_name: str, per_seed: List[Dict], path: Path) -> None:
     save_png(fig, path, dpi=100)
 
 
+def report_signal(task_name: str, cfg: Dict, seeds: List[int], epochs: List[int], out: Optional[str]) -> Dict:
+    """:func:`alpha_signal` after each of ``epochs`` epochs, per seed; prints and returns group means over seeds."""
+    per_seed = []
+    for seed in seeds:
+        task = BUILDERS[task_name](cfg, seed)
+        per_seed.append({str(e): alpha_signal(task, cfg, seed, e) for e in epochs})
+    summary = {str(e): {g: {k: float(np.mean([r[str(e)][g][k] for r in per_seed])) for k in ("mean", "frac_positive")}
+                        for g in per_seed[0][str(e)]} for e in epochs}
+    for e, groups in summary.items():
+        print(f"after {e} epochs: " + "; ".join(f"{g} g {v['mean']:+.3f} ({v['frac_positive']:.2f} > 0)"
+                                                 for g, v in groups.items()))
+    result = {"task": task_name, "seeds": seeds, "alpha_signal": summary, "per_seed": per_seed, "config": cfg}
+    write_json(out, result)
+    return result
+
+
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, help="which task (or `task:` in the config)")
@@ -364,6 +445,9 @@ def main(argv=None) -> Dict:
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write the α plot PNG here")
     p.add_argument("--workers", type=int, default=1, help="run seeds in this many processes")
+    p.add_argument("--signal", type=int, nargs="+", metavar="EPOCHS",
+                   help="instead of training the methods, report the one-step meta signal on α by sample group "
+                        "after these many epochs of WLS-KD (alpha_signal)")
     args = p.parse_args(argv)
     task_name = args.task
     if task_name is None and args.config:
@@ -377,6 +461,8 @@ def main(argv=None) -> Dict:
         raise ValueError(f"--task {task_name} disagrees with the config's task {cfg['task']!r}")
     seeds = list(cfg.get("seeds") or [0])
     torch.set_num_threads(1)
+    if args.signal:
+        return report_signal(task_name, cfg, seeds, args.signal, args.out)
     per_seed: List[Dict] = []
     if args.workers > 1:  # one process per seed (each single-threaded)
         from concurrent.futures import ProcessPoolExecutor
@@ -394,6 +480,8 @@ def main(argv=None) -> Dict:
     rows = [("teacher", ms("teacher")), ("CE only", ms("ce")),
             (f"KD, best fixed α = {result['kd_fixed_best_alpha']}", ms("kd_fixed_best")), ("WLS-KD", ms("wls")),
             ("TGeo-KD (bilevel)", ms("tgeo"))] + [(f"TGeo-KD, {a}", ms(f"tgeo_{a}")) for a in cfg["ablations"]]
+    if cfg["agree_alphas"]:
+        rows.insert(4, (f"KD where the teacher agrees, best α = {result['kd_agree_best_alpha']}", ms("kd_agree_best")))
     print(f"\n{task_name}: test {result['metric_name']} (mean ± sd over seeds {seeds})")
     print(table(rows, ["method", result["metric_name"]]))
     print("α: " + ", ".join(f"{k} {result[k]:.3f}" for k in ("alpha_teacher_right", "alpha_teacher_wrong",

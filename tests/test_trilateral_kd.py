@@ -4,7 +4,6 @@ it learns to distrust a corrupted teacher; the shared KD terms and fixed-rule ba
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -142,6 +141,9 @@ def test_kd_terms_and_fixed_rules_share_one_loss():
     torch.testing.assert_close(terms[:, 1], torch.nn.functional.cross_entropy(s, y, reduction="none"))
     torch.testing.assert_close(KDLoss("ce")(s, t, y), torch.nn.functional.cross_entropy(s, y))
     torch.testing.assert_close(KDLoss("fixed", 0.3, 2.0)(s, t, y), (0.3 * terms[:, 0] + 0.7 * terms[:, 1]).mean())
+    agree = (t.argmax(1) == y).float()
+    assert 0 < agree.sum() < 6  # both cases occur
+    torch.testing.assert_close(KDLoss("agree", 0.8).ratio(s, t, y), 0.8 * agree)
     a = wls_alpha(s, t, y)
     ce_s = torch.nn.functional.cross_entropy(s, y, reduction="none")
     ce_t = torch.nn.functional.cross_entropy(t, y, reduction="none")
@@ -213,12 +215,13 @@ def _experiment():
     return trilateral_kd
 
 
-@pytest.mark.parametrize("task", ["image", "attack", "ctr"])
-def test_configs_load(task):
+@pytest.mark.parametrize("task,name", [("image", "image"), ("image", "image_strong"), ("attack", "attack"),
+                                       ("ctr", "ctr")])
+def test_configs_load(task, name):
     from experiments.common import load_config
 
     exp = _experiment()
-    cfg = load_config(str(ROOT / "configs" / f"trilateral_kd_{task}.yaml"), exp.DEFAULTS[task])
+    cfg = load_config(str(ROOT / "configs" / f"trilateral_kd_{name}.yaml"), exp.DEFAULTS[task])
     assert cfg["task"] == task and cfg["seeds"]
     with pytest.raises(ValueError, match="unknown config key"):
         load_config(None, exp.DEFAULTS[task], ["meta_rl=0.1"])
@@ -249,3 +252,32 @@ def test_image_claims(image_result):
 def test_image_tgeo_strictly_better_than_wls_and_fixed_alpha(image_result):
     r = image_result
     assert r["tgeo"] > max(r["wls"], r["kd_fixed_best"]) + r["se"]["tgeo"]
+
+
+def test_per_sample_alpha_signal_is_the_lookahead_derivative():
+    """g_i from experiments/trilateral_kd.py equals −B/η · dL_meta(θ − η∇L_in(α))/dα_i (float64 central difference)."""
+    exp = _experiment()
+    torch.manual_seed(0)
+    train = _batch(12, 3)
+    meta = _batch(20, 4)
+    student = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, K)).double()
+    task = exp.KDTask(TensorIndexedDataset(train.inputs, train.targets, **train.extras), meta.inputs, meta.targets,
+                      None, None, K, None, "accuracy", 0.0)
+    signal = exp.per_sample_signal(student, task, temperature=2.0)
+    eta, alpha = 1e-3, torch.full((12,), 0.3, dtype=torch.float64)
+    params = dict(student.named_parameters())
+
+    def meta_loss_after_step(a):
+        terms = kd_terms(torch.func.functional_call(student, params, train.inputs),
+                         train.extras["teacher_logits"], train.targets, 2.0)
+        grads = torch.autograd.grad((fusion_weights(a) * terms).sum(), list(params.values()))
+        stepped = {k: v - eta * g for (k, v), g in zip(params.items(), grads)}
+        logits = torch.func.functional_call(student, stepped, meta.inputs)
+        return float(torch.nn.functional.cross_entropy(logits, meta.targets).detach())
+
+    for i in (0, 5, 11):
+        e = torch.zeros(12, dtype=torch.float64)
+        e[i] = 1e-4
+        fd = (meta_loss_after_step(alpha + e) - meta_loss_after_step(alpha - e)) / 2e-4
+        assert -fd * 12 / eta == pytest.approx(signal[i], rel=2e-3)
+    assert (signal > 0).any() and (signal < 0).any()

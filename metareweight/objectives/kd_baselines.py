@@ -11,6 +11,8 @@ coefficients ``[α/B, (1−α)/B]`` (the :class:`~metareweight.core.WeightedTerm
 
 - ``"ce"``: α = 0 (no teacher);
 - ``"fixed"``: α constant (vanilla KD; sweep a small grid);
+- ``"agree"``: α constant where the teacher's argmax agrees with the label and 0 where it does not (a hand rule
+  that uses the same information the trilateral features expose; a diagnostic reference, not a paper baseline);
 - ``"wls"``: WLS-KD, ``α_i = 1 − exp(−CE_s,i / CE_t,i)`` from the student's and teacher's cross-entropy on the
   label (detached; the released ``baseline_WLS.py`` rule): the teacher is trusted less where it is wrong.
 
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 
 from ..losses import check_class_targets
 
-RULES = ("ce", "fixed", "wls")
+RULES = ("ce", "fixed", "agree", "wls")
 
 
 def kd_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
@@ -80,10 +82,11 @@ def rule_alpha(rule: str, student_logits: Tensor, teacher_logits: Tensor, target
     n = student_logits.shape[0]
     if rule == "ce":
         return student_logits.new_zeros(n)
-    if rule == "fixed":
+    if rule in ("fixed", "agree"):
         if alpha is None or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"the 'fixed' rule needs alpha in [0, 1], got {alpha!r}")
-        return student_logits.new_full((n,), float(alpha))
+            raise ValueError(f"the {rule!r} rule needs alpha in [0, 1], got {alpha!r}")
+        const = student_logits.new_full((n,), float(alpha))
+        return const if rule == "fixed" else const * (teacher_logits.argmax(1) == targets).to(const.dtype)
     if rule == "wls":
         return wls_alpha(student_logits, teacher_logits, targets)
     raise ValueError(f"unknown fusion rule {rule!r}; choose one of {RULES}")
@@ -93,8 +96,8 @@ class KDLoss(nn.Module):
     """The fused KD loss with a fixed rule: ``loss(student_logits, teacher_logits, targets) -> scalar``.
 
     Args:
-        rule: ``"ce"``, ``"fixed"`` or ``"wls"``.
-        alpha: the constant ratio for ``"fixed"``.
+        rule: ``"ce"``, ``"fixed"``, ``"agree"`` or ``"wls"``.
+        alpha: the constant ratio for ``"fixed"`` (and ``"agree"``, where the teacher agrees with the label).
         temperature: the distillation temperature τ.
     """
 
