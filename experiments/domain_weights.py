@@ -42,9 +42,9 @@ COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hid
               meta_lr=0.05, hypergrad="finite_difference", unroll_steps=5)
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULTS = {
-    "prm": dict(COMMON, hidden=64, lr=3e-3, lr_schedule="cosine", meta_batch_size=200, meta_lr=0.01, warmup_epochs=5,
-                train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300, candidates=8,
-                completions=16, step_error=0.12, completion_error=0.03),
+    "prm": dict(COMMON, epochs=40, hidden=64, lr=3e-3, lr_schedule="cosine", meta_batch_size=200, meta_lr=0.01,
+                warmup_epochs=5, train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300,
+                candidates=8, completions=16, step_error=0.12, completion_error=0.03),
     "text": dict(COMMON, epochs=20, batch_size=32, meta_batch_size=300, meta_lr=0.02,
                  departments=["Tops", "Dresses", "Bottoms", "Intimate", "Jackets"],
                  noise_rates=[0.0, 0.15, 0.3, 0.45, 0.6], train_per_domain=300, meta_size=300, test_size=1500),
