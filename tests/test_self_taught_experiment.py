@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,8 +37,8 @@ def test_tiny_run_writes_the_documented_rows(tmp_path):
         pytest.skip(f"Rotten Tomatoes data unavailable: {e}")
     out = tmp_path / "rows.json"
     self_taught.main(["--quick", "--seeds", "0", "--out", str(out), "--set", "datasets=[rotten_tomatoes]",
-                      "noise=[0.3]", "methods=[no_rescaling,storm,no_meta_learning]", "n_train=128", "n_val=64",
-                      "n_test=100", "epochs=1", "--plots", str(tmp_path / "plots")])
+                      "noise=[0.3]", "methods=[no_rescaling,storm,no_meta_learning]", "rt_n_train=128", "n_val=64",
+                      "n_test=100", "rt_epochs=1", "--plots", str(tmp_path / "plots")])
     rows = json.loads(out.read_text())
     assert len(rows) == 1
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")), "no weight histogram / ROC PNG written"
@@ -49,22 +48,36 @@ def test_tiny_run_writes_the_documented_rows(tmp_path):
     assert row["noise"] == 0.3 and 0.0 <= row["weight_auroc"] <= 1.0
 
 
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory):
+    """The quick configuration's rows (30% and 40% noise, both datasets, 2 seeds) and its clean-data rows."""
+    quick = str(ROOT / "configs" / "self_taught_quick.yaml")
+    noisy = self_taught.main(["--config", quick, "--out", str(tmp_path_factory.mktemp("st") / "q.json")])
+    clean = self_taught.main(["--config", quick, "--set", "noise=[0.0]", "methods=[no_rescaling,storm]"])
+    return noisy, clean
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured not to hold at this size (experiments/RESULTS.md, STORM): weight "
-                   "AUROC < 0.7 on both datasets, no accuracy gain on Women's reviews, and on Rotten Tomatoes with "
-                   "1,000 samples the TF-IDF model stays near the majority class at 30-40% noise")
-def test_quick_configuration_shows_the_papers_claims(tmp_path):
-    """The issue's "must show" list on the quick configuration (30% and 40% noise, both datasets, 2 seeds)."""
-    rows = self_taught.main(["--config", str(ROOT / "configs" / "self_taught_quick.yaml"),
-                             "--out", str(tmp_path / "q.json")])
-    for r in rows:
+def test_quick_configuration_shows_the_papers_claims(quick_rows):
+    """The issue's "must show" list on the quick configuration, except AUROC >= 0.7 at 40% on Rotten Tomatoes
+    (next test). Margins: measured gains are 3-7 points and gap changes 0.2-0.35 (experiments/RESULTS.md)."""
+    noisy, clean = quick_rows
+    for r in noisy:
         where = f"{r['dataset']} at {r['noise']:.0%}"
-        assert r["acc_storm"] > r["acc_no_rescaling"], f"STORM does not beat no rescaling on {where}"
-        assert r["weight_auroc"] >= 0.7, f"weight AUROC {r['weight_auroc']:.3f} < 0.7 on {where}"
-        assert r["gap_storm"] > r["gap_first_storm"], f"clean-vs-flipped weight gap does not grow on {where}"
-        assert r["gap_no_meta_loss_rescaling"] < r["gap_storm"], f"meta loss rescaling does not widen the gap ({where})"
-    clean = self_taught.main(["--config", str(ROOT / "configs" / "self_taught_quick.yaml"), "--set", "noise=[0.0]",
-                              "methods=[no_rescaling,storm]"])
+        assert r["acc_storm"] > r["acc_no_rescaling"] + 0.01, f"STORM does not beat no rescaling on {where}"
+        assert r["gap_storm"] > r["gap_first_storm"] + 0.1, f"clean-vs-flipped weight gap does not grow on {where}"
+        narrower = f"dropping meta loss rescaling does not narrow the gap on {where}"
+        assert r["gap_no_meta_loss_rescaling"] < r["gap_storm"] - 0.1, narrower
+        if not (r["dataset"] == "rotten_tomatoes" and r["noise"] == 0.4):
+            assert r["weight_auroc"] >= 0.7, f"weight AUROC {r['weight_auroc']:.3f} < 0.7 on {where}"
     for r in clean:
         assert r["acc_storm"] >= r["acc_no_rescaling"] - 0.01, f"STORM costs > 1 point on clean {r['dataset']}"
-    assert np.isfinite([r["acc_storm"] for r in rows]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured not to hold (experiments/RESULTS.md, STORM): on Rotten Tomatoes "
+                   "TF-IDF at 40% noise the weight AUROC stays near 0.67, the level of a logistic regression's own "
+                   "small-loss ranking")
+def test_weight_auroc_reaches_07_on_rotten_tomatoes_at_40(quick_rows):
+    row = next(r for r in quick_rows[0] if r["dataset"] == "rotten_tomatoes" and r["noise"] == 0.4)
+    assert row["weight_auroc"] >= 0.7
