@@ -229,10 +229,10 @@ def test_configs_load(task, name):
 
 @pytest.fixture(scope="module")
 def image_result(tmp_path_factory):
-    """The image task's full configuration on seeds 0-2 (about 11 minutes on a busy 2-core machine)."""
+    """The image task's full configuration on seeds 0-2, one process (about 10 minutes on a busy 2-core machine)."""
     out = tmp_path_factory.mktemp("tkd") / "image.json"
     return _experiment().main(["--config", str(ROOT / "configs" / "trilateral_kd_image.yaml"), "--set", "seeds=[0,1,2]",
-                               "--workers", "3", "--out", str(out)])
+                               "agree_alphas=[]", "--out", str(out)])
 
 
 @pytest.mark.slow
@@ -247,9 +247,12 @@ def test_image_claims(image_result):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met: TGeo-KD ties WLS-KD on the corrupted image task "
-                                       "(experiments/RESULTS.md, trilateral_kd section)")
+@pytest.mark.xfail(strict=True, reason="not met: TGeo-KD ties WLS-KD and the best fixed α on the corrupted image "
+                                       "task, and so does the oracle ratio (α = 0 where the teacher is wrong): the "
+                                       "setup leaves no room (experiments/RESULTS.md, trilateral_kd section)")
 def test_image_tgeo_strictly_better_than_wls_and_fixed_alpha(image_result):
+    """The issue's claim. Measured on seeds 0-4: TGeo − WLS −0.0009 ± 0.0037, TGeo − best fixed α −0.0001 ± 0.0017;
+    the 'agree' oracle − WLS +0.0010 ± 0.0053 (paired mean ± SE)."""
     r = image_result
     assert r["tgeo"] > max(r["wls"], r["kd_fixed_best"]) + r["se"]["tgeo"]
 
