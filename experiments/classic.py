@@ -252,7 +252,7 @@ def paired_gains(per_seed: List[Dict], method: str = "mwnet", reference: str = "
         if d:
             sd = np.std(d, ddof=1) if len(d) > 1 else 0.0
             parts.append(f"{setting} {np.mean(d):+.1f} ± {sd:.1f} ({sum(x > 0 for x in d)}/{len(d)} seeds)")
-    return f"{LABELS[method]} − {LABELS[reference]}, paired by seed, points: " + "; ".join(parts)
+    return f"{LABELS[method]} − {LABELS[reference]}, paired by seed, points: " + "; ".join(parts) if parts else ""
 
 
 def merge_results(paths: List[str]) -> Dict:
