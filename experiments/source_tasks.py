@@ -64,7 +64,8 @@ DEFAULTS = dict(
 )
 # keys that text_overrides may set for the text setup only (the generated setup keeps the top-level values)
 SETUP_KEYS = ("seeds", "measure_transfer", "meta_iterations", "per_source", "inner_steps", "inner_lr", "weight_decay",
-              "step_size", "target_batch", "mode", "policy_hidden", "meta_lr", "entropy_coef", "baseline_decay", "mixture_noise")
+              "step_size", "target_batch", "mode", "policy_hidden", "meta_lr", "entropy_coef", "baseline_decay",
+              "mixture_noise")
 QUICK = dict(setups=["generated"], seeds=[0, 1], gen_dim=10, gen_source_size=1000, gen_test_size=2000,
              meta_iterations=120)  # = configs/source_tasks_quick.yaml
 

