@@ -256,12 +256,15 @@ def paired_gains(per_seed: List[Dict], method: str = "mwnet", reference: str = "
 
 
 def merge_results(paths: List[str]) -> Dict:
-    """Several runs' JSON (e.g. extra seeds for one setting) as one result; the first run's config, all seeds."""
+    """Several runs' JSON (e.g. extra seeds for one setting, or one method run apart) as one result: the first
+    run's config with every run's seeds, settings and methods."""
     import json
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     per_seed = [r for run in runs for r in run["per_seed"]]
-    config = dict(runs[0]["config"], seeds=sorted({r["seed"] for r in per_seed}))
+    present = lambda key, order: [v for v in order if any(r[key] == v for r in per_seed)]  # noqa: E731
+    config = dict(runs[0]["config"], seeds=sorted({r["seed"] for r in per_seed}),
+                  settings=present("setting", SETTINGS), methods=present("method", METHODS))
     return {"config": config, "per_seed": per_seed, "failures": [f for run in runs for f in run.get("failures", [])],
             "summary": summarise(per_seed)}
 
