@@ -196,12 +196,26 @@ def _check_claims(r, clean, bad, bad_on_mean=()):
     assert all(s["metric_learned"] >= s["metric_uniform"] - 0.005 for s in r["per_seed"]), r["per_seed"]
 
 
+PRM_CLAIMS = dict(clean=["clean_a", "clean_b"], bad=["noisy"], bad_on_mean=["shifted"])
+
+
 @pytest.mark.slow
 def test_prm_learned_domain_weights_order_domains_and_beat_uniform_best_of_n():
-    """As measured (RESULTS.md, about 8 minutes): shifted is below 1 on the mean weights (0.95) but not in every seed
-    (seed 4: 1.06), so it is asserted on the mean only; everything else holds in every seed."""
+    """The configured seeds 0-4 (about 8 minutes), on which the configuration was chosen (RESULTS.md): shifted is
+    below 1 on the mean weights (0.95) but not in every seed (seed 4: 1.06), so it is asserted on the mean only."""
     r = _script().main(["--task", "prm", "--config", str(ROOT / "configs/domain_weights_prm.yaml")])
-    _check_claims(r, clean=["clean_a", "clean_b"], bad=["noisy"], bad_on_mean=["shifted"])
+    _check_claims(r, **PRM_CLAIMS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seeds", [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], ids=["seeds5-9", "seeds10-14"])
+@pytest.mark.xfail(strict=False, reason="not met on fresh seeds as measured (RESULTS.md): the learned run stays on the "
+                   "pre-step-check plateau in seeds 5 and 12 (best-of-8 0.78 and 0.72), and shifted is 1.03 on the "
+                   "mean weights of seeds 10-14")
+def test_prm_claims_on_fresh_seeds(seeds):
+    r = _script().main(["--task", "prm", "--config", str(ROOT / "configs/domain_weights_prm.yaml"),
+                        "--seeds", *map(str, seeds)])
+    _check_claims(r, **PRM_CLAIMS)
 
 
 @pytest.mark.slow
