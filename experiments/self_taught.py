@@ -149,6 +149,12 @@ def run_method(method: str, name: str, data: Dict, y_noisy: torch.Tensor, flippe
     return out
 
 
+def nan_mean(values: List[float]) -> float:
+    """Mean over the non-NaN values; NaN (without numpy's warning) when all are NaN, as on clean data."""
+    values = np.asarray(values, dtype=float)
+    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+
+
 def run_setting(name: str, noise: float, seeds: List[int], cfg: Dict, keep_weights: bool = False) -> Dict:
     data = load_data(name, per_dataset(cfg, name, "n_train"), cfg["n_val"], cfg["n_test"], cfg["rt_max_features"])
     row: Dict = {"dataset": name, "noise": float(noise), "per_seed": []}
@@ -167,11 +173,11 @@ def run_setting(name: str, noise: float, seeds: List[int], cfg: Dict, keep_weigh
         row[f"acc_{m}"] = float(np.mean(accs))
         row[f"acc_{m}_sd"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
         if m != "no_rescaling":
-            row[f"auroc_{m}"] = float(np.nanmean([s[m]["auroc"][-1] for s in row["per_seed"]]))
-            row[f"gap_{m}"] = float(np.nanmean([s[m]["gap"][-1] for s in row["per_seed"]]))
+            row[f"auroc_{m}"] = nan_mean([s[m]["auroc"][-1] for s in row["per_seed"]])
+            row[f"gap_{m}"] = nan_mean([s[m]["gap"][-1] for s in row["per_seed"]])
     if "storm" in cfg["methods"]:
         row["weight_auroc"] = row["auroc_storm"]
-        row["gap_first_storm"] = float(np.nanmean([s["storm"]["gap"][0] for s in row["per_seed"]]))
+        row["gap_first_storm"] = nan_mean([s["storm"]["gap"][0] for s in row["per_seed"]])
     if kept is not None:
         row["_weights"] = kept
     return row
