@@ -10,6 +10,7 @@ accuracy.
 
     metareweight run configs/classic.yaml -- --out results/classic_cnn.json     # small CNN, seeds 0-2 (RESULTS.md)
     metareweight run configs/classic_mlp.yaml -- --out results/classic.json     # the MLP table
+    metareweight run configs/classic_lt_long.yaml -- --out results/classic_cnn_lt_long.json   # lt100, 60 epochs
     python experiments/classic.py --config configs/classic.yaml --set settings=[lt100] seeds=[3,4]
     python experiments/classic.py --quick                                   # minutes, one seed
     python experiments/classic.py --from-json a.json b.json --plot docs/img/classic.png   # merge runs, no training

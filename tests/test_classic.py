@@ -87,3 +87,19 @@ def test_cnn_meta_weight_net_trains_the_same_with_the_fast_and_unrolled_hypergra
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert any(isinstance(m, torch.nn.Conv2d) for m in models[0])
     assert methods == ["unrolled", "unrolled", "fast", "fast"]  # one trainer per learning-rate phase
+
+
+def test_long_schedule_lt100_config_is_the_main_config_with_four_times_the_epochs_and_the_decay_moved_with_them():
+    from pathlib import Path
+
+    from experiments.common import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    base = load_config(str(root / "configs" / "classic.yaml"), classic.FULL)
+    long = load_config(str(root / "configs" / "classic_lt_long.yaml"), classic.FULL)
+    assert long["settings"] == ["lt100"] and long["seeds"] == list(range(10))
+    assert "self_taught" not in long["methods"] and {"plain", "mwnet"} <= set(long["methods"])
+    assert long["epochs"] == 4 * base["epochs"] and long["lr_milestones"] == [4 * m for m in base["lr_milestones"]]
+    assert classic.lr_phases(long) == [(0, 40, 0.05), (40, 60, pytest.approx(0.005))]
+    changed = {k for k in base if base[k] != long[k]}
+    assert changed == {"settings", "methods", "seeds", "epochs", "lr_milestones"}  # nothing else differs
