@@ -169,28 +169,37 @@ def available(methods: List[str]) -> Dict[str, str]:
     return missing
 
 
-def time_arch(arch: str, methods: List[str], reps: int, steps: int, warmup: int) -> Dict[str, Dict[str, float]]:
+def interleaved(arch: str, methods: List[str], reps: int, warmup: int,
+                measure: Callable[[Callable[[], None]], tuple]) -> Dict[str, List[tuple]]:
+    """``measure(run)`` of every method's runner, ``reps`` times in interleaved blocks whose order rotates each
+    repetition, after ``warmup`` untimed steps each. Returns the per-repetition results by method."""
     runners = {m: make_runner(m, arch) for m in methods}
     for run in runners.values():
         for _ in range(warmup):
             run()
-    cpu = {m: [] for m in methods}
-    wall = {m: [] for m in methods}
+    rec: Dict[str, List[tuple]] = {m: [] for m in methods}
     for rep in range(reps):
-        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
-        for m in order:
-            c0, w0 = time.process_time(), time.perf_counter()
-            for _ in range(steps):
-                runners[m]()
-            cpu[m].append((time.process_time() - c0) / steps)
-            wall[m].append((time.perf_counter() - w0) / steps)
+        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+            rec[m].append(measure(runners[m]))
+    return rec
+
+
+def time_arch(arch: str, methods: List[str], reps: int, steps: int, warmup: int) -> Dict[str, Dict[str, float]]:
+    def measure(run):
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(steps):
+            run()
+        return (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
+
+    rec = interleaved(arch, methods, reps, warmup, measure)
     out = {}
     for m in methods:
+        pairs = list(zip(rec[m], rec["plain"]))
         out[m] = {
-            "ratio_cpu": statistics.median(a / b for a, b in zip(cpu[m], cpu["plain"])),
-            "ratio_wall": statistics.median(a / b for a, b in zip(wall[m], wall["plain"])),
-            "ms_cpu": 1e3 * statistics.median(cpu[m]),
-            "ms_wall": 1e3 * statistics.median(wall[m]),
+            "ratio_cpu": statistics.median(a[0] / b[0] for a, b in pairs),
+            "ratio_wall": statistics.median(a[1] / b[1] for a, b in pairs),
+            "ms_cpu": 1e3 * statistics.median(a[0] for a, _ in pairs),
+            "ms_wall": 1e3 * statistics.median(a[1] for a, _ in pairs),
         }
     return out
 
@@ -205,19 +214,16 @@ def breakdown_arch(arch: str, methods: List[str], reps: int, steps: int) -> Dict
     floor its arithmetic sets, the rest is elementwise work and per-op overhead (inflated by the profiler's own
     per-op cost, so it overstates the share of methods that run many small ops)."""
     from torch.profiler import ProfilerActivity, profile
-    runners = {m: make_runner(m, arch) for m in methods}
-    for run in runners.values():
-        for _ in range(3):
-            run()
-    rec = {m: [] for m in methods}
-    for rep in range(reps):
-        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    runners[m]()
-            events = prof.key_averages()
-            mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
-            rec[m].append((mm, sum(e.self_cpu_time_total for e in events) - mm))
+
+    def measure(run):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                run()
+        events = prof.key_averages()
+        mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+        return mm, sum(e.self_cpu_time_total for e in events) - mm
+
+    rec = interleaved(arch, methods, reps, 3, measure)
     out = {}
     for m in methods:
         pairs = list(zip(rec[m], rec["plain"]))

@@ -70,6 +70,11 @@ def _col(w: Tensor, like: Tensor) -> Tensor:
     return w.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
+def _weighted_deltas(coef: Tensor, deltas: Sequence[Tensor]) -> Tensor:
+    """``Σ_k coef[:, k] ⊙ δ_k``: a call's output gradients re-weighted per sample and summed over the terms."""
+    return sum(_col(coef[:, k], dk) * dk for k, dk in enumerate(deltas))
+
+
 class _NoReplay(Exception):
     pass
 
@@ -171,7 +176,7 @@ class Fast(HypergradMethod):
         grads: Dict[str, Tensor] = {}
         with torch.no_grad():
             for call, deltas in zip(cap.calls, cap.deltas):
-                d = sum(_col(w[:, k], dk) * dk for k, dk in enumerate(deltas))
+                d = _weighted_deltas(w, deltas)
                 for n, g in ((call.weight, call.weight_grad), (call.bias, call.bias_grad)):
                     if n in cap.names:
                         grads[n] = grads[n] + g(d) if n in grads else g(d)
@@ -231,16 +236,14 @@ class Fast(HypergradMethod):
         tcalls = [c.detach() for c in tcalls]
         terms_d, w = terms.detach(), weights.detach()
 
-        def summed(i, coef):  # Σ_k coef_k ⊙ δ_k for call i
-            return sum(_col(coef[:, k], dk) * dk for k, dk in enumerate(deltas[i]))
 
-        def param_grad(n, coef, memo):  # memo: call index -> summed(i, coef), shared by a layer's weight and bias
+        def param_grad(n, coef, memo):  # memo: call index -> Σ_k coef_k ⊙ δ_k, shared by a layer's weight and bias
             out = None
             for i, c in enumerate(tcalls):
                 for name, fn in ((c.weight, c.weight_grad), (c.bias, c.bias_grad)):
                     if name == n:
                         if i not in memo:
-                            memo[i] = summed(i, coef)
+                            memo[i] = _weighted_deltas(coef, deltas[i])
                         g = fn(memo[i])
                         out = g if out is None else out + g
             return out
@@ -403,7 +406,6 @@ class _LowRankUpdate(torch.autograd.Function):
         corr = sum((S * wk) @ dk for wk, dk in zip(layer.row_weights, layer.deltas))
         entry["S"] = S
         ctx.layer, ctx.entry = layer, entry
-        ctx.out_shape = out.shape
         return out - layer.p * corr.reshape(out.shape)
 
     @staticmethod
