@@ -72,7 +72,10 @@ def _col(w: Tensor, like: Tensor) -> Tensor:
 
 def _weighted_deltas(coef: Tensor, deltas: Sequence[Tensor]) -> Tensor:
     """``Σ_k coef[:, k] ⊙ δ_k``: a call's output gradients re-weighted per sample and summed over the terms."""
-    return sum(_col(coef[:, k], dk) * dk for k, dk in enumerate(deltas))
+    out = _col(coef[:, 0], deltas[0]) * deltas[0]
+    for k in range(1, len(deltas)):
+        out.addcmul_(_col(coef[:, k], deltas[k]), deltas[k])
+    return out
 
 
 class _NoReplay(Exception):
@@ -368,9 +371,9 @@ class _GramLayer:
             spans.append((start, start + r.shape[0]))
             start += r.shape[0]
         K, B = w.shape[1], w.shape[0]
-        d = [torch.cat([tcalls[i].rows(deltas[i][k]) for i in idx]) for k in range(K)]
-        rw = [torch.cat([w[:, k].to(r.dtype).repeat_interleave(r.shape[0] // B) for r in rows]) for k in range(K)]
-        return cls(torch.cat(rows), d, rw, p, spans)
+        d = [_cat([tcalls[i].rows(deltas[i][k]) for i in idx]) for k in range(K)]
+        rw = [_cat([w[:, k].to(r.dtype).repeat_interleave(r.shape[0] // B) for r in rows]) for k in range(K)]
+        return cls(_cat(rows), d, rw, p, spans)
 
     def correct(self, call: LayerCall) -> Tensor:
         entry: Dict[str, object] = {}
@@ -403,10 +406,12 @@ class _LowRankUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, am, layer, entry):
         S = am @ layer.A.T
-        corr = sum((S * wk) @ dk for wk, dk in zip(layer.row_weights, layer.deltas))
+        z = out.reshape(-1, out.shape[-1])
+        for wk, dk in zip(layer.row_weights, layer.deltas):  # one fused product per term, scale folded into S
+            z = torch.addmm(z, S * (wk * -layer.p), dk)
         entry["S"] = S
         ctx.layer, ctx.entry = layer, entry
-        return out - layer.p * corr.reshape(out.shape)
+        return z.reshape(out.shape)
 
     @staticmethod
     def backward(ctx, g):
@@ -416,8 +421,16 @@ class _LowRankUpdate(torch.autograd.Function):
         ctx.entry["G"] = G
         grad_am = None
         if ctx.needs_input_grad[1]:
-            grad_am = -layer.p * (sum(Gk * wk for Gk, wk in zip(G, layer.row_weights)) @ layer.A)
+            coef = G[0] * (layer.row_weights[0] * -layer.p)
+            for Gk, wk in zip(G[1:], layer.row_weights[1:]):
+                coef.addcmul_(Gk, wk * -layer.p)
+            grad_am = coef @ layer.A
         return g, grad_am, None, None
+
+
+def _cat(parts: List[Tensor]) -> Tensor:
+    """``torch.cat`` without the copy when there is a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _MetaIncomplete(Exception):
