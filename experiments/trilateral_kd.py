@@ -7,9 +7,13 @@
 
 Tasks (all offline):
 - ``image``: Fashion-MNIST subsample; a small CNN teacher trained on its own split, a one-hidden-layer MLP student.
-  On ``corrupt_frac`` of the student's (non-outlier) training samples the cached teacher logits are rolled to a wrong
-  class (same confidence); ``outlier_frac`` of the inputs get additive Gaussian noise of std ``outlier_std`` (labels
-  kept; the teacher sees the noisy input and is often wrong on it).
+  The cached teacher logits are corrupted on the student's (non-outlier) training samples (:func:`corrupt_teacher`):
+  ``corrupt_mode="random"`` rolls them to a random wrong class on ``corrupt_frac`` of the samples;
+  ``corrupt_mode="class"`` rolls them, one shift per class, on every sample of ``corrupt_classes`` classes drawn
+  per seed (a teacher systematically wrong on a subset of classes). ``outlier_frac`` of the inputs get additive
+  Gaussian noise of std ``outlier_std`` (the teacher sees the noisy input and is often wrong on it).
+  ``label_noise`` flips that fraction of the student's training labels to a random other class (symmetric noise;
+  the meta and test splits stay clean), so "teacher wrong, label right" and "label wrong, teacher right" coexist.
 - ``attack``: Spambase (or river Phishing, ``dataset=phishing``); MLP teacher on its own split, tiny MLP student.
 - ``ctr``: MovieLens-100K click (rating ≥ 4), temporal split; embedding+MLP teacher on one half of the training
   period, a tiny embedding student on the other half; metric AUC.
@@ -20,9 +24,13 @@ over seeds, an oracle choice that favours the baseline), ``wls`` (WLS-KD), ``tge
 epochs and the KD terms. T̄ is computed once over the student's training split from the cached (possibly corrupted)
 teacher logits. α statistics are computed after training on the training split: ``alpha_teacher_wrong`` /
 ``alpha_teacher_right`` over non-outlier samples whose (given) teacher prediction is wrong / right, ``alpha_outlier``
-over the noisy inputs; means over seeds. ``agree_alphas`` (empty by default) adds a diagnostic reference,
-``kd_agree_best``: KD with α where the teacher's argmax agrees with the label and 0 elsewhere (best grid value by
-mean test metric), i.e. the per-sample α an oracle for "teacher wrong" would set.
+over the noisy inputs, ``alpha_label_flipped`` over non-outlier samples with a flipped label and a right teacher
+(``teacher_right`` then excludes them); "wrong" is about the true label; means over seeds. ``agree_alphas`` (empty
+by default) adds a diagnostic reference, ``kd_agree_best``: KD with α where the teacher's argmax agrees with the
+label and 0 elsewhere (best grid value by mean test metric), i.e. the per-sample α an oracle for "teacher wrong"
+would set; ``oracle_alphas`` adds ``kd_oracle_best``, the two-flag oracle (:func:`oracle_alpha`: 0 where the teacher
+is wrong, 1 where the label is flipped and the teacher right, the grid value elsewhere). ``run_tgeo=false`` runs
+only the fixed rules (the room check before any learned run).
 
 Knobs of the learned ratio (defaults as in the first version): ``init_alpha``, ``meta_lr``, ``meta_batch_size``
 (0: the training batch size), ``hypergrad``, ``unroll_steps``; ``lr_schedule`` (``constant`` or ``cosine``, per
@@ -53,17 +61,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.common import (accuracy, save_png, load_config, mean_sd, mlp, seed_everything, table, train_plain,  # noqa: E402
                                 write_json)
 from metareweight import MetaTrainer, TensorIndexedDataset, TrilateralKD, auroc, teacher_class_means  # noqa: E402
-from metareweight.data import as_batch  # noqa: E402
-from metareweight.objectives.kd_baselines import KDLoss, kd_terms  # noqa: E402
+from metareweight.data import Batch, as_batch  # noqa: E402
+from metareweight.objectives.kd_baselines import KDLoss, fusion_weights, kd_terms  # noqa: E402
 
 TASKS = ("image", "attack", "ctr")
 _COMMON = dict(epochs=12, batch_size=100, lr=0.05, lr_schedule="constant", momentum=0.9, weight_decay=5e-4,
-               temperature=2.0, kd_alphas=[0.25, 0.5, 0.75, 0.9], agree_alphas=[], ratio_hidden=64, init_alpha=0.5,
+               temperature=2.0, kd_alphas=[0.25, 0.5, 0.75, 0.9], agree_alphas=[], oracle_alphas=[], run_tgeo=True,
+               ratio_hidden=64, init_alpha=0.5,
                meta_lr=3e-3, meta_weight_decay=0.0, meta_batch_size=0, hypergrad="unrolled", unroll_steps=1,
                ablations=["no_tbar", "no_st"], teacher_epochs=5, teacher_lr=1e-3)
 DEFAULTS: Dict[str, Dict] = {
     "image": dict(_COMMON, task="image", n_teacher=6000, n_train=2000, n_meta=500, n_test=5000, student_hidden=32,
-                  corrupt_frac=0.3, outlier_frac=0.15, outlier_std=2.0, teacher_epochs=3, epochs=20, batch_size=50,
+                  corrupt_mode="random", corrupt_frac=0.3, corrupt_classes=3, label_noise=0.0, outlier_frac=0.15,
+                  outlier_std=2.0, teacher_epochs=3, epochs=20, batch_size=50,
                   temperature=1.0, meta_lr=1e-2, kd_alphas=[0.25, 0.5, 0.75]),
     "attack": dict(_COMMON, task="attack", dataset="spambase", test_fraction=0.25, meta_fraction=0.08,
                    student_hidden=4, teacher_hidden=256, epochs=30, batch_size=50, teacher_epochs=40),
@@ -113,10 +123,14 @@ def fit_teacher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Dict, s
     return model.eval()
 
 
-def make_train_set(x, y, teacher_logits, outlier=None) -> TensorIndexedDataset:
-    wrong = teacher_logits.argmax(1) != y
+def make_train_set(x, y, teacher_logits, outlier=None, y_true=None) -> TensorIndexedDataset:
+    """The student's training set: given labels ``y`` (possibly flipped from ``y_true``), cached teacher logits and
+    the diagnostic flags ``teacher_wrong`` (teacher argmax ≠ the true label), ``outlier`` and ``label_flipped``."""
+    y_true = y if y_true is None else y_true
+    wrong = teacher_logits.argmax(1) != y_true
     outlier = torch.zeros(len(y), dtype=torch.bool) if outlier is None else outlier
-    return TensorIndexedDataset(x, y, teacher_logits=teacher_logits, teacher_wrong=wrong, outlier=outlier)
+    return TensorIndexedDataset(x, y, teacher_logits=teacher_logits, teacher_wrong=wrong, outlier=outlier,
+                                label_flipped=y != y_true)
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------------
@@ -153,14 +167,54 @@ def image_task(cfg: Dict, seed: int) -> KDTask:
     outlier[order[:n_out]] = True
     x_s = x_s.clone()
     x_s[outlier] += cfg["outlier_std"] * torch.randn(n_out, x_s.shape[1], generator=g)
-    logits = predict(teacher, x_s)
-    corrupt = order[n_out:n_out + int(round(cfg["corrupt_frac"] * (n_s - n_out)))]
-    shift = torch.randint(1, 10, (len(corrupt),), generator=g)
-    cols = (torch.arange(10).unsqueeze(0) - shift.unsqueeze(1)) % 10  # rolled: the argmax moves by `shift` classes
-    logits[corrupt] = torch.gather(logits[corrupt], 1, cols)
-    return KDTask(make_train_set(x_s, y_s, logits, outlier), x_m, y_m, norm(xte[test]), label(yte[test]), 10,
-                  partial(mlp, 784, cfg["student_hidden"], 10, depth=1), "accuracy",
+    logits = corrupt_teacher(predict(teacher, x_s), y_s, order[n_out:], cfg, g)
+    y_given = flip_labels(y_s, cfg["label_noise"], torch.Generator().manual_seed(seed + 2))  # same flips for any
+    # corruption setting
+    return KDTask(make_train_set(x_s, y_given, logits, outlier, y_true=y_s), x_m, y_m, norm(xte[test]),
+                  label(yte[test]), 10, partial(mlp, 784, cfg["student_hidden"], 10, depth=1), "accuracy",
                   accuracy(teacher, norm(xte[test]), label(yte[test])))
+
+
+def roll_logits(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each row's logits rolled by ``shift`` classes (the argmax moves by ``shift``, the confidence is kept)."""
+    k = logits.shape[1]
+    cols = (torch.arange(k).unsqueeze(0) - shift.unsqueeze(1)) % k
+    return torch.gather(logits, 1, cols)
+
+
+def corrupt_teacher(logits: torch.Tensor, y_true: torch.Tensor, inliers: torch.Tensor, cfg: Dict,
+                    g: torch.Generator) -> torch.Tensor:
+    """The corrupted teacher on the student's inlier samples (``corrupt_mode``):
+
+    - ``"random"``: ``corrupt_frac`` of the inliers, each rolled by a random shift of 1-9 classes;
+    - ``"class"``: every inlier whose true class is one of ``corrupt_classes`` classes drawn per seed, rolled by one
+      shift per corrupted class (a teacher that is systematically wrong on those classes).
+    """
+    logits = logits.clone()
+    k = logits.shape[1]
+    if cfg["corrupt_mode"] == "random":
+        corrupt = inliers[:int(round(cfg["corrupt_frac"] * len(inliers)))]
+        logits[corrupt] = roll_logits(logits[corrupt], torch.randint(1, k, (len(corrupt),), generator=g))
+    elif cfg["corrupt_mode"] == "class":
+        classes = torch.randperm(k, generator=g)[:cfg["corrupt_classes"]]
+        class_shift = torch.zeros(k, dtype=torch.long)
+        class_shift[classes] = torch.randint(1, k, (len(classes),), generator=g)
+        corrupt = inliers[torch.isin(y_true[inliers], classes)]
+        logits[corrupt] = roll_logits(logits[corrupt], class_shift[y_true[corrupt]])
+    else:
+        raise ValueError(f"corrupt_mode must be 'random' or 'class', got {cfg['corrupt_mode']!r}")
+    return logits
+
+
+def flip_labels(y: torch.Tensor, rate: float, g: torch.Generator, k: int = 10) -> torch.Tensor:
+    """Symmetric label noise: ``rate`` of the labels (drawn without replacement) moved to a uniformly random other
+    class. ``rate = 0`` returns ``y`` and draws nothing (older configs stay reproducible)."""
+    if rate <= 0:
+        return y
+    flip = torch.randperm(len(y), generator=g)[:int(round(rate * len(y)))]
+    noisy = y.clone()
+    noisy[flip] = (y[flip] + torch.randint(1, k, (len(flip),), generator=g)) % k
+    return noisy
 
 
 def attack_task(cfg: Dict, seed: int) -> KDTask:
@@ -254,19 +308,54 @@ def _loader(ds, cfg: Dict, seed: int, batch_size: int = 0) -> DataLoader:
                       generator=torch.Generator().manual_seed(seed))
 
 
-def train_fixed_rule(task: KDTask, cfg: Dict, seed: int, loss_fn: KDLoss) -> float:
+BatchLoss = Callable[[torch.Tensor, Batch], torch.Tensor]  # (student logits, batch) -> scalar loss
+
+
+def rule_loss(rule: str, temperature: float, alpha: Optional[float] = None) -> BatchLoss:
+    """A fixed-rule KD loss (:class:`KDLoss`) on a batch with cached teacher logits."""
+    kd = KDLoss(rule, alpha, temperature)
+    return lambda logits, b: kd(logits, b.extras["teacher_logits"], b.targets)
+
+
+def oracle_alpha(batch: Batch, alpha: float) -> torch.Tensor:
+    """The two-flag oracle ratio: 0 where the teacher is wrong (about the true label), 1 where the label was flipped
+    and the teacher is right, ``alpha`` elsewhere. It reads the ground-truth flags no method sees."""
+    wrong, flipped = batch.extras["teacher_wrong"], batch.extras["label_flipped"]
+    const = torch.full(wrong.shape, float(alpha))
+    return torch.where(wrong, torch.zeros_like(const), torch.where(flipped, torch.ones_like(const), const))
+
+
+def oracle_loss(temperature: float, alpha: float) -> BatchLoss:
+    """The KD loss with :func:`oracle_alpha` (a reference for how much room a per-sample ratio has)."""
+    def loss(logits: torch.Tensor, b: Batch) -> torch.Tensor:
+        terms = kd_terms(logits, b.extras["teacher_logits"], b.targets, temperature)
+        return (fusion_weights(oracle_alpha(b, alpha).to(terms.dtype)) * terms).sum()
+    return loss
+
+
+def reference_losses(cfg: Dict) -> Dict[str, Callable[[float], BatchLoss]]:
+    """The grid rules: name -> (α -> loss), with their grids in ``cfg[f"{name}_alphas"]`` (``kd_alphas`` for fixed)."""
+    t = cfg["temperature"]
+    return {"fixed": lambda a: rule_loss("fixed", t, a), "agree": lambda a: rule_loss("agree", t, a),
+            "oracle": lambda a: oracle_loss(t, a)}
+
+
+GRIDS = {"fixed": "kd_alphas", "agree": "agree_alphas", "oracle": "oracle_alphas"}
+
+
+def train_fixed_rule(task: KDTask, cfg: Dict, seed: int, loss_fn: BatchLoss) -> float:
     """Train a fresh student with a fixed-rule KD loss; returns the test metric."""
     return task.metric(fit_student(task, cfg, seed, loss_fn, cfg["epochs"]))
 
 
-def fit_student(task: KDTask, cfg: Dict, seed: int, loss_fn: KDLoss, epochs: int) -> nn.Module:
+def fit_student(task: KDTask, cfg: Dict, seed: int, loss_fn: BatchLoss, epochs: int) -> nn.Module:
     """A fresh student trained ``epochs`` epochs with a fixed-rule KD loss (the shared optimiser and schedule)."""
     model, opt, sched = _student(task, cfg, seed)
     loader = _loader(task.train, cfg, seed)  # one generator: a new order each epoch, as in MetaTrainer
     for _ in range(epochs):
         for raw in loader:
             b = as_batch(raw)
-            loss = loss_fn(model(b.inputs), b.extras["teacher_logits"], b.targets)
+            loss = loss_fn(model(b.inputs), b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -295,11 +384,9 @@ def per_sample_signal(model: nn.Module, task: KDTask, temperature: float) -> np.
 def alpha_signal(task: KDTask, cfg: Dict, seed: int, epochs: int) -> Dict[str, Dict[str, float]]:
     """:func:`per_sample_signal` by group (teacher right / wrong among non-outliers, outliers) for a student trained
     ``epochs`` epochs with WLS-KD: the mean, its standard error and the fraction of samples with ``g > 0``."""
-    signal = per_sample_signal(fit_student(task, cfg, seed, KDLoss("wls", temperature=cfg["temperature"]), epochs),
+    signal = per_sample_signal(fit_student(task, cfg, seed, rule_loss("wls", cfg["temperature"]), epochs),
                                task, cfg["temperature"])
-    out_flag = task.train.extras["outlier"].numpy()
-    wrong = task.train.extras["teacher_wrong"].numpy()
-    groups = {"teacher_right": ~wrong & ~out_flag, "teacher_wrong": wrong & ~out_flag, "outlier": out_flag}
+    groups = sample_groups(task.train)
     return {name: {"mean": float(signal[m].mean()), "se": float(signal[m].std(ddof=1) / np.sqrt(m.sum())),
                    "frac_positive": float((signal[m] > 0).mean())} for name, m in groups.items() if m.sum() > 1}
 
@@ -323,33 +410,44 @@ def train_tgeo(task: KDTask, cfg: Dict, seed: int, features: str = "full") -> Di
     return {"metric": task.metric(model), "alpha": alpha, "history": trainer.weights_history.arrays()}
 
 
-def alpha_stats(alpha: np.ndarray, train: TensorIndexedDataset) -> Dict[str, float]:
+def sample_groups(train: TensorIndexedDataset) -> Dict[str, np.ndarray]:
+    """Masks of the diagnostic groups: ``outlier``; among inliers ``teacher_wrong`` (about the true label),
+    ``label_flipped`` (teacher right) and ``teacher_right`` (teacher right, label clean)."""
     out_flag = train.extras["outlier"].numpy()
     wrong = train.extras["teacher_wrong"].numpy() & ~out_flag
-    right = ~train.extras["teacher_wrong"].numpy() & ~out_flag
-    stats = {"alpha_teacher_wrong": float(alpha[wrong].mean()) if wrong.any() else float("nan"),
-             "alpha_teacher_right": float(alpha[right].mean())}
-    if out_flag.any():
-        stats["alpha_outlier"] = float(alpha[out_flag].mean())
+    flipped = train.extras["label_flipped"].numpy() & ~out_flag & ~wrong
+    return {"teacher_right": ~out_flag & ~wrong & ~flipped, "teacher_wrong": wrong, "label_flipped": flipped,
+            "outlier": out_flag}
+
+
+def alpha_stats(alpha: np.ndarray, train: TensorIndexedDataset) -> Dict[str, float]:
+    """Mean α per :func:`sample_groups` group (``alpha_<group>``; the teacher-wrong mean is NaN if empty, other
+    empty groups are left out)."""
+    groups = sample_groups(train)
+    stats = {"alpha_teacher_wrong": float(alpha[groups["teacher_wrong"]].mean()) if groups["teacher_wrong"].any()
+             else float("nan"), "alpha_teacher_right": float(alpha[groups["teacher_right"]].mean())}
+    for name in ("outlier", "label_flipped"):
+        if groups[name].any():
+            stats[f"alpha_{name}"] = float(alpha[groups[name]].mean())
     return stats
 
 
 def run_seed(task_name: str, cfg: Dict, seed: int) -> Dict:
     task = BUILDERS[task_name](cfg, seed)
     res: Dict = {"seed": seed, "teacher": task.teacher_metric,
-                 "ce": train_fixed_rule(task, cfg, seed, KDLoss("ce", temperature=cfg["temperature"])),
-                 "wls": train_fixed_rule(task, cfg, seed, KDLoss("wls", temperature=cfg["temperature"]))}
-    for rule, grid in (("fixed", "kd_alphas"), ("agree", "agree_alphas")):
-        res[f"kd_{rule}"] = {str(a): train_fixed_rule(task, cfg, seed, KDLoss(rule, a, cfg["temperature"]))
-                             for a in cfg[grid]}
+                 "ce": train_fixed_rule(task, cfg, seed, rule_loss("ce", cfg["temperature"])),
+                 "wls": train_fixed_rule(task, cfg, seed, rule_loss("wls", cfg["temperature"]))}
+    for rule, make_loss in reference_losses(cfg).items():
+        res[f"kd_{rule}"] = {str(a): train_fixed_rule(task, cfg, seed, make_loss(a)) for a in cfg[GRIDS[rule]]}
+    if not cfg["run_tgeo"]:
+        return res
     full = train_tgeo(task, cfg, seed)
     res["tgeo"] = full["metric"]
     res.update(alpha_stats(full["alpha"], task.train))
     for name in cfg["ablations"]:
         res[f"tgeo_{name}"] = train_tgeo(task, cfg, seed, name)["metric"]
     hist = full["history"]
-    res["_plot"] = {"alpha": full["alpha"], "outlier": task.train.extras["outlier"].numpy(),
-                    "teacher_wrong": task.train.extras["teacher_wrong"].numpy(),
+    res["_plot"] = {"alpha": full["alpha"], "groups": sample_groups(task.train),
                     "epoch": hist["epoch"], "weight": hist["weight"], "index": hist["index"]}
     return res
 
@@ -361,8 +459,9 @@ def summarise(task_name: str, cfg: Dict, per_seed: List[Dict]) -> Dict:
 
     out: Dict = {"task": task_name, "metric_name": "auc" if task_name == "ctr" else "accuracy",
                  "seeds": [r["seed"] for r in per_seed], "se": {}}
-    keys = ["teacher", "ce", "kd_fixed_best", "wls", "tgeo"] + [f"tgeo_{a}" for a in cfg["ablations"]]
-    for rule, grid in (("fixed", "kd_alphas"), ("agree", "agree_alphas")):
+    learned = ["tgeo"] + [f"tgeo_{a}" for a in cfg["ablations"]] if cfg["run_tgeo"] else []
+    keys = ["teacher", "ce", "kd_fixed_best", "wls"] + learned
+    for rule, grid in GRIDS.items():
         if not cfg[grid]:
             continue
         best = max(cfg[grid], key=lambda a: np.mean([r[f"kd_{rule}"][str(a)] for r in per_seed]))
@@ -373,10 +472,12 @@ def summarise(task_name: str, cfg: Dict, per_seed: List[Dict]) -> Dict:
         keys += [f"kd_{rule}_best"] if rule != "fixed" else []
     for k in keys:
         out[k], out["se"][k] = ms([r[k] for r in per_seed])
-    out["paired"] = {f"tgeo-{k}": ms([r["tgeo"] - r[k] for r in per_seed])
-                     for k in ("ce", "kd_fixed_best", "wls", *(f"tgeo_{a}" for a in cfg["ablations"]))}
-    out["ablations"] = {a: out[f"tgeo_{a}"] for a in cfg["ablations"]}
-    for k in ("alpha_teacher_wrong", "alpha_teacher_right", "alpha_outlier"):
+    pairs = [(m, k) for m in learned[:1] for k in ("ce", "kd_fixed_best", "wls", "kd_oracle_best", *learned[1:])]
+    pairs += [("kd_oracle_best", k) for k in ("kd_fixed_best", "wls")]
+    out["paired"] = {f"{m}-{k}": ms([r[m] - r[k] for r in per_seed]) for m, k in pairs if k in per_seed[0]
+                     and m in per_seed[0]}
+    out["ablations"] = {a: out[f"tgeo_{a}"] for a in cfg["ablations"]} if cfg["run_tgeo"] else {}
+    for k in ("alpha_teacher_wrong", "alpha_teacher_right", "alpha_outlier", "alpha_label_flipped"):
         if k in per_seed[0]:
             out[k], out["se"][k] = ms([r[k] for r in per_seed])
     out["per_seed"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in per_seed]
@@ -388,31 +489,28 @@ def save_alpha_plot(task_name: str, per_seed: List[Dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [("teacher right", "tab:blue"), ("teacher wrong", "tab:red"), ("outlier", "tab:orange")]
-
-    def group_masks(outlier, wrong):
-        return {"teacher right": ~wrong & ~outlier, "teacher wrong": wrong & ~outlier, "outlier": outlier}
-
+    groups = [("teacher_right", "tab:blue"), ("teacher_wrong", "tab:red"), ("outlier", "tab:orange"),
+              ("label_flipped", "tab:green")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     p = per_seed[0]["_plot"]
-    masks = group_masks(p["outlier"][p["index"]], p["teacher_wrong"][p["index"]])
+    masks = {k: m[p["index"]] for k, m in p["groups"].items()}
     epochs = np.unique(p["epoch"])
     for name, color in groups:
         m = masks[name]
         if m.any():
-            ax1.plot(epochs + 1, [p["weight"][m & (p["epoch"] == e)].mean() for e in epochs], color=color, label=name)
+            ax1.plot(epochs + 1, [p["weight"][m & (p["epoch"] == e)].mean() for e in epochs], color=color,
+                     label=name.replace("_", " "))
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("mean α used in training")
     ax1.set_title(f"seed {per_seed[0]['seed']}: α during training")
     ax1.legend()
     alpha = np.concatenate([r["_plot"]["alpha"] for r in per_seed])
-    final = group_masks(np.concatenate([r["_plot"]["outlier"] for r in per_seed]),
-                        np.concatenate([r["_plot"]["teacher_wrong"] for r in per_seed]))
+    final = {name: np.concatenate([r["_plot"]["groups"][name] for r in per_seed]) for name, _ in groups}
     bins = np.linspace(0, 1, 41)
     for name, color in groups:
         if final[name].any():
             ax2.hist(alpha[final[name]], bins=bins, alpha=0.55, color=color, density=True,
-                     label=f"{name} ({final[name].sum()})")
+                     label=f"{name.replace('_', ' ')} ({final[name].sum()})")
     ax2.set_xlabel("final α (weight on the teacher term)")
     ax2.set_ylabel("density")
     ax2.set_title(f"TGeo-KD on the {task_name} task, all seeds")
@@ -478,15 +576,19 @@ def main(argv=None) -> Dict:
         write_json(args.out, {**result, "config": cfg})
     ms = lambda k: mean_sd([r[k] for r in per_seed])  # noqa: E731
     rows = [("teacher", ms("teacher")), ("CE only", ms("ce")),
-            (f"KD, best fixed α = {result['kd_fixed_best_alpha']}", ms("kd_fixed_best")), ("WLS-KD", ms("wls")),
-            ("TGeo-KD (bilevel)", ms("tgeo"))] + [(f"TGeo-KD, {a}", ms(f"tgeo_{a}")) for a in cfg["ablations"]]
+            (f"KD, best fixed α = {result['kd_fixed_best_alpha']}", ms("kd_fixed_best")), ("WLS-KD", ms("wls"))]
     if cfg["agree_alphas"]:
-        rows.insert(4, (f"KD where the teacher agrees, best α = {result['kd_agree_best_alpha']}", ms("kd_agree_best")))
+        rows.append((f"KD where the teacher agrees, best α = {result['kd_agree_best_alpha']}", ms("kd_agree_best")))
+    if cfg["oracle_alphas"]:
+        rows.append((f"two-flag oracle α, best α = {result['kd_oracle_best_alpha']}", ms("kd_oracle_best")))
+    if cfg["run_tgeo"]:
+        rows += [("TGeo-KD (bilevel)", ms("tgeo"))] + [(f"TGeo-KD, {a}", ms(f"tgeo_{a}")) for a in cfg["ablations"]]
     print(f"\n{task_name}: test {result['metric_name']} (mean ± sd over seeds {seeds})")
     print(table(rows, ["method", result["metric_name"]]))
     print("α: " + ", ".join(f"{k} {result[k]:.3f}" for k in ("alpha_teacher_right", "alpha_teacher_wrong",
-                                                              "alpha_outlier") if k in result))
-    if args.plot:
+                                                              "alpha_outlier", "alpha_label_flipped") if k in result))
+    print("paired: " + ", ".join(f"{k} {m:+.4f} ± {se:.4f}" for k, (m, se) in result["paired"].items()))
+    if args.plot and cfg["run_tgeo"]:
         save_alpha_plot(task_name, per_seed, Path(args.plot))
     return result
 

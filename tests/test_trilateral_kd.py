@@ -215,8 +215,8 @@ def _experiment():
     return trilateral_kd
 
 
-@pytest.mark.parametrize("task,name", [("image", "image"), ("image", "image_strong"), ("attack", "attack"),
-                                       ("ctr", "ctr")])
+@pytest.mark.parametrize("task,name", [("image", "image"), ("image", "image_random"), ("image", "image_strong"),
+                                       ("attack", "attack"), ("ctr", "ctr")])
 def test_configs_load(task, name):
     from experiments.common import load_config
 
@@ -227,19 +227,31 @@ def test_configs_load(task, name):
         load_config(None, exp.DEFAULTS[task], ["meta_rl=0.1"])
 
 
+def _run_config(tmp_path_factory, name, overrides):
+    out = tmp_path_factory.mktemp("tkd") / f"{name}.json"
+    return _experiment().main(["--config", str(ROOT / "configs" / f"trilateral_kd_{name}.yaml"), "--set", *overrides,
+                               "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def random_image_result(tmp_path_factory):
+    """The first image setting (teacher corrupted on a random 30%) on seeds 0-2 (about 10 minutes, one process)."""
+    return _run_config(tmp_path_factory, "image_random", ["seeds=[0,1,2]", "agree_alphas=[]"])
+
+
 @pytest.fixture(scope="module")
 def image_result(tmp_path_factory):
-    """The image task's full configuration on seeds 0-2, one process (about 10 minutes on a busy 2-core machine)."""
-    out = tmp_path_factory.mktemp("tkd") / "image.json"
-    return _experiment().main(["--config", str(ROOT / "configs" / "trilateral_kd_image.yaml"), "--set", "seeds=[0,1,2]",
-                               "agree_alphas=[]", "--out", str(out)])
+    """The primary image setting (teacher corrupted on 3 classes, 30% flipped labels, 15% outliers) on its ten
+    reported fresh seeds 2-11, without the oracle reference (about 13 minutes, one process)."""
+    return _run_config(tmp_path_factory, "image", ["oracle_alphas=[]"])
 
 
 @pytest.mark.slow
-def test_image_claims(image_result):
-    """α lower where the teacher is wrong and on outliers (mean over seeds); TGeo-KD at least the best fixed α;
-    removing T̄ hurts on this outlier-heavy task. Measured: α 0.128 / 0.191 vs 0.272; 0.8026 vs 0.8002; 0.7967."""
-    r = image_result
+def test_random_image_claims(random_image_result):
+    """Random corruption: α lower where the teacher is wrong and on outliers (mean over seeds); TGeo-KD at least the
+    best fixed α; removing T̄ hurts on this outlier-heavy task. Measured: α 0.128 / 0.191 vs 0.272; 0.8026 vs 0.8002;
+    0.7967."""
+    r = random_image_result
     assert r["alpha_teacher_wrong"] < r["alpha_teacher_right"] - 0.1
     assert r["alpha_outlier"] < r["alpha_teacher_right"] - 0.05
     assert r["tgeo"] >= r["kd_fixed_best"]
@@ -247,14 +259,61 @@ def test_image_claims(image_result):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met: TGeo-KD ties WLS-KD and the best fixed α on the corrupted image "
-                                       "task, and so does the oracle ratio (α = 0 where the teacher is wrong): the "
-                                       "setup leaves no room (experiments/RESULTS.md, trilateral_kd section)")
-def test_image_tgeo_strictly_better_than_wls_and_fixed_alpha(image_result):
-    """The issue's claim. Measured on seeds 0-4: TGeo − WLS −0.0009 ± 0.0037, TGeo − best fixed α −0.0001 ± 0.0017;
-    the 'agree' oracle − WLS +0.0010 ± 0.0053 (paired mean ± SE)."""
-    r = image_result
+@pytest.mark.xfail(strict=True, reason="not met with random corruption: TGeo-KD ties WLS-KD and the best fixed α, and "
+                                       "so does the oracle ratio (α = 0 where the teacher is wrong): that setup leaves "
+                                       "no room (experiments/RESULTS.md, trilateral_kd section)")
+def test_random_image_tgeo_strictly_better_than_wls_and_fixed_alpha(random_image_result):
+    """Measured on seeds 0-4: TGeo − WLS −0.0009 ± 0.0037, TGeo − best fixed α −0.0001 ± 0.0017; the 'agree' oracle
+    − WLS +0.0010 ± 0.0053 (paired mean ± SE)."""
+    r = random_image_result
     assert r["tgeo"] > max(r["wls"], r["kd_fixed_best"]) + r["se"]["tgeo"]
+
+
+@pytest.mark.slow
+def test_image_tgeo_strictly_better_than_wls_and_fixed_alpha(image_result):
+    """The issue's claim, on the primary image setting's fresh seeds 2-11. Measured (paired mean ± SE): TGeo − best
+    fixed α (0.25) +0.0262 ± 0.0135, TGeo − WLS +0.0397 ± 0.0086; accuracies 0.7402 vs 0.7138 and 0.7004."""
+    r = image_result
+    for baseline in ("kd_fixed_best", "wls"):
+        mean, se = r["paired"][f"tgeo-{baseline}"]
+        assert mean > se > 0, (baseline, mean, se)
+    assert r["tgeo"] > max(r["wls"], r["kd_fixed_best"]) + r["se"]["tgeo"]
+
+
+@pytest.mark.slow
+def test_image_alpha_by_group(image_result):
+    """α lower where the teacher is wrong and on outliers, highest where the label is flipped and the teacher right
+    (means over seeds 2-11). Measured: wrong 0.277, outlier 0.420, clean 0.589, flipped 0.888."""
+    r = image_result
+    assert r["alpha_teacher_wrong"] < r["alpha_teacher_right"] - 0.15
+    assert r["alpha_outlier"] < r["alpha_teacher_right"] - 0.1
+    assert r["alpha_label_flipped"] > r["alpha_teacher_right"] + 0.15
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met with class corruption and flipped labels: TGeo − TGeo without T̄ "
+                                       "+0.0025 ± 0.0067 over seeds 2-11 (6 of 10 seeds lower without T̄). T̄ is a "
+                                       "function of the given label, so with G and S in the features it adds no "
+                                       "information, only a representation (experiments/RESULTS.md)")
+def test_image_tbar_ablation_hurts(image_result):
+    mean, se = image_result["paired"]["tgeo-tgeo_no_tbar"]
+    assert mean > se
+
+
+def test_quick_image_alpha_separates_teacher_wrong_from_label_flipped(one_thread):
+    """Quick sizes (1,500 images, 8 epochs) of the primary image setting, design seed 0: the learned α is lower where
+    the teacher is wrong and higher where the label is flipped than on clean samples. Measured: 0.215 / 0.765 vs
+    0.561 (about 11 s)."""
+    exp = _experiment()
+    cfg = dict(exp.DEFAULTS["image"], **exp.QUICK["image"], corrupt_mode="class", corrupt_classes=3, label_noise=0.3)
+    try:
+        task = exp.image_task(cfg, 0)
+    except MissingDataError as e:
+        pytest.skip(str(e))
+    r = exp.train_tgeo(task, cfg, 0)
+    a = exp.alpha_stats(r["alpha"], task.train)
+    assert a["alpha_teacher_wrong"] < a["alpha_teacher_right"] - 0.15, a
+    assert a["alpha_label_flipped"] > a["alpha_teacher_right"] + 0.1, a
 
 
 def test_per_sample_alpha_signal_is_the_lookahead_derivative():
@@ -284,3 +343,41 @@ def test_per_sample_alpha_signal_is_the_lookahead_derivative():
         fd = (meta_loss_after_step(alpha + e) - meta_loss_after_step(alpha - e)) / 2e-4
         assert -fd * 12 / eta == pytest.approx(signal[i], rel=2e-3)
     assert (signal > 0).any() and (signal < 0).any()
+
+
+def test_class_corruption_rolls_only_the_chosen_classes_by_one_shift_each():
+    exp = _experiment()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 10
+    logits = 5 * torch.nn.functional.one_hot(y, 10).float() + 0.1 * torch.randn(200, 10, generator=g)
+    inliers = torch.arange(20, 200)  # the first 20 samples play the outliers: never corrupted
+    cfg = dict(corrupt_mode="class", corrupt_classes=3, corrupt_frac=0.0)
+    out = exp.corrupt_teacher(logits, y, inliers, cfg, torch.Generator().manual_seed(1))
+    moved = out.argmax(1) != y
+    corrupted_classes = set(y[moved].tolist())
+    assert len(corrupted_classes) == 3 and not moved[:20].any()
+    for c in corrupted_classes:  # every inlier of a corrupted class, all moved by the same shift, confidence kept
+        members = (y == c) & (torch.arange(200) >= 20)
+        assert bool(moved[members].all()) and len(set(((out.argmax(1) - y) % 10)[members].tolist())) == 1
+    torch.testing.assert_close(out.max(1).values, logits.max(1).values)
+    with pytest.raises(ValueError, match="corrupt_mode"):
+        exp.corrupt_teacher(logits, y, inliers, dict(cfg, corrupt_mode="rows"), g)
+
+
+def test_label_noise_flips_the_given_fraction_and_the_oracle_reads_both_flags():
+    exp = _experiment()
+    y = torch.arange(100) % 10
+    assert exp.flip_labels(y, 0.0, torch.Generator()) is y
+    noisy = exp.flip_labels(y, 0.3, torch.Generator().manual_seed(0))
+    assert int((noisy != y).sum()) == 30 and int(noisy.max()) < 10
+    teacher = 5 * torch.nn.functional.one_hot(y, 10).float()
+    teacher[:10] = teacher[:10].roll(1, dims=1)  # the teacher is wrong on the first ten samples
+    train = exp.make_train_set(torch.zeros(100, 2), noisy, teacher, y_true=y)
+    b = Batch(train.x, train.y, extras=train.extras)
+    alpha = exp.oracle_alpha(b, 0.4)
+    flipped, wrong = train.extras["label_flipped"], train.extras["teacher_wrong"]
+    assert bool((flipped == (noisy != y)).all()) and int(wrong.sum()) == 10
+    assert bool((alpha[wrong] == 0).all()) and bool((alpha[flipped & ~wrong] == 1).all())
+    assert bool((alpha[~flipped & ~wrong] == 0.4).all())
+    groups = exp.sample_groups(train)
+    assert sum(int(m.sum()) for m in groups.values()) == 100
