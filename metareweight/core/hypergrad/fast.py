@@ -319,9 +319,9 @@ class Fast(HypergradMethod):
 
         with torch.no_grad():
             c = torch.zeros_like(terms_d)
-            for n in gram:
+            for n in sorted(gram):  # sorted: a set's order follows PYTHONHASHSEED, and the sum's rounding with it
                 c += grams[n].coefficients([(cl, d) for cl, d in zip(mcalls, dmeta) if cl.weight == n], B)
-            for n in closed - gram:
+            for n in sorted(closed - gram):
                 if v.get(n) is None:
                     continue
                 U = scale[n] * v[n]
