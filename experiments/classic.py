@@ -11,11 +11,12 @@ accuracy.
     metareweight run configs/classic.yaml -- --out results/classic_cnn.json     # small CNN, seeds 0-2 (RESULTS.md)
     metareweight run configs/classic_mlp.yaml -- --out results/classic.json     # the MLP table
     metareweight run configs/classic_lt_long.yaml -- --out results/classic_cnn_lt_long.json   # lt100, 60 epochs
+    metareweight run configs/classic_lt_val.yaml meta_lr=3e-3   # lt100 choices: design seeds, validation split
     python experiments/classic.py --config configs/classic.yaml --set settings=[lt100] seeds=[3,4]
     python experiments/classic.py --quick                                   # minutes, one seed
     python experiments/classic.py --from-json a.json b.json --plot docs/img/classic.png   # merge runs, no training
 
-Output JSON: ``config``, ``per_seed`` (setting, method, seed, test_acc, seconds[, weight_auroc]), ``failures``
+Output JSON: ``config``, ``per_seed`` (setting, method, seed, test_acc, seconds[, weight_auroc, val_acc]), ``failures``
 (runs that raised; reported, not fatal) and ``summary`` (setting → method → mean/sd of test accuracy).
 """
 
@@ -54,8 +55,9 @@ LABELS = {"plain": "plain CE", "class_weight": "inverse-frequency class weights"
           "mwnet": "Meta-Weight-Net", "self_taught": "self-taught rescaler (STORM)"}
 
 FULL = dict(settings=list(SETTINGS), methods=list(METHODS), seeds=[0, 1, 2], train_per_class=500, meta_per_class=10,
-            test_size=10000, model="cnn", epochs=15, batch_size=100, lr=0.05, lr_milestones=[10], lr_decay=0.1,
-            momentum=0.9, weight_decay=5e-4, hypergrad="fast", meta_lr=1e-3, mwnet_hidden=100,
+            val_per_class=0, test_size=10000, model="cnn", epochs=15, batch_size=100, lr=0.05, lr_milestones=[10],
+            lr_decay=0.1, momentum=0.9, weight_decay=5e-4, hypergrad="fast", meta_lr=1e-3, mwnet_hidden=100,
+            mwnet_normalize=True,
             storm_hypergrad="unrolled", storm_passes=3, storm_bn_scope="batch", storm_input_dropout=0.1, storm_meta_lr=1e-2, focal_gamma=2.0, la_tau=1.0,
             forget_rate=0.4, forget_warmup=5)
 QUICK = dict(FULL, seeds=[0], train_per_class=200, test_size=2000, epochs=6, lr_milestones=[4])
@@ -74,20 +76,26 @@ class Task:
     y_meta: Tensor
     x_test: Tensor
     y_test: Tensor
+    x_val: Optional[Tensor] = None
+    y_val: Optional[Tensor] = None
 
 
 def make_task(setting: str, seed: int, cfg: Dict, arrays) -> Task:
-    """Stratified subsample of ``train_per_class`` per class (long-tailed for ``lt*``), noise on train only, and a
-    disjoint clean class-balanced meta set of ``meta_per_class`` per class."""
+    """Stratified subsample of ``train_per_class`` per class (long-tailed for ``lt*``), noise on train only, a
+    disjoint clean class-balanced meta set of ``meta_per_class`` per class and, if ``val_per_class`` > 0, a clean
+    class-balanced validation set from training images outside both (for choosing settings; the test set never is).
+    The train, meta and test splits do not depend on ``val_per_class``."""
     noise_fn, rate, imbalance = SETTINGS[setting]
     xtr, ytr, xte, yte = arrays
     rng = np.random.default_rng(seed)
-    train_idx, meta_idx = [], []
+    train_idx, meta_idx, val_idx = [], [], []
+    used = cfg["meta_per_class"] + cfg["train_per_class"]
     for c in range(NUM_CLASSES):
         idx = rng.permutation(np.flatnonzero(ytr == c))
         meta_idx.append(idx[:cfg["meta_per_class"]])
-        train_idx.append(idx[cfg["meta_per_class"]:cfg["meta_per_class"] + cfg["train_per_class"]])
-    train_idx = np.concatenate(train_idx)
+        train_idx.append(idx[cfg["meta_per_class"]:used])
+        val_idx.append(idx[used:used + cfg["val_per_class"]])
+    train_idx, val_idx = np.concatenate(train_idx), np.concatenate(val_idx)
     if imbalance > 1:
         train_idx = train_idx[long_tailed_indices(ytr[train_idx], imbalance, seed=seed)]
     train_idx, meta_idx = rng.permutation(train_idx), np.concatenate(meta_idx)
@@ -101,8 +109,9 @@ def make_task(setting: str, seed: int, cfg: Dict, arrays) -> Task:
         return ((torch.as_tensor(a, dtype=torch.float32) / 255.0 - 0.286) / 0.353).unsqueeze(1)
 
     lab = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+    val = (img(xtr[val_idx]), lab(ytr[val_idx])) if len(val_idx) else (None, None)
     return Task(img(xtr[train_idx]), lab(y), lab(y_clean), torch.as_tensor(flipped), img(xtr[meta_idx]),
-                lab(ytr[meta_idx]), img(xte[test_idx]), lab(yte[test_idx]))
+                lab(ytr[meta_idx]), img(xte[test_idx]), lab(yte[test_idx]), *val)
 
 
 def make_model(kind: str) -> nn.Module:
@@ -190,6 +199,8 @@ def run_method(method: str, task: Task, cfg: Dict, seed: int) -> Dict:
         if flags.any():
             out["weight_auroc"] = auroc(last["weight"], ~flags)
     out.update(seconds=time.perf_counter() - start, test_acc=accuracy(model, task.x_test, task.y_test))
+    if task.x_val is not None:
+        out["val_acc"] = accuracy(model, task.x_val, task.y_val)
     return out
 
 
@@ -205,6 +216,7 @@ def meta_trainer(method: str, model: nn.Module, opt, loader: DataLoader, task: T
         meta_loader = DataLoader(meta, batch_size=min(cfg["batch_size"], len(meta)), shuffle=True,
                                  generator=torch.Generator().manual_seed(seed + 1))
         objective = previous.objective if previous else MetaWeightNet(hidden=cfg["mwnet_hidden"],
+                                                                      normalize=cfg["mwnet_normalize"],
                                                                       meta_lr=cfg["meta_lr"])
         return MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader, **common)
     if previous is not None:
@@ -256,13 +268,16 @@ def paired_gains(per_seed: List[Dict], method: str = "mwnet", reference: str = "
     return f"{LABELS[method]} − {LABELS[reference]}, paired by seed, points: " + "; ".join(parts) if parts else ""
 
 
-def merge_results(paths: List[str]) -> Dict:
+def merge_results(paths: List[str], replace: bool = False) -> Dict:
     """Several runs' JSON (e.g. extra seeds for one setting, or one method run apart) as one result: the first
-    run's config with every run's seeds, settings and methods."""
+    run's config with every run's seeds, settings and methods. With ``replace``, a later file's row replaces an
+    earlier one for the same setting, method and seed (a re-run); otherwise every row is kept."""
     import json
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     per_seed = [r for run in runs for r in run["per_seed"]]
+    if replace:
+        per_seed = list({(r["setting"], r["method"], r["seed"]): r for r in per_seed}.values())
     present = lambda key, order: [v for v in order if any(r[key] == v for r in per_seed)]  # noqa: E731
     config = dict(runs[0]["config"], seeds=sorted({r["seed"] for r in per_seed}),
                   settings=present("setting", SETTINGS), methods=present("method", METHODS))
@@ -302,6 +317,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.add_argument("--from-json", metavar="FILE", nargs="+",
                    help="print the table (and --plot, --out) of finished runs, merged; no training")
+    p.add_argument("--replace", action="store_true",
+                   help="with --from-json: a later file's run replaces an earlier one with the same setting, method "
+                        "and seed")
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args, QUICK if args.quick else FULL)
@@ -310,7 +328,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if bad:
             raise ConfigError(f"config key {key!r}: unknown {bad}; choose from {list(allowed)}")
     if args.from_json:
-        result = merge_results(args.from_json)
+        result = merge_results(args.from_json, replace=args.replace)
         print(results_table(result["per_seed"], result["config"]))
         print(paired_gains(result["per_seed"]))
         write_json(args.out, result)
