@@ -235,14 +235,14 @@ def _run_config(tmp_path_factory, name, overrides):
 
 @pytest.fixture(scope="module")
 def random_image_result(tmp_path_factory):
-    """The first image setting (teacher corrupted on a random 30%) on seeds 0-2 (about 10 minutes, one process)."""
+    """The first image setting (teacher corrupted on a random 30%) on seeds 0-2 (about 3 minutes, one process)."""
     return _run_config(tmp_path_factory, "image_random", ["seeds=[0,1,2]", "agree_alphas=[]"])
 
 
 @pytest.fixture(scope="module")
 def image_result(tmp_path_factory):
     """The primary image setting (teacher corrupted on 3 classes, 30% flipped labels, 15% outliers) on its ten
-    reported fresh seeds 2-11, without the oracle reference (about 13 minutes, one process)."""
+    reported fresh seeds 2-11, without the oracle reference (about 9 minutes, one process)."""
     return _run_config(tmp_path_factory, "image", ["oracle_alphas=[]"])
 
 
