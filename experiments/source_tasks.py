@@ -11,7 +11,13 @@ no commonsense QA data installs offline, so these substitute for it.
    the sources' pooled standard deviation to a mean squared row norm of ``text_sq_norm`` (one shared classifier,
    so no per-source heads are needed): Women's reviews recommended and rating >= 4 vs <= 2 (3s dropped, so the
    label is polarity; related, relatedness 1), department Tops vs Dresses and 2016-debate party Democratic vs
-   Republican (unrelated, 0), and a copy of the recommended task with its labels shuffled (harmful, -1).
+   Republican (unrelated, 0), and a label-shuffled source (harmful, -1): the recommended task's rows with their
+   labels shuffled (``text_shuffled_from: recommended``, the shipped config), or Rotten Tomatoes snippets from
+   outside the fixed test + target subset (``rotten_tomatoes``); ``text_shuffled_size`` rows of either (0: 2,000).
+   The shuffle (:func:`uncorrelated_shuffle`) keeps the labels but agrees with the true ones at the chance rate;
+   ``text_shuffle_seed`` picks another draw. Measured alone (``transfer_gain``), no such source was reliably more
+   harmful than the department task: a linear model fits only the shuffled labels' sampling noise, a random
+   direction that fine-tuning largely undoes (RESULTS.md).
    Binary tasks keep one label space; a head per source would hide a shuffled source's damage in its own head.
    ``text_overrides`` sets meta-training keys (and seeds) for this setup only. With ``measure_transfer`` each
    source's transfer is also measured directly: uniform Reptile on that source alone, then the same fine-tuning,
@@ -56,7 +62,8 @@ DEFAULTS = dict(
     gen_dim=20, gen_cosines=[1.0, 0.7, 0.3, 0.0, -0.5], gen_source_size=2000, gen_flip=0.0,
     gen_target_sizes=[10, 40], gen_test_size=4000,
     text_target_sizes=[100, 500], text_source_size=2000, text_test_size=3000, text_hidden=0, text_encoder="wordllama",
-    text_rt_size=0, text_sq_norm=0,
+    text_rt_size=0, text_sq_norm=0, text_shuffled_from="recommended", text_shuffled_size=0,
+    text_shuffle_seed=None,
     meta_iterations=300, per_source=16, inner_steps=3, inner_lr=0.01, weight_decay=0.0, step_size=3.0, target_batch=32,
     mode="sample", policy_hidden=32, meta_lr=0.02, entropy_coef=1.0, baseline_decay=0.9, mixture_noise=0.5,
     finetune_epochs=30, finetune_lr=0.1, seeds=[0, 1, 2],
@@ -131,6 +138,48 @@ def _embed_rows(texts: List[str], rows: Dict[str, np.ndarray], encoder: str) -> 
     return {k: feats[[where[int(r)] for r in idx]] for k, idx in rows.items()}
 
 
+SHUFFLED_FROM = ("recommended", "rotten_tomatoes")
+
+
+def uncorrelated_shuffle(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """A permutation of the binary labels ``y`` that is uncorrelated with ``y``: within each true class, the rows that
+    come first in the random permutation ``order`` get the 1s, each class as many as its share of all the 1s.
+
+    A plain random permutation of ``m`` labels agrees with the true labels at ``0.5 ± 0.5/sqrt(m)``; on 100 rows a
+    draw agreed 40% of the time, which makes the "shuffled" source partly a flipped one. Here the agreement is the
+    chance rate ``p² + (1-p)²`` (``p``: the share of 1s) for every draw, up to rounding to whole rows.
+    """
+    ones = int(y.sum())
+    ones_among_ones = round(ones * ones / len(y))
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))  # each row's position in the random order
+    out = torch.zeros_like(y)
+    for cls, take in ((1, ones_among_ones), (0, ones - ones_among_ones)):
+        rows = torch.nonzero(y == cls).flatten()
+        out[rows[rank[rows].argsort()][:take]] = 1
+    return out
+
+
+def _shuffled_source(cfg: Dict, recommended: Tuple[torch.Tensor, torch.Tensor], rt_texts: List[str],
+                     rt_labels: np.ndarray, rt_spare: np.ndarray) -> Tuple[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """The harmful source's name and rows before its labels are shuffled (``text_shuffled_from``): the Women's
+    "recommended" task's own rows, or Rotten Tomatoes snippets outside the fixed test + target subset; the first
+    ``text_shuffled_size`` rows of either (0: as many as the recommended task has)."""
+    kind, size = cfg["text_shuffled_from"], cfg["text_shuffled_size"] or len(recommended[1])
+    if size > len(recommended[1]):
+        raise ValueError(f"text_shuffled_size must be at most the recommended task's {len(recommended[1])} rows")
+    if kind == "recommended":
+        return "shuffled recommended", (recommended[0][:size], recommended[1][:size])
+    if kind != "rotten_tomatoes":
+        raise ValueError(f"text_shuffled_from must be one of {SHUFFLED_FROM}, got {kind!r}")
+    if not cfg["text_rt_size"] or len(rt_spare) < size:
+        raise ValueError(f"a shuffled Rotten Tomatoes source needs {size} snippets outside the first text_rt_size "
+                         f"= {cfg['text_rt_size']} (0 = all); only {len(rt_spare)} are left")
+    rows = rt_spare[:size]
+    return "shuffled rotten tomatoes", (_embed_rows(rt_texts, {"rt": rows}, cfg["text_encoder"])["rt"],
+                                        torch.as_tensor(rt_labels[rows], dtype=torch.long))
+
+
 def text_setup(cfg: Dict) -> Setup:
     from metareweight.data.text import load_debates, load_rotten_tomatoes, load_womens_reviews
 
@@ -154,15 +203,19 @@ def text_setup(cfg: Dict) -> Setup:
     deb_rows = {"debate party": _balanced(rng, deb_y, n)}
     sources["debate party"] = (_embed_rows(deb.statement.astype(str).tolist(), deb_rows, enc)["debate party"],
                                torch.as_tensor(deb_y[deb_rows["debate party"]], dtype=torch.long))
-    x, y = sources["women recommended"]  # the harmful source: the same texts with their labels shuffled
-    sources["shuffled recommended"] = (x, y[torch.from_numpy(rng.permutation(len(y)))])
-    relatedness = {"women recommended": 1.0, "women rating>=4": 1.0, "women dept tops/dresses": 0.0,
-                   "debate party": 0.0, "shuffled recommended": -1.0}
-
+    shuffle = torch.from_numpy(rng.permutation(len(sources["women recommended"][1])))  # the harmful source's labels
     rt_texts, rt_labels = load_rotten_tomatoes()
-    order = rng.permutation(len(rt_texts))[:cfg["text_rt_size"] or None]  # a fixed RT subset (test + target pool)
+    rt_perm = rng.permutation(len(rt_texts))
+    order = rt_perm[:cfg["text_rt_size"] or None]  # a fixed RT subset (test + target pool)
     x_rt = _embed_rows(rt_texts, {"rt": order}, enc)["rt"]
     y_rt = torch.as_tensor(rt_labels[order], dtype=torch.long)
+    name, (x, y) = _shuffled_source(cfg, sources["women recommended"], rt_texts, rt_labels, rt_perm[len(order):])
+    seed = cfg["text_shuffle_seed"]  # None: the order drawn above, restricted to the source's rows
+    order = shuffle[shuffle < len(y)] if seed is None else torch.randperm(len(y), generator=torch.Generator()
+                                                                           .manual_seed(seed))
+    sources[name] = (x, uncorrelated_shuffle(y, order))
+    relatedness = {"women recommended": 1.0, "women rating>=4": 1.0, "women dept tops/dresses": 0.0,
+                   "debate party": 0.0, name: -1.0}
     test, pool = slice(0, cfg["text_test_size"]), slice(cfg["text_test_size"], None)
     # centre each dataset on its own mean (no labels involved; removes the domain offset that otherwise dominates
     # every gradient) and scale all by the sources' pooled standard deviation, times sqrt(text_sq_norm / dim) so

@@ -256,6 +256,41 @@ def test_embed_cache_is_keyed_by_encoder(monkeypatch, tmp_path):
     assert sorted(f.name.split("_")[0] for f in tmp_path.glob("*.npy")) == ["minilm384", "wordllama256"]
 
 
+@pytest.mark.parametrize("rows, share", [(100, 0.53), (2000, 0.5), (37, 0.3)])
+def test_uncorrelated_shuffle_permutes_the_labels_and_agrees_at_the_chance_rate(rows, share):
+    from experiments.source_tasks import uncorrelated_shuffle
+
+    g = torch.Generator().manual_seed(rows)
+    y = (torch.rand(rows, generator=g) < share).long()
+    p = float(y.float().mean())
+    draws = [uncorrelated_shuffle(y, torch.randperm(rows, generator=g)) for _ in range(20)]
+    for z in draws:
+        assert int(z.sum()) == int(y.sum())  # the same labels, reordered
+        assert abs(float((z == y).float().mean()) - (p * p + (1 - p) ** 2)) <= 1.0 / rows  # up to one row
+    assert len({tuple(z.tolist()) for z in draws}) == 20  # the order decides which rows get which label
+
+
+def test_shuffled_rotten_tomatoes_source_takes_snippets_outside_the_test_and_target_subset(monkeypatch):
+    import experiments.source_tasks as st
+
+    monkeypatch.setattr(st, "_embed_rows", lambda texts, rows, encoder: {
+        k: torch.tensor([[float(texts[i])] for i in idx]) for k, idx in rows.items()})
+    texts, labels = [str(i) for i in range(50)], np.arange(50) % 2
+    recommended = (torch.zeros(20, 1), torch.zeros(20, dtype=torch.long))
+    spare = np.arange(50)[::-1][:20]  # rows 49..30: what the fixed 30-row subset leaves
+    cfg = {"text_shuffled_from": "rotten_tomatoes", "text_shuffled_size": 8, "text_rt_size": 30, "text_encoder": "x"}
+    name, (x, y) = st._shuffled_source(cfg, recommended, texts, labels, spare)
+    assert name == "shuffled rotten tomatoes" and x.flatten().tolist() == list(range(49, 41, -1))
+    assert y.tolist() == labels[49:41:-1].tolist()  # true labels here; text_setup shuffles them
+    assert st._shuffled_source({**cfg, "text_shuffled_from": "recommended"}, recommended, texts, labels,
+                               spare)[0] == "shuffled recommended"
+    with pytest.raises(ValueError, match="outside the first text_rt_size"):
+        st._shuffled_source({**cfg, "text_shuffled_size": 20, "text_rt_size": 40}, recommended, texts, labels,
+                            spare[:10])
+    with pytest.raises(ValueError, match="text_shuffled_from"):
+        st._shuffled_source({**cfg, "text_shuffled_from": "imdb"}, recommended, texts, labels, spare)
+
+
 def _claims(result, margin):
     """The policy ranks sources by relatedness, the harmful source gets the least, Meta-RTL wins by ``margin``."""
     weights = result["policy_weights"]
@@ -311,7 +346,7 @@ def _gain(r):
 
 @pytest.mark.slow
 def test_text_meta_rtl_beats_both_baselines_more_at_the_smaller_target(text_sizes):
-    """Seeds 3-7 (not the seeds the text settings were chosen on): measured +0.009 / +0.004 over the better
+    """Seeds 3-7 (not the seeds the text settings were chosen on): measured +0.011 / +0.0024 over the better
     baseline at n = 100 / 500, and Meta-RTL ahead of both in every seed at both sizes."""
     small, large = text_sizes
     assert _gain(small) > 0.005 and _gain(large) > 0.002, (_gain(small), _gain(large))
@@ -331,12 +366,24 @@ def test_text_policy_ranks_sources_and_puts_the_shuffled_copy_last_at_n100(text_
         w, g = r["policy_weights"], r["transfer_gain"]
         related = [k for k, v in r["relatedness"].items() if v > 0]
         assert min(w[k] for k in related) > max(v for k, v in w.items() if k not in related), w
-        assert min(g[k] for k in related) > 0 > max(v for k, v in g.items() if k not in related), g
+        assert min(g[k] for k in related) > 0.003 + max(v for k, v in g.items() if k not in related), g  # 0.029 / 0.005
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="at n = 500 the department source gets the least weight; measured alone it "
-                                       "is also the most harmful source (-0.008 vs -0.002 for the shuffled copy)")
+def test_text_department_not_the_shuffled_copy_is_the_most_harmful_source_measured_alone(text_sizes):
+    """Why the n = 500 claim below fails: Reptile on each source alone, then fine-tuning, measured -0.036 / -0.008
+    for the department task against -0.009 / +0.001 for the shuffled copy (n = 100 / 500)."""
+    for r in text_sizes:
+        g = r["transfer_gain"]
+        assert min(g, key=g.get) == "women dept tops/dresses", g
+        assert g["women dept tops/dresses"] < g["shuffled recommended"] - 0.005, g
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="at n = 500 the department source gets the least weight (0.04 vs 0.10 for "
+                                       "the shuffled copy); measured alone it is also the most harmful source (-0.008 "
+                                       "vs +0.001), and no label-shuffled construction tried was reliably more "
+                                       "harmful (RESULTS.md)")
 def test_text_policy_puts_the_shuffled_copy_last_at_n500(text_sizes):
     w = text_sizes[1]["policy_weights"]
     assert min(w, key=w.get) == "shuffled recommended", w
