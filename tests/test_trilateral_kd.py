@@ -292,7 +292,7 @@ def test_image_alpha_by_group(image_result):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="not met with class corruption and flipped labels: TGeo − TGeo without T̄ "
-                                       "+0.0025 ± 0.0067 over seeds 2-11 (6 of 10 seeds lower without T̄). T̄ is a "
+                                       "+0.0025 ± 0.0067 over seeds 2-11 (5 of 10 seeds lower without T̄). T̄ is a "
                                        "function of the given label, so with G and S in the features it adds no "
                                        "information, only a representation (experiments/RESULTS.md)")
 def test_image_tbar_ablation_hurts(image_result):
