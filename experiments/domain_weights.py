@@ -5,9 +5,10 @@
     python experiments/domain_weights.py --task prm --set seeds=[0,1,2] epochs=40 --plot docs/img/domain_weights_prm.png
 
 ``--task prm``: a small slot-shared process reward model scores arithmetic-chain step prefixes
-(:mod:`metareweight.data.prm`); training domains of known quality (clean ×2, trivially easy, shifted sibling task,
-inverted step labels); the meta set is whole solutions with outcome labels and DreamPRM's aggregation loss;
-metric: best-of-N selection accuracy on held-out problems.
+(:mod:`metareweight.data.prm`); training domains of known quality (clean ×2, trivially easy, shifted sibling task
+whose solver falls back on the target rule in ``shifted_habit`` of its steps, inverted step labels); the meta set
+is whole solutions with outcome labels and DreamPRM's aggregation loss; metric: best-of-N selection accuracy on
+held-out problems. ``fd_scale``: ``optimizer`` (default) or ``plain`` (Betty's unscaled darts).
 ``--task text``: Women's E-Commerce reviews (positive = rating ≥ 4, negative = rating ≤ 3), one domain per
 department, each with its own injected label-flip rate; frozen WordLlama features, an MLP classifier, a clean meta
 set; metric: clean test accuracy.
@@ -39,12 +40,14 @@ from metareweight.data import prm  # noqa: E402
 from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss  # noqa: E402
 
 COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hidden=64, lr=1e-3, lr_schedule="constant",
-              meta_lr=0.05, hypergrad="finite_difference", unroll_steps=5)
+              meta_lr=0.05, hypergrad="finite_difference", unroll_steps=5, fd_scale="optimizer")
 LR_SCHEDULES = ("constant", "cosine")
+# the finite difference's direction: v scaled by the lower optimizer's step scale, or v itself (Betty's darts)
+FD_SCALES = {"optimizer": "optimizer", "plain": 1.0}
 DEFAULTS = {
     "prm": dict(COMMON, epochs=40, hidden=64, lr=3e-3, lr_schedule="cosine", meta_batch_size=200, meta_lr=0.01,
                 warmup_epochs=5, train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300,
-                candidates=8, completions=16, step_error=0.12, completion_error=0.03),
+                candidates=8, completions=16, step_error=0.12, completion_error=0.03, shifted_habit=0.0),
     "text": dict(COMMON, epochs=20, batch_size=32, meta_batch_size=300, meta_lr=0.02,
                  departments=["Tops", "Dresses", "Bottoms", "Intimate", "Jackets"],
                  noise_rates=[0.0, 0.15, 0.3, 0.45, 0.6], train_per_domain=300, meta_size=300, test_size=1500),
@@ -102,6 +105,13 @@ def lr_scheduler(optimizer, cfg: Dict):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1.0 + np.cos(np.pi * e / epochs)))
 
 
+def fd_scale(cfg: Dict):
+    """The ``fd_scale`` config value as :meth:`DomainWeights.trainer_options` takes it."""
+    if cfg["fd_scale"] not in FD_SCALES:
+        raise ValueError(f"fd_scale must be one of {sorted(FD_SCALES)}, got {cfg['fd_scale']!r}")
+    return FD_SCALES[cfg["fd_scale"]]
+
+
 def train_uniform(model, optimizer, loader, objective: DomainWeights, epochs: int, scheduler=None,
                   evaluate: Optional[Callable] = None) -> List[float]:
     """The baseline: the same weighted loss with every domain weight at 1 (φ = 0, never updated). Returns
@@ -150,7 +160,7 @@ def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorInde
     trainer = MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader,
                           callbacks=[traj, EpochMetric(evaluate, curve_learned)],
                           adam_preconditioner="fixed", progress=False, scheduler=sched,
-                          **DomainWeights.trainer_options(cfg["hypergrad"], cfg["unroll_steps"]))
+                          **DomainWeights.trainer_options(cfg["hypergrad"], cfg["unroll_steps"], fd_scale(cfg)))
     trainer.fit(epochs=cfg["epochs"] - cfg["warmup_epochs"])
     # the reported metric is the final epoch's, for both runs
     return {"seed": seed, "metric_uniform": curve_uniform[-1], "metric_learned": curve_learned[-1],
@@ -161,13 +171,15 @@ def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorInde
 
 # ---- task A: process reward model ---------------------------------------------------------------------------------
 def prm_task(seed: int, cfg: Dict):
-    names = list(prm.PRM_DOMAINS)
+    domains = prm.prm_domains(cfg["shifted_habit"])
+    names = list(domains)
     if len(cfg["train_solutions"]) != len(names):
         raise ValueError(f"train_solutions needs one count per PRM domain {names}")
     rng = np.random.default_rng(seed)
     xs, ys, ds = [], [], []
     for k, (name, n) in enumerate(zip(names, cfg["train_solutions"])):
-        f, lab = prm.domain_examples(rng, name, n, cfg["completions"], cfg["step_error"], cfg["completion_error"])
+        f, lab = prm.domain_examples(rng, name, n, cfg["completions"], cfg["step_error"], cfg["completion_error"],
+                                     domains)
         xs.append(f), ys.append(lab), ds.append(np.full(len(lab), k))
     train = TensorIndexedDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
                                  domain=torch.from_numpy(np.concatenate(ds)))
@@ -190,7 +202,7 @@ def prm_task(seed: int, cfg: Dict):
     make_objective = lambda: DomainWeights(len(names), loss="mse", aggregation="step_mse",  # noqa: E731
                                            meta_lr=cfg["meta_lr"], names=names)
     make_model = lambda: SlotPRM(cfg["hidden"])  # noqa: E731
-    quality = {n: prm.PRM_DOMAINS[n][0] for n in names}
+    quality = {n: domains[n][0] for n in names}
     extra = {"random_pick": float(correct.mean()), "oracle": float(correct.any(1).mean())}
     return train, meta, make_model, make_objective, best_of_n, quality, extra
 

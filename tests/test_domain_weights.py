@@ -82,8 +82,31 @@ def test_a_declared_domain_that_never_appears_fails_after_the_first_epoch():
         trainer.fit(epochs=1)
 
 
+def _step_kinds(sols):
+    """Masks of the steps that follow the target rule (``± a``) and the shifted sibling's rule (``± (a + 1)``)."""
+    prev = np.concatenate([sols.start[:, None], sols.claimed[:, :-1]], 1)
+    change, real = sols.claimed - prev, prm.step_mask(sols)
+    return (change == sols.sign * sols.operand) & real, (change == sols.sign * (sols.operand + 1)) & real, real
+
+
+def test_shifted_solver_habit_writes_target_rule_steps_that_its_own_labels_mark_wrong():
+    """The shifted domain's conflict with the target task: with ``habit`` 0.3 about 30 % of its steps are correct
+    under the target rule, and its Monte-Carlo labels (from its own rule) score them far below its own correct steps."""
+    rng = np.random.default_rng(0)
+    sols = prm.sample_solutions(rng, 1000, offset=1, habit=0.3)
+    labels = prm.mc_labels(rng, sols, 16, 0.03)
+    target_ok, own_ok, real = _step_kinds(sols)
+    assert 0.25 < target_ok.sum() / real.sum() < 0.35
+    assert labels[target_ok].mean() < 0.25 and labels[own_ok].mean() > 0.4
+    no_habit, _, real0 = _step_kinds(prm.sample_solutions(rng, 1000, offset=1))
+    assert no_habit.sum() / real0.sum() < 0.03
+    assert prm.prm_domains()["shifted"] == prm.PRM_DOMAINS["shifted"] == (0.25, {"offset": 1})
+
+
 # ---- hypergradients on a small float64 PRM problem ------------------------------------------------------------------
-def _prm_problem(unroll: int, lr: float = 0.5, seed: int = 0, aggregation: str = "step_mse"):
+def _prm_problem(unroll: int, lr: float = 0.5, seed: int = 0, aggregation: str = "step_mse", adam_warm_steps=None):
+    """``adam_warm_steps``: use Adam (lr 1e-3, fixed preconditioner) warmed by that many real steps, as in training;
+    ``None``: plain SGD with ``lr``."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     k = 4
@@ -100,8 +123,16 @@ def _prm_problem(unroll: int, lr: float = 0.5, seed: int = 0, aggregation: str =
     meta = Batch(torch.from_numpy(prm.prefix_features(meta_sols)).double(),
                  torch.from_numpy(meta_sols.correct().astype(np.float64)),
                  extras={"step_mask": torch.from_numpy(prm.step_mask(meta_sols))})
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    fopt = FunctionalOptimizer.from_torch(opt, model)
+    if adam_warm_steps is None:
+        opt, preconditioner = torch.optim.SGD(model.parameters(), lr=lr), "differentiable"
+    else:
+        opt, preconditioner = torch.optim.Adam(model.parameters(), lr=1e-3), "fixed"
+        for _ in range(adam_warm_steps):
+            idx = torch.from_numpy(rng.integers(0, len(y), 16))
+            opt.zero_grad()
+            obj.inner_terms(model, Batch(x[idx], y[idx], extras={"domain": dom[idx]})).loss().backward()
+            opt.step()
+    fopt = FunctionalOptimizer.from_torch(opt, model, preconditioner)
     return BilevelProblem(model=model, params={n: p.detach() for n, p in model.named_parameters()}, buffers={},
                           optimizer=fopt, opt_state=fopt.read_state(), meta_params=obj.meta_parameters(),
                           inner=obj.inner_terms, outer=obj.outer_loss, train_batches=batches, meta_batch=meta)
@@ -130,6 +161,23 @@ def test_darts_finite_difference_agrees_in_direction_with_the_exact_hypergradien
     assert cos > (0.999 if unroll == 1 else 0.9), cos
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_optimizer_scaled_darts_is_the_exact_one_step_hypergradient_under_adam(seed):
+    problem = _prm_problem(1, seed=seed, adam_warm_steps=20)
+    exact = Unrolled()(problem).grads
+    assert _cosine(exact, FiniteDifference(alpha=0.01)(problem).grads) > 0.9999
+
+
+@pytest.mark.xfail(strict=True, reason="measured: with a warm Adam (fixed preconditioner) and 5 steps the "
+                   "optimizer-scaled finite difference has cosine 0.84, 0.36, -0.26, 0.87 with the exact hypergradient "
+                   "(seeds 0-3; -0.30 to 0.87 on seeds 0-7) and a 6-50x larger norm: FiniteDifference scales steps "
+                   "2..5 with an empty Adam state, i.e. lr/|g| per coordinate (core, reported to the lead)")
+def test_optimizer_scaled_darts_agrees_with_the_exact_hypergradient_under_adam_over_five_steps():
+    for seed in range(4):
+        problem = _prm_problem(5, seed=seed, adam_warm_steps=20)
+        assert _cosine(Unrolled()(problem).grads, FiniteDifference(alpha=0.01)(problem).grads) > 0.9, seed
+
+
 def test_fast_exact_one_step_hypergradient_agrees_with_unrolled():
     from metareweight import available_methods, get_hypergradient
     if "fast" not in available_methods():
@@ -153,6 +201,15 @@ def test_each_config_loads(path):
     task = "text" if "text" in path.name else "prm"
     cfg = load_config(str(path), dw.DEFAULTS[task])
     assert set(dw.DEFAULTS[task]) <= set(cfg)
+
+
+def test_fd_scale_config_reaches_the_finite_difference():
+    dw = _script()
+    assert dw.fd_scale(dict(fd_scale="plain")) == 1.0 and dw.fd_scale(dict(fd_scale="optimizer")) == "optimizer"
+    with pytest.raises(ValueError, match="fd_scale must be one of"):
+        dw.fd_scale(dict(fd_scale="betty"))
+    assert DomainWeights.trainer_options(fd_scale=1.0)["hypergrad_options"] == {"alpha": 0.01, "scale": 1.0}
+    assert DomainWeights.trainer_options("unrolled")["hypergrad_options"] is None
 
 
 KEYS = {"domain_weights", "domain_quality", "quality_rank_corr", "metric_uniform", "metric_learned", "metric_name"}
@@ -182,40 +239,82 @@ def test_text_script_smoke(tmp_path):
                                                  "Jackets": 0.4})
 
 
-def _check_claims(r, clean, bad, bad_on_mean=()):
-    """The issue's claims, with margins: rank order (the mean weights and every seed), clean above 1 and bad below 1
-    (mean over seeds and every seed; ``bad_on_mean`` domains below 1 on the mean weights only), and learned weights
-    at least as good as uniform on average and in every seed but by a small slack."""
-    assert r["quality_rank_corr"] >= 0.8, r["domain_weights"]
-    assert all(s["quality_rank_corr"] >= 0.8 for s in r["per_seed"]), [s["domain_weights"] for s in r["per_seed"]]
-    assert all(r["domain_weights"][n] < 1.0 for n in bad_on_mean), r["domain_weights"]
-    for s in [r] + r["per_seed"]:
-        w = s["domain_weights"]
-        assert all(w[n] > 1.05 for n in clean) and all(w[n] < 0.95 for n in bad), w
-    assert r["metric_learned"] >= r["metric_uniform"] + 0.01
+def _check_mean_claims(r, clean, bad, gain=0.01):
+    """The issue's claims on the means over seeds, with margins: the mean weights ranked by quality (Spearman at
+    least 0.8), clean domains above 1.05 and bad ones below 0.95, learned weights better than uniform by ``gain``
+    on average and at least as good (but for a 0.005 slack) in every seed."""
+    w = r["domain_weights"]
+    assert r["quality_rank_corr"] >= 0.8, w
+    assert all(w[n] > 1.05 for n in clean) and all(w[n] < 0.95 for n in bad), w
+    assert r["metric_learned"] >= r["metric_uniform"] + gain
     assert all(s["metric_learned"] >= s["metric_uniform"] - 0.005 for s in r["per_seed"]), r["per_seed"]
 
 
-PRM_CLAIMS = dict(clean=["clean_a", "clean_b"], bad=["noisy"], bad_on_mean=["shifted"])
+def _check_every_seed(r, clean, bad, margin=0.05):
+    """The ranking claims in every single seed: Spearman at least 0.8, clean above 1 + ``margin``, bad below
+    1 − ``margin``."""
+    for s in r["per_seed"]:
+        w = s["domain_weights"]
+        assert s["quality_rank_corr"] >= 0.8, (s["seed"], w)
+        assert all(w[n] > 1 + margin for n in clean) and all(w[n] < 1 - margin for n in bad), (s["seed"], w)
+
+
+def _check_claims(r, clean, bad):
+    _check_mean_claims(r, clean, bad)
+    _check_every_seed(r, clean, bad)
+
+
+def _run_prm(config: str, seeds=None):
+    args = ["--task", "prm", "--config", str(ROOT / "configs" / config)]
+    return _script().main(args + (["--seeds", *map(str, seeds)] if seeds else []))
+
+
+PRM_CLEAN, PRM_BAD = ["clean_a", "clean_b"], ["shifted", "noisy"]
+CONFLICT = "domain_weights_prm_conflict.yaml"
+FRESH_SEEDS = list(range(25, 35))
+
+
+@pytest.fixture(scope="module")
+def prm_fresh():
+    """The primary PRM configuration on fresh seeds 25-34, run once after it was fixed (about 10 minutes)."""
+    return _run_prm(CONFLICT, FRESH_SEEDS)
 
 
 @pytest.mark.slow
-def test_prm_learned_domain_weights_order_domains_and_beat_uniform_best_of_n():
-    """The configured seeds 0-4 (about 8 minutes), on which the configuration was chosen (RESULTS.md): shifted is
-    below 1 on the mean weights (0.95) but not in every seed (seed 4: 1.06), so it is asserted on the mean only."""
-    r = _script().main(["--task", "prm", "--config", str(ROOT / "configs/domain_weights_prm.yaml")])
-    _check_claims(r, **PRM_CLAIMS)
+def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_design_seeds():
+    """Design seeds 0-4 (about 5 minutes), on which shifted_habit was chosen: best-of-8 is near the oracle in both
+    runs (0.991 uniform, 0.996 learned), so the average gain is asserted only to be >= 0."""
+    r = _run_prm(CONFLICT)
+    _check_mean_claims(r, PRM_CLEAN, PRM_BAD, gain=0.0)
+    assert all(s["domain_weights"]["noisy"] < 0.95 for s in r["per_seed"]), r["per_seed"]
+
+
+@pytest.mark.slow
+def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_fresh_seeds(prm_fresh):
+    """Measured on seeds 25-34: mean weights 1.32 / 1.33 / 1.10 / 0.81 / 0.44, best-of-8 0.992 learned vs 0.975
+    uniform, learned >= uniform in all 10 seeds; clean above 1 (>= 1.06) and noisy below 1 (<= 0.58) in every seed."""
+    _check_mean_claims(prm_fresh, PRM_CLEAN, PRM_BAD)
+    for s in prm_fresh["per_seed"]:
+        w = s["domain_weights"]
+        assert all(w[n] > 1.0 for n in PRM_CLEAN) and w["noisy"] < 0.95, (s["seed"], w)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="measured (RESULTS.md): in fresh seed 27 (and design seed 3) shifted ends "
+                   "above 1 (1.44; 1.36) and Spearman is 0.36; shifted is below 1 in the other 9 fresh seeds")
+def test_prm_every_fresh_seed_ranks_the_domains(prm_fresh):
+    _check_every_seed(prm_fresh, PRM_CLEAN, PRM_BAD)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seeds", [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], ids=["seeds5-9", "seeds10-14"])
-@pytest.mark.xfail(strict=False, reason="not met on fresh seeds as measured (RESULTS.md): the learned run stays on the "
-                   "pre-step-check plateau in seeds 5 and 12 (best-of-8 0.78 and 0.72), and shifted is 1.03 on the "
-                   "mean weights of seeds 10-14")
-def test_prm_claims_on_fresh_seeds(seeds):
-    r = _script().main(["--task", "prm", "--config", str(ROOT / "configs/domain_weights_prm.yaml"),
-                        "--seeds", *map(str, seeds)])
-    _check_claims(r, **PRM_CLAIMS)
+@pytest.mark.xfail(strict=False, reason="the previous configuration (no solver habit, 5-epoch warm-up), as measured "
+                   "(RESULTS.md): the learned run stays on the pre-step-check plateau in seeds 5 and 12 (best-of-8 0.78 "
+                   "and 0.72), and shifted is 1.03 on the mean weights of seeds 10-14")
+def test_prm_previous_configuration_claims_on_fresh_seeds(seeds):
+    r = _run_prm("domain_weights_prm.yaml", seeds)
+    _check_mean_claims(r, PRM_CLEAN, PRM_BAD)
+    _check_every_seed(r, ["clean_a", "clean_b"], ["noisy"])
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ Training domains of known quality (:data:`PRM_DOMAINS`) differ in how their data
 - ``clean``: the target distribution, honest MC labels (quality 1);
 - ``easy``: one- or two-step chains solved without error, labels ≈ 1 (correct but uninformative; quality 0.5);
 - ``shifted``: a sibling task whose operators mean ``±(a + 1)`` (an off-by-one convention); its MC labels follow
-  its own rule, so its correct steps look like the target task's ±1 errors and are labelled right (quality 0.25);
+  its own rule, so its correct steps look like the target task's ±1 errors and are labelled right (quality 0.25).
+  With ``prm_domains(shifted_habit=h)`` its solver also falls back on the target rule in a fraction ``h`` of its
+  steps, and its labels mark those target-correct steps wrong: a conflict on the steps a target verifier checks;
 - ``noisy``: target-distribution chains whose step labels were inverted (``1 − p``) with probability
   ``flip`` (quality 0).
 
@@ -103,22 +105,27 @@ def sample_problems(rng: np.random.Generator, n: int, steps=(3, MAX_STEPS), max_
     return Solutions(start, length, sign, operand, np.zeros((n, MAX_STEPS), np.int64), offset)
 
 
-def solve(rng: np.random.Generator, problems: Solutions, step_error: float, max_delta: int = 3) -> Solutions:
-    """One sampled solution per problem from a policy that errs with ``step_error`` per step."""
+def solve(rng: np.random.Generator, problems: Solutions, step_error: float, max_delta: int = 3,
+          habit: float = 0.0) -> Solutions:
+    """One sampled solution per problem from a policy that errs with ``step_error`` per step. With ``habit`` > 0
+    the policy also falls back, with that probability per step, on the *target* task's rule ``previous ± a``
+    (a solver used to the target convention working on a sibling task; no effect when ``offset`` is 0)."""
     err = _errors(rng, (len(problems), MAX_STEPS), step_error, max_delta)
+    habitual = rng.random((len(problems), MAX_STEPS)) < habit if habit else np.zeros(err.shape, bool)
     claimed = np.zeros_like(problems.claimed)
     v = problems.start.copy()
     for j in range(MAX_STEPS):
         live = j < problems.length
-        v = np.where(live, problems.true_step(v, j) + err[:, j], v)
+        target_rule = v + problems.sign[:, j] * problems.operand[:, j]
+        v = np.where(live, np.where(habitual[:, j], target_rule, problems.true_step(v, j) + err[:, j]), v)
         claimed[:, j] = np.where(live, v, 0)
     return Solutions(problems.start, problems.length, problems.sign, problems.operand, claimed, problems.offset)
 
 
 def sample_solutions(rng: np.random.Generator, n: int, steps=(3, MAX_STEPS), step_error: float = 0.12,
-                     max_operand: int = 9, offset: int = 0, max_delta: int = 3) -> Solutions:
-    """``n`` fresh problems, each with one sampled solution."""
-    return solve(rng, sample_problems(rng, n, steps, max_operand, offset=offset), step_error, max_delta)
+                     max_operand: int = 9, offset: int = 0, max_delta: int = 3, habit: float = 0.0) -> Solutions:
+    """``n`` fresh problems, each with one sampled solution (``habit``: see :func:`solve`)."""
+    return solve(rng, sample_problems(rng, n, steps, max_operand, offset=offset), step_error, max_delta, habit)
 
 
 def repeat(problems: Solutions, k: int) -> Solutions:
@@ -181,14 +188,20 @@ def prefix_examples(rng: np.random.Generator, sols: Solutions, completions: int 
     return feats[mask], labels[mask].astype(np.float32), sol_id[mask]
 
 
-# name: (quality, generator settings)
-PRM_DOMAINS: Dict[str, Tuple[float, dict]] = {
-    "clean_a": (1.0, dict()),
-    "clean_b": (1.0, dict()),
-    "easy": (0.5, dict(steps=(1, 2), step_error=0.0)),
-    "shifted": (0.25, dict(offset=1)),
-    "noisy": (0.0, dict(flip=0.6)),
-}
+def prm_domains(shifted_habit: float = 0.0) -> Dict[str, Tuple[float, dict]]:
+    """The training domains ``{name: (quality, generator settings)}``; ``shifted_habit`` is the probability per
+    step that the ``shifted`` domain's solver writes the target rule's value (which its own labels mark wrong)."""
+    shifted = dict(offset=1, habit=shifted_habit) if shifted_habit else dict(offset=1)
+    return {
+        "clean_a": (1.0, dict()),
+        "clean_b": (1.0, dict()),
+        "easy": (0.5, dict(steps=(1, 2), step_error=0.0)),
+        "shifted": (0.25, shifted),
+        "noisy": (0.0, dict(flip=0.6)),
+    }
+
+
+PRM_DOMAINS: Dict[str, Tuple[float, dict]] = prm_domains()
 
 
 def domain_examples(rng: np.random.Generator, name: str, n_solutions: int, completions: int = 16,

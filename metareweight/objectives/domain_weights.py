@@ -223,16 +223,20 @@ class DomainWeights(MetaObjective):
                              "the number of domains actually present or re-number the domain ids")
 
     @staticmethod
-    def trainer_options(hypergrad: str = "finite_difference", unroll_steps: int = 5) -> Dict[str, Any]:
+    def trainer_options(hypergrad: str = "finite_difference", unroll_steps: int = 5,
+                        fd_scale: Union[str, float] = "optimizer") -> Dict[str, Any]:
         """DreamPRM's schedule as :class:`~metareweight.MetaTrainer` keyword arguments: Betty's darts finite
         difference (ε = 0.01/‖v‖), 5 lower steps per upper step, the lower steps taken with the current α and the
         upper step made at the resulting θ (``real_step="lookahead"``, Betty's alternation).
 
+        ``fd_scale`` is the finite difference's direction scale: ``"optimizer"`` multiplies ``v`` by the lower
+        optimizer's step scale, ``1.0`` is Betty's darts exactly (``v`` itself; what DreamPRM ran).
+
         Example:
-            >>> DomainWeights.trainer_options()["hypergrad_options"]
-            {'alpha': 0.01}
+            >>> DomainWeights.trainer_options(fd_scale=1.0)["hypergrad_options"]
+            {'alpha': 0.01, 'scale': 1.0}
         """
-        opts = {"alpha": 0.01} if hypergrad == "finite_difference" else None
+        opts = {"alpha": 0.01, "scale": fd_scale} if hypergrad == "finite_difference" else None
         return {"hypergrad": hypergrad, "hypergrad_options": opts, "unroll_steps": unroll_steps,
                 "real_step": "lookahead"}
 
