@@ -127,7 +127,7 @@ def test_long_schedule_lt100_config_is_the_main_config_with_four_times_the_epoch
 
 
 def test_lt100_validation_config_uses_design_seeds_and_a_validation_split_and_nothing_else_differs():
-    """The lt100 settings were chosen on seeds 100-105 and a held-out validation split, apart from the reported seeds."""
+    """lt100 settings are chosen on seeds 100-105 and a held-out validation split, apart from the reported seeds."""
     from pathlib import Path
 
     from experiments.common import load_config
@@ -172,3 +172,26 @@ def test_cnn_meta_weight_net_run_is_bitwise_the_same_under_any_python_hash_seed(
                              check=True)
         digests.add(out.stdout.strip().splitlines()[-1])
     assert len(digests) == 1, digests
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured (RESULTS.md, classic): on lt100 Meta-Weight-Net - plain = +0.1 +- 1.1 points "
+                   "over seeds 0-9 (6/10 ahead), a tie: loss-based weights give the tail classes at most ~1.2x the "
+                   "head's weight, and a larger meta lr concentrates each update on a few high-loss samples")
+def test_meta_weight_net_beats_plain_on_the_long_tail_by_more_than_one_standard_error():
+    """Must-show of issue 7 on lt100, with a real margin: the paired mean gain over the ten reported seeds exceeds its
+    standard error (sd / sqrt(10)). ~3 minutes."""
+    try:
+        from metareweight.data.datasets import load_fashion_mnist
+        load_fashion_mnist()
+    except MissingDataError as e:
+        pytest.skip(str(e))
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "classic.yaml")
+    result = classic.main(["--config", config, "--set", "methods=[plain,mwnet]", "settings=[lt100]",
+                           "seeds=[0,1,2,3,4,5,6,7,8,9]"])
+    acc = {(r["method"], r["seed"]): r["test_acc"] for r in result["per_seed"]}
+    gains = np.array([acc[("mwnet", s)] - acc[("plain", s)] for s in range(10)])
+    assert gains.mean() > gains.std(ddof=1) / np.sqrt(len(gains)), gains
