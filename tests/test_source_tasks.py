@@ -270,6 +270,20 @@ def test_uncorrelated_shuffle_permutes_the_labels_and_agrees_at_the_chance_rate(
     assert len({tuple(z.tolist()) for z in draws}) == 20  # the order decides which rows get which label
 
 
+def test_per_seed_reshuffle_draws_fresh_labels_for_each_seed_only_on_that_source():
+    from experiments.source_tasks import Setup
+
+    g = torch.Generator().manual_seed(0)
+    x, true = torch.randn(60, 3, generator=g), (torch.rand(60, generator=g) < 0.5).long()
+    data = (torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
+    fixed = Setup("t", {"a": (x, true), "noise": (x, true.flip(0))}, {"a": 1.0, "noise": -1.0}, data, data, 0)
+    assert fixed.for_seed(3) is fixed
+    redrawn = Setup(fixed.name, fixed.sources, fixed.relatedness, data, data, 0, reshuffle=("noise", true))
+    a, b, a_again = (redrawn.for_seed(s).sources for s in (3, 4, 3))
+    assert torch.equal(a["noise"][1], a_again["noise"][1]) and not torch.equal(a["noise"][1], b["noise"][1])
+    assert a["a"] is fixed.sources["a"] and a["noise"][0] is x and int(a["noise"][1].sum()) == int(true.sum())
+
+
 def test_shuffled_rotten_tomatoes_source_takes_snippets_outside_the_test_and_target_subset(monkeypatch):
     import experiments.source_tasks as st
 
@@ -344,9 +358,13 @@ def _gain(r):
     return r["acc_meta_rtl"] - max(r["acc_uniform"], r["acc_target_only"])
 
 
+def _harmful(r):
+    return next(k for k, v in r["relatedness"].items() if v < 0)
+
+
 @pytest.mark.slow
 def test_text_meta_rtl_beats_both_baselines_more_at_the_smaller_target(text_sizes):
-    """Seeds 3-7 (not the seeds the text settings were chosen on): measured +0.011 / +0.0024 over the better
+    """Seeds 3-7 (not the seeds the text settings were chosen on): measured +0.0076 / +0.0041 over the better
     baseline at n = 100 / 500, and Meta-RTL ahead of both in every seed at both sizes."""
     small, large = text_sizes
     assert _gain(small) > 0.005 and _gain(large) > 0.002, (_gain(small), _gain(large))
@@ -356,34 +374,36 @@ def test_text_meta_rtl_beats_both_baselines_more_at_the_smaller_target(text_size
 
 
 @pytest.mark.slow
-def test_text_policy_ranks_sources_and_puts_the_shuffled_copy_last_at_n100(text_sizes):
+def test_text_policy_ranks_sources_and_puts_the_shuffled_source_last_at_n100(text_sizes):
     small, large = text_sizes
     assert small["rank_corr_with_relatedness"] >= 0.8, small["policy_weights"]
     assert large["rank_corr_with_relatedness"] >= 0.7, large["policy_weights"]
     w = small["policy_weights"]
-    assert min(w, key=w.get) == "shuffled recommended", w
+    assert min(w, key=w.get) == _harmful(small), w
     for r in (small, large):  # both related sources above every other source; they also transfer best when measured
         w, g = r["policy_weights"], r["transfer_gain"]
         related = [k for k, v in r["relatedness"].items() if v > 0]
         assert min(w[k] for k in related) > max(v for k, v in w.items() if k not in related), w
-        assert min(g[k] for k in related) > 0.003 + max(v for k, v in g.items() if k not in related), g  # 0.029 / 0.005
+        assert min(g[k] for k in related) > 0.003 + max(v for k, v in g.items() if k not in related), g  # 0.03 / 0.008
 
 
 @pytest.mark.slow
-def test_text_department_not_the_shuffled_copy_is_the_most_harmful_source_measured_alone(text_sizes):
-    """Why the n = 500 claim below fails: Reptile on each source alone, then fine-tuning, measured -0.036 / -0.008
-    for the department task against -0.009 / +0.001 for the shuffled copy (n = 100 / 500)."""
+def test_text_shuffled_source_is_harmful_when_measured_alone(text_sizes):
+    """Reptile on the shuffled source alone, then fine-tuning, costs the target 0.034 / 0.011 at n = 100 / 500
+    (department: 0.035 / 0.008; the previous 2,000-row shuffled copy: 0.009 / -0.001); at n = 500 it is the most
+    harmful source."""
+    small, large = text_sizes
     for r in text_sizes:
         g = r["transfer_gain"]
-        assert min(g, key=g.get) == "women dept tops/dresses", g
-        assert g["women dept tops/dresses"] < g["shuffled recommended"] - 0.005, g
+        assert g[_harmful(r)] < -0.005 and g[_harmful(r)] < g["debate party"] - 0.005, g
+    g = large["transfer_gain"]
+    assert min(g, key=g.get) == _harmful(large), g
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="at n = 500 the department source gets the least weight (0.04 vs 0.10 for "
-                                       "the shuffled copy); measured alone it is also the most harmful source (-0.008 "
-                                       "vs +0.001), and no label-shuffled construction tried was reliably more "
-                                       "harmful (RESULTS.md)")
-def test_text_policy_puts_the_shuffled_copy_last_at_n500(text_sizes):
+@pytest.mark.xfail(strict=True, reason="at n = 500 the department source gets the least weight (0.04 vs 0.06 for the "
+                                       "shuffled source), although measured alone the shuffled source is the more "
+                                       "harmful (-0.011 vs -0.008)")
+def test_text_policy_puts_the_shuffled_source_last_at_n500(text_sizes):
     w = text_sizes[1]["policy_weights"]
-    assert min(w, key=w.get) == "shuffled recommended", w
+    assert min(w, key=w.get) == _harmful(text_sizes[1]), w
