@@ -152,12 +152,13 @@ class BilevelProblem:
         src = self.params if params is None else params
         return {k: v.detach().requires_grad_(k in self.optimizer.hypers) for k, v in src.items()}
 
-    def run_inner_steps(self, *, create_graph: bool) -> Tuple[List[Params], State]:
+    def run_inner_steps(self, *, create_graph: bool) -> Tuple[List[Params], List[State]]:
         """Take one optimizer step per train batch from θ. Returns the parameter trajectory ``[θ_0 .. θ_k]``
-        and the final optimizer state. With ``create_graph`` the trajectory is differentiable in φ."""
+        and the optimizer states ``[s_0 .. s_k]`` (``s_t``: the state step ``t`` starts from; ``s_k`` the final
+        one). With ``create_graph`` the trajectory is differentiable in φ."""
         theta = self.leaf_params()
         state = self.opt_state
-        trajectory = [theta]
+        trajectory, states = [theta], [state]
         for batch in self.train_batches:
             grads = self.step_grads(self.inner_terms(theta, batch), theta, create_graph=create_graph)
             if not create_graph:
@@ -167,7 +168,8 @@ class BilevelProblem:
                 theta = self.leaf_params(theta)
                 state = detach_state(state)
             trajectory.append(theta)
-        return trajectory, state
+            states.append(state)
+        return trajectory, states
 
 
 def detach_state(state: State) -> State:

@@ -44,26 +44,22 @@ class FiniteDifference(HypergradMethod):
             raise ValueError(f"scale must be 'optimizer' or a number, got {self.scale!r}")
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:
-        trajectory, state = problem.run_inner_steps(create_graph=False)
+        trajectory, states = problem.run_inner_steps(create_graph=False)
         theta_k = trajectory[-1]
         outer = problem.outer_loss(theta_k)
         names = problem.trainable(theta_k)
         v = torch.autograd.grad(outer, [theta_k[n] for n in names], retain_graph=True, allow_unused=True)
         v = {n: g for n, g in zip(names, v) if g is not None}
         grads = problem.meta_grads(outer)
-        state_t = problem.opt_state
-        for theta, batch in zip(trajectory[:-1], problem.train_batches):
-            u = self._scaled(problem, theta, batch, v, state_t)
+        for theta, batch, state_t in zip(trajectory[:-1], problem.train_batches, states):
+            u = self._scaled(problem, theta, batch, v, state_t)  # step t's own scale, from the state it starts from
             mixed = self.mixed_derivative(problem, theta, batch, u)
             grads = [g - m for g, m in zip(grads, mixed)]
-            state_t = None  # later steps reuse the first step's scale rule (no state-dependent momentum factor)
-        return HypergradResult(grads, float(outer.detach()), (detach_params(theta_k), state))
+        return HypergradResult(grads, float(outer.detach()), (detach_params(theta_k), states[-1]))
 
     def _scaled(self, problem, theta, batch, v, state):
         if not isinstance(self.scale, str):
             return {n: self.scale * g for n, g in v.items()}
-        if state is None:
-            state = {}
         with torch.enable_grad():
             g = problem.step_grads(problem.inner_terms(theta, batch), theta)
         scale = problem.optimizer.linear_scale(theta, g, state)

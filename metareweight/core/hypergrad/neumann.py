@@ -45,8 +45,8 @@ class Neumann(HypergradMethod):
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:
         if self.lookahead:
-            trajectory, state = problem.run_inner_steps(create_graph=False)
-            theta = trajectory[-1]
+            trajectory, states = problem.run_inner_steps(create_graph=False)
+            theta, state = trajectory[-1], states[-1]
         else:
             theta, state = problem.leaf_params(), problem.opt_state
         alpha = self.alpha if self.alpha is not None else next(iter(problem.optimizer.hypers.values())).lr

@@ -26,8 +26,8 @@ class Unrolled(HypergradMethod):
     exact = True
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:
-        trajectory, state = problem.run_inner_steps(create_graph=True)
-        theta = trajectory[-1]
+        trajectory, states = problem.run_inner_steps(create_graph=True)
+        theta, state = trajectory[-1], states[-1]
         outer = problem.outer_loss(theta)
         grads = problem.meta_grads(outer)
         return HypergradResult(grads, float(outer.detach()), (detach_params(theta), detach_state(state)))
