@@ -281,19 +281,25 @@ def prm_fresh():
     return _run_prm(CONFLICT, FRESH_SEEDS)
 
 
+FD_FIX = ("measured after the finite-difference fix (commit 6a9d630; RESULTS.md): the shifted domain ends at about 1 "
+          "(mean 1.013 on design seeds 0-4, 0.992 on fresh seeds 25-34, per seed 0.90-1.02), not below 0.95")
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=FD_FIX)
 def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_design_seeds():
     """Design seeds 0-4 (about 5 minutes), on which shifted_habit was chosen: best-of-8 is near the oracle in both
-    runs (0.991 uniform, 0.996 learned), so the average gain is asserted only to be >= 0."""
+    runs (0.991 uniform, 0.995 learned), so the average gain is asserted only to be >= 0."""
     r = _run_prm(CONFLICT)
     _check_mean_claims(r, PRM_CLEAN, PRM_BAD, gain=0.0)
     assert all(s["domain_weights"]["noisy"] < 0.95 for s in r["per_seed"]), r["per_seed"]
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=FD_FIX)
 def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_fresh_seeds(prm_fresh):
-    """Measured on seeds 25-34: mean weights 1.32 / 1.33 / 1.10 / 0.81 / 0.44, best-of-8 0.992 learned vs 0.975
-    uniform, learned >= uniform in all 10 seeds; clean above 1 (>= 1.06) and noisy below 1 (<= 0.58) in every seed."""
+    """Measured on seeds 25-34 after the finite-difference fix: mean weights 1.13 / 1.14 / 1.01 / 0.99 / 0.72,
+    best-of-8 0.988 learned vs 0.975 uniform, learned >= uniform in all 10 seeds, Spearman 0.97 in every seed."""
     _check_mean_claims(prm_fresh, PRM_CLEAN, PRM_BAD)
     for s in prm_fresh["per_seed"]:
         w = s["domain_weights"]
@@ -301,8 +307,7 @@ def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_fresh_seed
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured (RESULTS.md): in fresh seed 27 (and design seed 3) shifted ends "
-                   "above 1 (1.44; 1.36) and Spearman is 0.36; shifted is below 1 in the other 9 fresh seeds")
+@pytest.mark.xfail(strict=False, reason=FD_FIX)
 def test_prm_every_fresh_seed_ranks_the_domains(prm_fresh):
     _check_every_seed(prm_fresh, PRM_CLEAN, PRM_BAD)
 
@@ -319,6 +324,8 @@ def test_prm_previous_configuration_claims_on_fresh_seeds(seeds):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="measured after the finite-difference fix (RESULTS.md): the gain shrinks to "
+                   "+0.4 points (0.671 vs 0.667) and seed 2 is below uniform (0.673 vs 0.681); weights still ranked")
 def test_text_learned_domain_weights_order_departments_by_noise_and_beat_uniform():
     pytest.importorskip("wordllama")
     r = _script().main(["--task", "text", "--config", str(ROOT / "configs/domain_weights_text.yaml")])
