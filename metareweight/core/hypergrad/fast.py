@@ -239,7 +239,6 @@ class Fast(HypergradMethod):
         tcalls = [c.detach() for c in tcalls]
         terms_d, w = terms.detach(), weights.detach()
 
-
         def param_grad(n, coef, memo):  # memo: call index -> Σ_k coef_k ⊙ δ_k, shared by a layer's weight and bias
             out = None
             for i, c in enumerate(tcalls):
@@ -359,7 +358,8 @@ class _GramLayer:
 
     def __init__(self, A: Tensor, deltas: List[Tensor], row_weights: List[Tensor], p: Tensor,
                  spans: List[Tuple[int, int]]):
-        self.A, self.deltas, self.row_weights, self.p, self.spans = A, deltas, row_weights, p, spans
+        self.A, self.deltas, self.p, self.spans = A, deltas, p, spans
+        self.step_weights = [wk * -p for wk in row_weights]  # −p·w_k: the correction's and its backward's factor
         self.products: Dict[int, Dict[str, object]] = {}  # id(meta call output) -> {"S": .., "G": [..]}
 
     @classmethod
@@ -407,8 +407,8 @@ class _LowRankUpdate(torch.autograd.Function):
     def forward(ctx, out, am, layer, entry):
         S = am @ layer.A.T
         z = out.reshape(-1, out.shape[-1])
-        for wk, dk in zip(layer.row_weights, layer.deltas):  # one fused product per term, scale folded into S
-            z = torch.addmm(z, S * (wk * -layer.p), dk)
+        for sk, dk in zip(layer.step_weights, layer.deltas):  # one fused product per term, −p·w_k folded into S
+            z = torch.addmm(z, S * sk, dk)
         entry["S"] = S
         ctx.layer, ctx.entry = layer, entry
         return z.reshape(out.shape)
@@ -421,9 +421,9 @@ class _LowRankUpdate(torch.autograd.Function):
         ctx.entry["G"] = G
         grad_am = None
         if ctx.needs_input_grad[1]:
-            coef = G[0] * (layer.row_weights[0] * -layer.p)
-            for Gk, wk in zip(G[1:], layer.row_weights[1:]):
-                coef.addcmul_(Gk, wk * -layer.p)
+            coef = G[0] * layer.step_weights[0]
+            for Gk, sk in zip(G[1:], layer.step_weights[1:]):
+                coef.addcmul_(Gk, sk)
             grad_am = coef @ layer.A
         return g, grad_am, None, None
 
