@@ -279,8 +279,13 @@ class MetaTrainer:
         groups = {k: v for k, v in columns.items() if v is not None}
         self.weights_history.record(self.global_step, self.epoch, index, weight, **groups)
 
+    def _train_mode(self) -> None:
+        """``model.train()``, skipped when every module already trains (setting the flags costs more than checking)."""
+        if not all(m.training for m in self.model.modules()):
+            self.model.train()
+
     def _real_step(self, batch: Batch) -> float:
-        self.model.train()
+        self._train_mode()
         if self._accumulated == 0:
             self.optimizer.zero_grad(set_to_none=True)
         wt = self._replayed(batch)
@@ -313,7 +318,8 @@ class MetaTrainer:
 
     def _optimizer_step(self) -> None:
         """Average gradients across ranks, then unscale (fp16), clip, step and schedule."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad] \
+            if self.dist.enabled or self.grad_clip is not None else []  # only averaging and clipping need them
         dist_utils.all_reduce_mean_([p.grad for p in params], self.dist)
         Precision.step(self.optimizer, params, self.precision.scaler, self.grad_clip)
         self._accumulated = 0
@@ -407,7 +413,7 @@ class MetaTrainer:
 
     def _meta_step(self, batches: List[Batch]) -> Dict[str, float]:
         meta_batch = self.meta_stream.next().to(self.device)
-        self.model.train()
+        self._train_mode()
         if self.method is None:
             stats = self.objective.meta_step(self, batches, meta_batch)
             self.meta_steps += 1
