@@ -15,10 +15,11 @@ explicit, one coalesced collective each:
   logs and checkpoints.
 
 With equal shard sizes, an R-process run on a global batch equals a 1-process run on the same batch (up to
-float summation order) for methods that differentiate through the optimizer step (``"unrolled"``). Methods that
-take ``∇_θ L_out`` themselves (``"finite_difference"``, ``"neumann"``) then return the average of the per-rank
-estimates, which is close to but not the global one; ``"fast"`` is refused (its low-rank virtual step would mix
-local and global updates). Objectives whose weights are normalised over the batch use
+float summation order) for ``"unrolled"`` (it differentiates through the synchronised step) and for ``"fast"`` (it
+averages ``∇_θ' L_out`` across ranks once per meta step and uses its direct per-layer form, not the low-rank one,
+whose update would hold only the local samples). Methods that take ``∇_θ L_out`` themselves
+(``"finite_difference"``, ``"neumann"``) return the average of the per-rank estimates, which is close to but not
+the global one. Objectives whose weights are normalised over the batch use
 :func:`global_mean` for the normaliser (Meta-Weight-Net does). The price against DDP: the real step's all-reduce
 does not overlap with the backward pass.
 

@@ -199,9 +199,6 @@ class MetaTrainer:
         self.adam_preconditioner = adam_preconditioner
         self.functional_optimizer = FunctionalOptimizer.from_torch(optimizer, model, adam_preconditioner)
         self.method = get_hypergradient(hypergrad, hypergrad_options) if objective.uses_hypergradient else None
-        if self.dist.enabled and getattr(self.method, "name", None) == "fast":
-            raise ValueError("hypergrad='fast' is not data-parallel yet: its low-rank virtual step uses this rank's "
-                             "activations only. Use hypergrad='unrolled' with distributed runs (or distributed=False)")
         self.meta_optimizer = meta_optimizer or (objective.make_meta_optimizer()
                                                  if objective.meta_parameters() else None)
         self.meta_interval = meta_interval

@@ -29,7 +29,9 @@ def two_process_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case,options", [("unrolled", {}), ("lookahead", {"real_step": "lookahead"}),
-                                          ("accumulate", {"accumulate_steps": 2, "meta_accumulate_steps": 2})])
+                                          ("accumulate", {"accumulate_steps": 2, "meta_accumulate_steps": 2}),
+                                          ("fast", {"hypergrad": "fast"}),
+                                          ("fast_jvp", {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}})])
 def test_two_processes_match_one_process(two_process_results, case, options):
     torch.set_num_threads(1)
     try:
@@ -64,14 +66,3 @@ def test_single_process_helpers_are_identities():
     sampler.set_epoch(2)
     assert sorted(sampler) == list(range(8))
     assert not dist.is_initialized()
-
-
-def test_fast_hypergradient_is_refused_in_distributed_runs():
-    from torch import nn
-
-    from metareweight import MetaTrainer, MetaWeightNet
-
-    model = nn.Linear(3, 2)
-    with pytest.raises(ValueError, match="hypergrad='fast' is not data-parallel yet"):
-        MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [], MetaWeightNet(), meta_loader=[],
-                    hypergrad="fast", distributed=DistributedContext(rank=0, world_size=2))

@@ -56,7 +56,9 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     results = {name: run(**kw) for name, kw in
                {"unrolled": {}, "lookahead": {"real_step": "lookahead"},
-                "accumulate": {"accumulate_steps": 2, "meta_accumulate_steps": 2}}.items()}
+                "accumulate": {"accumulate_steps": 2, "meta_accumulate_steps": 2},
+                "fast": {"hypergrad": "fast"},
+                "fast_jvp": {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}}}.items()}
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")
     # all ranks leave together: a rank tearing down gloo while its peer is still in flight aborts the peer

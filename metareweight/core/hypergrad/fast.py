@@ -17,8 +17,9 @@ of ``c_ik`` from one forward-mode JVP along ``P ∇L_out`` (exact; announced onc
 (BatchNorm using batch statistics, or any coupling found by the first-call check that Σ r_i δ_i a_iᵀ equals the true
 gradient for random r) take that JVP path for every parameter: still exact, never a per-sample shortcut.
 
-``unroll_steps > 1`` is refused (use ``unrolled``), as are Adam with the differentiable preconditioner and the
-distributed (synced) optimizer. The first JVP in a process loads torch's forward-mode decompositions (a few seconds).
+``unroll_steps > 1`` is refused (use ``unrolled``), as is Adam with the differentiable preconditioner. In a
+data-parallel run (the synchronised optimizer of :mod:`metareweight.distributed`) every weight takes the direct form
+with the global virtual step, and ``∇_θ' L_out`` is averaged across ranks once per meta step. The first JVP in a process loads torch's forward-mode decompositions (a few seconds).
 ``real_step="lookahead"`` needs ``Fast(lookahead=True)``, which materialises the virtual parameters.
 
 After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
@@ -143,15 +144,14 @@ class Fast(HypergradMethod):
             raise ValueError(f"hypergrad='fast' is exact for one inner step, got unroll_steps="
                              f"{len(problem.train_batches)}; use unroll_steps=1 or hypergrad='unrolled'")
         opt = problem.optimizer
-        if type(opt) is not FunctionalOptimizer:
-            raise ValueError(f"hypergrad='fast' supports a single process's FunctionalOptimizer, got "
-                             f"{type(opt).__name__} (distributed training); use hypergrad='unrolled' there")
+        if not isinstance(opt, FunctionalOptimizer):
+            raise ValueError(f"hypergrad='fast' needs a FunctionalOptimizer, got {type(opt).__name__}")
         if opt.preconditioner != "fixed" and any(h.kind == "adam" for h in opt.hypers.values()):
             raise ValueError("hypergrad='fast' needs Adam's preconditioner held fixed: use "
                              "MetaTrainer(adam_preconditioner='fixed') or FunctionalOptimizer(preconditioner='fixed')")
         self._capture = None
-        try:
-            return self._run(problem, allow_gram=self.gram != "never")
+        try:  # data-parallel: the Gram route's low-rank step would hold only this rank's samples
+            return self._run(problem, allow_gram=self.gram != "never" and _data_parallel(opt) is None)
         except _MetaIncomplete:
             return self._run(problem, allow_gram=False)
 
@@ -256,6 +256,8 @@ class Fast(HypergradMethod):
                 memo_r: Dict[int, Tensor] = {}
                 ours = [param_grad(n, r, memo_r) for n in names]
             err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ours, true))
+            if _data_parallel(opt) is not None:  # every rank must take the same path
+                err = max(_data_parallel(opt).gather_object(err))
             self._verified.add(model)
             if err > 1e-3:
                 self._coupled.add(model)
@@ -313,6 +315,10 @@ class Fast(HypergradMethod):
         got = torch.autograd.grad(outer, targets, allow_unused=True) if targets else ()
         dmeta = got[:len(mcalls)]
         v = dict(zip(vnames, got[len(mcalls):len(mcalls) + len(vnames)]))
+        ctx = _data_parallel(opt)
+        if ctx is not None:  # ∇_θ' of the global meta loss, the mean of the ranks' (θ' is already the global step)
+            from ...distributed import all_reduce_mean_
+            all_reduce_mean_(list(v.values()), ctx)
         direct = [torch.zeros_like(p) if g is None else g for p, g in
                   zip(problem.meta_params, got[len(mcalls) + len(vnames):])]
 
@@ -458,6 +464,17 @@ def _zero_gradient_coefficients(h, has_buffer: bool) -> Tuple[float, float]:
     return probe(1.0, 0.0), (probe(0.0, 1.0) if has_buffer else 0.0)
 
 
+def _data_parallel(opt: FunctionalOptimizer):
+    """The process group of a synchronised (data-parallel) optimizer with more than one rank, else None.
+
+    There each rank holds a shard of the train and meta batches; the virtual step is the global one (the optimizer
+    averages the step direction), ``∇_θ' L_out`` is averaged here, and the trainer averages the per-rank results,
+    which together give the hypergradient of the global batch: ``c_ik`` for a rank's own samples needs only the
+    global ``∇_θ' L_out``, and the ``1/R`` of the averaged step is the trainer's average."""
+    ctx = getattr(opt, "ctx", None)
+    return ctx if ctx is not None and ctx.enabled else None
+
+
 def _rng_state(params) -> Tuple[Tensor, Optional[List[Tensor]]]:
     cuda = any(t.is_cuda for t in params.values()) and torch.cuda.is_available()
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
@@ -475,6 +492,8 @@ def _padding_has_no_derivative(module, args, output):
 def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> Tensor:
     """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
     (dropout masks) so that it differentiates the same function."""
+    from ...distributed import DistributedContext, reduction_scope
+
     cpu, cuda = rng
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda is not None else []), \
             torch.no_grad(), fwAD.dual_level():
@@ -484,8 +503,9 @@ def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> T
         params = {k: (fwAD.make_dual(v, tangents[k]) if k in tangents else v) for k, v in theta.items()}
         hooks = [m.register_forward_hook(_padding_has_no_derivative) for m in problem.model.modules()
                  if isinstance(m, nn.Embedding) and m.padding_idx is not None]
-        try:
-            terms = problem.inner(problem.forward(params), batch).terms
+        try:  # only the terms' tangents are read: keep the weights' cross-rank reductions out of forward mode
+            with reduction_scope(DistributedContext()):
+                terms = problem.inner(problem.forward(params), batch).terms
         finally:
             for h in hooks:
                 h.remove()
