@@ -100,7 +100,13 @@ class LayerCall:
         if self.kind == "embedding":
             out = torch.zeros(w.shape, dtype=delta.dtype, device=delta.device)
             return out.index_add_(0, self.input.reshape(-1), self._mask(delta).reshape(-1, w.shape[1]))
-        leaf = w.detach().requires_grad_()
+        m = self.module
+        if m.padding_mode == "zeros" and not isinstance(m.padding, str) and w.dtype == delta.dtype == self.input.dtype:
+            # the convolution's weight backward alone (autograd through op() would first redo the forward)
+            return torch.ops.aten.convolution_backward(
+                delta, self.input, w.detach(), None, m.stride, m.padding, m.dilation, False, [0] * len(m.stride),
+                m.groups, [False, True, False])[1]
+        leaf = w.detach().requires_grad_()  # padding="same" or a non-zero padding mode: through the module's forward
         with torch.enable_grad():
             return torch.autograd.grad(self.op(leaf), leaf, delta)[0]
 
