@@ -15,9 +15,9 @@ explicit, one coalesced collective each:
   logs and checkpoints.
 
 With equal shard sizes, an R-process run on a global batch equals a 1-process run on the same batch (up to
-float summation order) for ``"unrolled"`` (it differentiates through the synchronised step) and for ``"fast"`` (it
-averages ``∇_θ' L_out`` across ranks once per meta step and uses its direct per-layer form, not the low-rank one,
-whose update would hold only the local samples). Methods that take ``∇_θ L_out`` themselves
+float summation order) for ``"unrolled"`` (it differentiates through the synchronised step) and for ``"fast"`` (its
+direct form averages ``∇_θ' L_out`` across ranks once per meta step; its Gram form gathers every rank's train rows
+for the low-rank step, :func:`all_gather_rows`, and averages its per-row coefficients). Methods that take ``∇_θ L_out`` themselves
 (``"finite_difference"``, ``"neumann"``) return the average of the per-rank estimates, which is close to but not
 the global one. Objectives whose weights are normalised over the batch use
 :func:`global_mean` for the normaliser (Meta-Weight-Net does). The price against DDP: the real step's all-reduce
@@ -56,8 +56,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from .core.optim import FunctionalOptimizer
 
-__all__ = ["DistributedContext", "resolve", "global_mean", "all_reduce_mean_", "SyncedFunctionalOptimizer",
-           "distributed_sampler"]
+__all__ = ["DistributedContext", "resolve", "global_mean", "all_reduce_mean_", "all_gather_rows",
+           "SyncedFunctionalOptimizer", "distributed_sampler"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,27 @@ def all_reduce_mean_(tensors: Sequence[Optional[Tensor]], ctx: DistributedContex
         flat /= ctx.world_size
         for t, v in zip(bucket, _unflat(flat, bucket)):
             t.detach().copy_(v)
+
+
+def all_gather_rows(tensors: Sequence[Tensor], ctx: DistributedContext) -> "tuple[List[Tensor], int]":
+    """Every rank's ``tensors`` (each ``(rows, ...)``, the same row count within a rank, not across ranks) stacked
+    along dim 0 in rank order, and the row offset of this rank's block. Not differentiable."""
+    if not ctx.enabled:
+        return list(tensors), 0
+    rows = tensors[0].shape[0]
+    counts = torch.zeros(ctx.world_size, dtype=torch.long, device=tensors[0].device)
+    counts[ctx.rank] = rows
+    dist.all_reduce(counts, group=ctx.group)
+    counts = counts.tolist()
+    most = max(counts)
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((most,) + tuple(t.shape[1:]))
+        padded[:rows] = t
+        parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, padded.contiguous(), group=ctx.group)
+        out.append(torch.cat([part[:n] for part, n in zip(parts, counts)]))
+    return out, sum(counts[:ctx.rank])
 
 
 def differentiable_mean(tensors: Sequence[Tensor], ctx: DistributedContext) -> List[Tensor]:

@@ -31,6 +31,7 @@ def two_process_results(tmp_path_factory):
 @pytest.mark.parametrize("case,options", [("unrolled", {}), ("lookahead", {"real_step": "lookahead"}),
                                           ("accumulate", {"accumulate_steps": 2, "meta_accumulate_steps": 2}),
                                           ("fast", {"hypergrad": "fast"}),
+                                          ("fast_gram", {"hypergrad": "fast", "hypergrad_options": {"gram": "always"}}),
                                           ("fast_jvp", {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}})])
 def test_two_processes_match_one_process(two_process_results, case, options):
     torch.set_num_threads(1)

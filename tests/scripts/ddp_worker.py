@@ -58,6 +58,7 @@ if __name__ == "__main__":
                {"unrolled": {}, "lookahead": {"real_step": "lookahead"},
                 "accumulate": {"accumulate_steps": 2, "meta_accumulate_steps": 2},
                 "fast": {"hypergrad": "fast"},
+                "fast_gram": {"hypergrad": "fast", "hypergrad_options": {"gram": "always"}},
                 "fast_jvp": {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}}}.items()}
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")

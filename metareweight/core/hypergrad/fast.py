@@ -18,8 +18,9 @@ of ``c_ik`` from one forward-mode JVP along ``P ∇L_out`` (exact; announced onc
 gradient for random r) take that JVP path for every parameter: still exact, never a per-sample shortcut.
 
 ``unroll_steps > 1`` is refused (use ``unrolled``), as is Adam with the differentiable preconditioner. In a
-data-parallel run (the synchronised optimizer of :mod:`metareweight.distributed`) every weight takes the direct form
-with the global virtual step, and ``∇_θ' L_out`` is averaged across ranks once per meta step. The first JVP in a process loads torch's forward-mode decompositions (a few seconds).
+data-parallel run (the synchronised optimizer of :mod:`metareweight.distributed`) the virtual step is the global
+one: the direct form averages ``∇_θ' L_out`` across ranks, and the Gram form gathers every rank's train rows
+``(A, Δ, w)`` for its low-rank correction and sums its per-row coefficients over the ranks' meta rows. The first JVP in a process loads torch's forward-mode decompositions (a few seconds).
 ``real_step="lookahead"`` needs ``Fast(lookahead=True)``, which materialises the virtual parameters.
 
 After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
@@ -150,8 +151,8 @@ class Fast(HypergradMethod):
             raise ValueError("hypergrad='fast' needs Adam's preconditioner held fixed: use "
                              "MetaTrainer(adam_preconditioner='fixed') or FunctionalOptimizer(preconditioner='fixed')")
         self._capture = None
-        try:  # data-parallel: the Gram route's low-rank step would hold only this rank's samples
-            return self._run(problem, allow_gram=self.gram != "never" and _data_parallel(opt) is None)
+        try:
+            return self._run(problem, allow_gram=self.gram != "never")
         except _MetaIncomplete:
             return self._run(problem, allow_gram=False)
 
@@ -296,7 +297,7 @@ class Fast(HypergradMethod):
             new_theta, new_state = opt.step(theta_d, g_step, state)
             for n in lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
-            grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n]) for n in gram}
+            grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], _data_parallel(opt)) for n in sorted(gram)}
         theta_p = {k: v.detach().requires_grad_(k in trainable) for k, v in new_theta.items()}
         meta_ids = {id(theta_p[n]): n for n in trainable}
 
@@ -363,13 +364,21 @@ class _GramLayer:
     the correction's forward and backward compute anyway, so they are kept rather than recomputed."""
 
     def __init__(self, A: Tensor, deltas: List[Tensor], row_weights: List[Tensor], p: Tensor,
-                 spans: List[Tuple[int, int]]):
+                 spans: List[Tuple[int, int]], ctx=None):
+        self.ctx, self.rows, self.offset, ranks = ctx, A.shape[0], 0, 1
+        if ctx is not None:  # data-parallel: the global step holds every rank's rows, averaged over the ranks
+            from ...distributed import all_gather_rows
+            K = len(deltas)
+            gathered, self.offset = all_gather_rows([A, *deltas, *row_weights], ctx)
+            A, deltas, row_weights = gathered[0], gathered[1:1 + K], gathered[1 + K:]
+            ranks = ctx.world_size
         self.A, self.deltas, self.p, self.spans = A, deltas, p, spans
-        self.step_weights = [wk * -p for wk in row_weights]  # −p·w_k: the correction's and its backward's factor
+        self.step_weights = [wk * (-p / ranks) for wk in row_weights]  # the correction's and its backward's factor
         self.products: Dict[int, Dict[str, object]] = {}  # id(meta call output) -> {"S": .., "G": [..]}
 
     @classmethod
-    def build(cls, name: str, tcalls: List[LayerCall], deltas: List[List[Tensor]], w: Tensor, p) -> "_GramLayer":
+    def build(cls, name: str, tcalls: List[LayerCall], deltas: List[List[Tensor]], w: Tensor, p, ctx=None
+              ) -> "_GramLayer":
         idx = [i for i, c in enumerate(tcalls) if c.weight == name]
         rows = [tcalls[i].rows(tcalls[i].input) for i in idx]
         spans, start = [], 0
@@ -379,7 +388,7 @@ class _GramLayer:
         K, B = w.shape[1], w.shape[0]
         d = [_cat([tcalls[i].rows(deltas[i][k]) for i in idx]) for k in range(K)]
         rw = [_cat([w[:, k].to(r.dtype).repeat_interleave(r.shape[0] // B) for r in rows]) for k in range(K)]
-        return cls(_cat(rows), d, rw, p, spans)
+        return cls(_cat(rows), d, rw, p, spans, ctx)
 
     def correct(self, call: LayerCall) -> Tensor:
         entry: Dict[str, object] = {}
@@ -401,6 +410,10 @@ class _GramLayer:
             G = entry.get("G") or [call.rows(d) @ dk.T for dk in self.deltas]
             for k in range(K):
                 per_row[:, k] += (G[k] * S).sum(0)
+        if self.ctx is not None:  # every rank's meta rows for every rank's train rows; keep this rank's block
+            from ...distributed import all_reduce_mean_
+            all_reduce_mean_([per_row], self.ctx)
+            per_row = per_row[self.offset:self.offset + self.rows]
         out = torch.stack([per_row[a:b].reshape(B, -1, K).sum(1) for a, b in self.spans]).sum(0)
         return self.p * out
 
