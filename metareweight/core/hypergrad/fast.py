@@ -279,6 +279,7 @@ class Fast(HypergradMethod):
                 m_rows = problem.meta_batch.size * rows_per_sample
                 if self.gram == "always" or m_rows * (in_f + out_f) < in_f * out_f:
                     gram.add(n)
+            gram = _agreed(gram, sorted(closed), _data_parallel(opt), terms.device)
         lowrank = set() if self.lookahead else gram
 
         with torch.no_grad():
@@ -486,6 +487,18 @@ def _data_parallel(opt: FunctionalOptimizer):
     global ``∇_θ' L_out``, and the ``1/R`` of the averaged step is the trainer's average."""
     ctx = getattr(opt, "ctx", None)
     return ctx if ctx is not None and ctx.enabled else None
+
+
+def _agreed(chosen: Set[str], candidates: List[str], ctx, device: torch.device) -> Set[str]:
+    """The weights every rank chose (data-parallel: shard sizes may differ, and the Gram route's collectives need
+    the same layers on every rank)."""
+    if ctx is None or not candidates:
+        return chosen
+    import torch.distributed as dist
+    on = device if dist.get_backend(ctx.group) == "nccl" else torch.device("cpu")
+    votes = torch.tensor([float(n in chosen) for n in candidates], device=on)
+    dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=ctx.group)
+    return {n for n, v in zip(candidates, votes.tolist()) if v > 0}
 
 
 def _rng_state(params) -> Tuple[Tensor, Optional[List[Tensor]]]:
