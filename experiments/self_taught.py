@@ -12,7 +12,8 @@ clean validation, ``n_test`` clean test samples; one fixed split, noise and init
 
 Symmetric label noise on the training split only. Methods (rows): ``no_rescaling``, ``storm`` and the ablations
 ``no_meta_loss_rescaling``, ``loss_only``, ``no_class_separation``, ``no_meta_learning``, plus ``clean_val``
-(meta-learning on a clean validation set, no meta loss rescaling).
+(meta-learning on a clean validation set, no meta loss rescaling) and ``storm_batch_bn`` (STORM with the original
+code's BatchNorm over the whole batch for every class's rescaler, ``bn_scope="batch"``).
 
     python experiments/self_taught.py --quick --out results/self_taught_quick.json
     python experiments/self_taught.py --config configs/self_taught.yaml --out results/self_taught.json --plots docs/img
@@ -42,7 +43,7 @@ from experiments.common import (accuracy, save_png, add_config_args, config_from
 from metareweight import MetaTrainer, SelfTaughtRescaler, TensorIndexedDataset, auroc, symmetric_noise  # noqa: E402
 
 METHODS = ("no_rescaling", "storm", "no_meta_loss_rescaling", "loss_only", "no_class_separation",
-           "no_meta_learning", "clean_val")
+           "no_meta_learning", "clean_val", "storm_batch_bn")
 # objective options per method (the rest is SelfTaughtRescaler's defaults)
 VARIANTS = {
     "storm": {},
@@ -51,6 +52,7 @@ VARIANTS = {
     "no_class_separation": {"class_separation": False},
     "no_meta_learning": {"meta_learning": False},
     "clean_val": {"meta_data": "loader", "meta_loss_rescaling": False},
+    "storm_batch_bn": {"bn_scope": "batch"},  # the original code: every class's rescaler normalised over the batch
 }
 DATASETS = ("rotten_tomatoes", "womens")
 
