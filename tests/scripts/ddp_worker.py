@@ -59,6 +59,8 @@ if __name__ == "__main__":
                 "accumulate": {"accumulate_steps": 2, "meta_accumulate_steps": 2},
                 "fast": {"hypergrad": "fast"},
                 "fast_gram": {"hypergrad": "fast", "hypergrad_options": {"gram": "always"}},
+                "fast_lookahead": {"hypergrad": "fast", "hypergrad_options": {"gram": "always", "lookahead": True},
+                                   "real_step": "lookahead"},
                 "fast_jvp": {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}}}.items()}
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")
