@@ -28,13 +28,7 @@ def two_process_results(tmp_path_factory):
     return torch.load(out / "result.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("case,options", [("unrolled", {}), ("lookahead", {"real_step": "lookahead"}),
-                                          ("accumulate", {"accumulate_steps": 2, "meta_accumulate_steps": 2}),
-                                          ("fast", {"hypergrad": "fast"}),
-                                          ("fast_gram", {"hypergrad": "fast", "hypergrad_options": {"gram": "always"}}),
-                                          ("fast_lookahead", {"hypergrad": "fast", "real_step": "lookahead",
-                                                              "hypergrad_options": {"gram": "always", "lookahead": True}}),
-                                          ("fast_jvp", {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}})])
+@pytest.mark.parametrize("case,options", list(ddp_worker.CASES.items()), ids=list(ddp_worker.CASES))
 def test_two_processes_match_one_process(two_process_results, case, options):
     torch.set_num_threads(1)
     try:

@@ -20,6 +20,18 @@ from metareweight.distributed import distributed_sampler, resolve
 
 GLOBAL_BATCH, META_BATCH, N = 16, 8, 64
 
+# every configuration compared between 1 and 2 processes (tests/test_distributed.py parametrizes over these)
+CASES = {
+    "unrolled": {},
+    "lookahead": {"real_step": "lookahead"},
+    "accumulate": {"accumulate_steps": 2, "meta_accumulate_steps": 2},
+    "fast": {"hypergrad": "fast"},
+    "fast_gram": {"hypergrad": "fast", "hypergrad_options": {"gram": "always"}},
+    "fast_lookahead": {"hypergrad": "fast", "hypergrad_options": {"gram": "always", "lookahead": True},
+                       "real_step": "lookahead"},
+    "fast_jvp": {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}},
+}
+
 
 def run(hypergrad: str = "unrolled", **options) -> dict:
     """Train and return everything worth comparing (on every rank)."""
@@ -54,14 +66,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(sys.argv[1])
-    results = {name: run(**kw) for name, kw in
-               {"unrolled": {}, "lookahead": {"real_step": "lookahead"},
-                "accumulate": {"accumulate_steps": 2, "meta_accumulate_steps": 2},
-                "fast": {"hypergrad": "fast"},
-                "fast_gram": {"hypergrad": "fast", "hypergrad_options": {"gram": "always"}},
-                "fast_lookahead": {"hypergrad": "fast", "hypergrad_options": {"gram": "always", "lookahead": True},
-                                   "real_step": "lookahead"},
-                "fast_jvp": {"hypergrad": "fast", "hypergrad_options": {"closed_forms": False}}}.items()}
+    results = {name: run(**kw) for name, kw in CASES.items()}
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")
     # all ranks leave together: a rank tearing down gloo while its peer is still in flight aborts the peer
