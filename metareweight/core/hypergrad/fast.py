@@ -20,7 +20,8 @@ gradient for random r) take that JVP path for every parameter: still exact, neve
 ``unroll_steps > 1`` is refused (use ``unrolled``), as is Adam with the differentiable preconditioner. In a
 data-parallel run (the synchronised optimizer of :mod:`metareweight.distributed`) the virtual step is the global
 one: the direct form averages ``∇_θ' L_out`` across ranks, and the Gram form gathers every rank's train rows
-``(A, Δ, w)`` for its low-rank correction and sums its per-row coefficients over the ranks' meta rows. The first JVP in a process loads torch's forward-mode decompositions (a few seconds).
+``(A, Δ, w)`` for its low-rank correction and sums its per-row coefficients over the ranks' meta rows. The first
+JVP in a process loads torch's forward-mode decompositions (a few seconds).
 ``real_step="lookahead"`` needs ``Fast(lookahead=True)``, which materialises the virtual parameters.
 
 After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
@@ -189,6 +190,7 @@ class Fast(HypergradMethod):
     # ---- the computation ------------------------------------------------------------------------------------
     def _run(self, problem: BilevelProblem, allow_gram: bool) -> HypergradResult:
         model, opt, batch = problem.model, problem.optimizer, problem.train_batches[0]
+        ctx = _data_parallel(opt)
         theta = problem.leaf_params()
         trainable = problem.trainable(theta)
         ids = {id(theta[n]): n for n in trainable}
@@ -257,8 +259,8 @@ class Fast(HypergradMethod):
                 memo_r: Dict[int, Tensor] = {}
                 ours = [param_grad(n, r, memo_r) for n in names]
             err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ours, true))
-            if _data_parallel(opt) is not None:  # every rank must take the same path
-                err = max(_data_parallel(opt).gather_object(err))
+            if ctx is not None:  # every rank must take the same path
+                err = max(ctx.gather_object(err))
             self._verified.add(model)
             if err > 1e-3:
                 self._coupled.add(model)
@@ -279,7 +281,7 @@ class Fast(HypergradMethod):
                 m_rows = problem.meta_batch.size * rows_per_sample
                 if self.gram == "always" or m_rows * (in_f + out_f) < in_f * out_f:
                     gram.add(n)
-            gram = _agreed(gram, sorted(closed), _data_parallel(opt), terms.device)
+            gram = _agreed(gram, sorted(closed), ctx, terms.device)
         lowrank = set() if self.lookahead else gram
 
         with torch.no_grad():
@@ -298,7 +300,7 @@ class Fast(HypergradMethod):
             new_theta, new_state = opt.step(theta_d, g_step, state)
             for n in lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
-            grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], _data_parallel(opt)) for n in sorted(gram)}
+            grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], ctx) for n in sorted(gram)}
         theta_p = {k: v.detach().requires_grad_(k in trainable) for k, v in new_theta.items()}
         meta_ids = {id(theta_p[n]): n for n in trainable}
 
@@ -317,7 +319,6 @@ class Fast(HypergradMethod):
         got = torch.autograd.grad(outer, targets, allow_unused=True) if targets else ()
         dmeta = got[:len(mcalls)]
         v = dict(zip(vnames, got[len(mcalls):len(mcalls) + len(vnames)]))
-        ctx = _data_parallel(opt)
         if ctx is not None:  # ∇_θ' of the global meta loss, the mean of the ranks' (θ' is already the global step)
             from ...distributed import all_reduce_mean_
             all_reduce_mean_(list(v.values()), ctx)
