@@ -104,3 +104,20 @@ def test_weight_auroc_reaches_07_on_rotten_tomatoes_at_40(quick_rows):
 def test_storm_costs_at_most_one_point_on_clean_data(quick_rows):
     for r in quick_rows[1]:
         assert r["acc_storm"] >= r["acc_no_rescaling"] - 0.01, f"STORM costs > 1 point on clean {r['dataset']}"
+
+
+@pytest.mark.slow
+def test_whole_batch_batchnorm_fixes_storm_on_the_imbalanced_womens_reviews():
+    """Women's departments are imbalanced, so symmetric noise leaves some label classes mostly flipped; the original
+    code's whole-batch BatchNorm can down-weight such a class, per-class BatchNorm cannot (experiments/RESULTS.md).
+    Measured on this configuration: clean −0.5 points, 30 % 74.6 and 40 % 72.1 (no rescaling 69.2 / 63.2,
+    per-class STORM 68.6 / 65.2)."""
+    quick = str(ROOT / "configs" / "self_taught_quick.yaml")
+    rows = self_taught.main(["--config", quick, "--set", "datasets=[womens]", "noise=[0.0,0.3,0.4]",
+                             "methods=[no_rescaling,storm,storm_batch_bn]"])
+    for r in rows:
+        batch, plain, per_class = r["acc_storm_batch_bn"], r["acc_no_rescaling"], r["acc_storm"]
+        if r["noise"] == 0.0:
+            assert batch >= plain - 0.01, f"whole-batch BatchNorm costs {plain - batch:.3f} on clean data"
+        else:
+            assert batch > plain + 0.02 and batch > per_class + 0.02, (r["noise"], batch, plain, per_class)
