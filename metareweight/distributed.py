@@ -17,9 +17,9 @@ explicit, one coalesced collective each:
 With equal shard sizes, an R-process run on a global batch equals a 1-process run on the same batch (up to
 float summation order) for ``"unrolled"`` (it differentiates through the synchronised step) and for ``"fast"`` (its
 direct form averages ``∇_θ' L_out`` across ranks once per meta step; its Gram form gathers every rank's train rows
-for the low-rank step, :func:`all_gather_rows`, and averages its per-row coefficients). Methods that take ``∇_θ L_out`` themselves
-(``"finite_difference"``, ``"neumann"``) return the average of the per-rank estimates, which is close to but not
-the global one. Objectives whose weights are normalised over the batch use
+for the low-rank step, :func:`all_gather_rows`, and averages its per-row coefficients). Methods that take
+``∇_θ L_out`` themselves (``"finite_difference"``, ``"neumann"``) return the average of the per-rank estimates,
+which is close to but not the global one. Objectives whose weights are normalised over the batch use
 :func:`global_mean` for the normaliser (Meta-Weight-Net does). The price against DDP: the real step's all-reduce
 does not overlap with the backward pass.
 

@@ -395,7 +395,7 @@ class MetaTrainer:
         # weights for the record and buffer updates (BatchNorm running stats) from a no-grad pass
         losses = []
         with torch.no_grad():
-            self.model.train()
+            self._train_mode()
             for batch in batches:
                 wt = self.objective.inner_terms(self.precision.wrap(self.model), batch)
                 self._record(batch, wt.sample_weights())
