@@ -27,7 +27,10 @@ Arms: target-only (fine-tuning from the initial model), uniform Reptile (``mode=
 Meta-RTL (LSTM policy + REINFORCE) then fine-tuning; same initial model, fine-tuning schedule and seeds.
 ``policy_weights`` are the policy's probabilities ``π_t`` averaged over all meta-iterations (the share of
 meta-training the policy gave each source); ``policy_weights_final`` average the second half only. Both are in the
-JSON, with ``rank_corr_per_seed`` / ``rank_corr_final_per_seed``.
+JSON, with ``rank_corr_per_seed`` / ``rank_corr_final_per_seed``, and each seed's ``mean_reward`` per source (the raw
+rewards ``R_s`` averaged over meta-iterations: what the policy is trained on, before reward scaling) in the Meta-RTL
+run and in the uniform-Reptile run (``mean_reward_uniform``: the same rewards along a trajectory the policy does not
+steer).
 
     python experiments/source_tasks.py --quick --out r.json
     python experiments/source_tasks.py --config configs/source_tasks.yaml --out results/source_tasks.json --plot-dir docs/img
@@ -67,12 +70,12 @@ DEFAULTS = dict(
     meta_iterations=300, per_source=16, inner_steps=3, inner_lr=0.01, weight_decay=0.0, step_size=3.0, target_batch=32,
     mode="sample", policy_hidden=32, meta_lr=0.02, entropy_coef=1.0, baseline_decay=0.9, mixture_noise=0.5,
     finetune_epochs=30, finetune_lr=0.1, seeds=[0, 1, 2],
-    text_overrides={}, measure_transfer=False,
+    text_overrides={}, measure_transfer=False, estimator="sampled",
 )
 # keys that text_overrides may set for the text setup only (the generated setup keeps the top-level values)
 SETUP_KEYS = ("seeds", "measure_transfer", "meta_iterations", "per_source", "inner_steps", "inner_lr", "weight_decay",
               "step_size", "target_batch", "mode", "policy_hidden", "meta_lr", "entropy_coef", "baseline_decay",
-              "mixture_noise")
+              "mixture_noise", "estimator")
 QUICK = dict(setups=["generated"], seeds=[0, 1], gen_dim=10, gen_source_size=1000, gen_test_size=2000,
              meta_iterations=120)  # = configs/source_tasks_quick.yaml
 
@@ -267,7 +270,8 @@ def run_arm(setup: Setup, mode: str, target: Tuple[torch.Tensor, torch.Tensor], 
         objective = SourceTaskWeighting(len(setup.sources), mode=mode, step_size=cfg["step_size"],
                                         hidden=cfg["policy_hidden"], meta_lr=cfg["meta_lr"],
                                         baseline_decay=cfg["baseline_decay"], entropy_coef=cfg["entropy_coef"],
-                                        mixture_noise=cfg["mixture_noise"])
+                                        mixture_noise=cfg["mixture_noise"],
+                                        estimator="sampled" if mode == "uniform" else cfg["estimator"])
         inner = torch.optim.SGD(model.parameters(), lr=cfg["inner_lr"], weight_decay=cfg["weight_decay"])
         trainer = MetaTrainer(model, inner, train_loader,
                               objective=objective, meta_loader=target_loader, unroll_steps=cfg["inner_steps"],
@@ -297,12 +301,14 @@ def run_seed(setup: Setup, target: Tuple[torch.Tensor, torch.Tensor], seed: int,
     """The three arms for one seed (plus, with ``measure_transfer``, uniform Reptile on each source alone)."""
     names = list(setup.sources)
     acc_t, _ = run_arm(setup, None, target, seed, cfg)
-    acc_u, _ = run_arm(setup, "uniform", target, seed, cfg)
+    acc_u, uniform = run_arm(setup, "uniform", target, seed, cfg)
     acc_m, obj = run_arm(setup, cfg["mode"], target, seed, cfg)
     traj = obj.weight_trajectory()
     row = {"seed": seed, "acc_target_only": acc_t, "acc_uniform": acc_u, "acc_meta_rtl": acc_m,
            "policy_weights": dict(zip(names, traj.mean(0).tolist())),
-           "policy_weights_final": dict(zip(names, traj[len(traj) // 2:].mean(0).tolist()))}
+           "policy_weights_final": dict(zip(names, traj[len(traj) // 2:].mean(0).tolist())),
+           "mean_reward": dict(zip(names, obj.reward_trajectory().mean(0).tolist())),
+           "mean_reward_uniform": dict(zip(names, uniform.reward_trajectory().mean(0).tolist()))}
     if cfg["measure_transfer"]:
         row["transfer_gain"] = {n: run_arm(single_source(setup, n), "uniform", target, seed, cfg)[0] - acc_t
                                 for n in names}

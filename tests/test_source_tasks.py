@@ -56,6 +56,50 @@ def test_entropy_bonus_keeps_the_policy_spread():
     assert ent(soft) > ent(sharp) + 0.3 and int(soft.argmax()) == 0
 
 
+def _expected_bandit(best, steps, seed=0):
+    torch.manual_seed(seed)
+    means = torch.tensor([0.2, 0.5, 0.0, 0.4])
+    means[best] = 1.0
+    policy = LSTMPolicy(4, hidden=8)
+    learner = Reinforce(torch.optim.Adam(policy.parameters(), lr=0.05), estimator="expected")
+    for _ in range(steps):
+        action, rewards = policy.act(), means + 0.3 * torch.randn(4)
+        learner.step(action, float(rewards[action.index]), rewards=rewards)
+        policy.observe(rewards)
+    with torch.no_grad():
+        return policy.act().probs
+
+
+@pytest.mark.parametrize("best", [0, 2])
+def test_expected_update_converges_to_the_best_arm(best):
+    probs = _expected_bandit(best, steps=150)
+    assert int(probs.argmax()) == best and float(probs[best]) > 0.9, probs
+
+
+def test_expected_update_is_the_sampled_reinforce_gradient_averaged_over_actions():
+    torch.manual_seed(0)
+    policy = LSTMPolicy(3, hidden=4)
+    policy.observe(torch.tensor([0.3, -1.0, 2.0]))
+    action = policy.act()
+    rewards = torch.tensor([0.5, -0.2, 1.3])
+    params = list(policy.parameters())
+
+    def grad(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+    expected = grad(Reinforce(estimator="expected").loss(action, float(rewards[0]), rewards))
+    average = torch.zeros_like(expected)
+    for a in range(3):  # the REINFORCE estimate for action a, with any constant baseline (here 0.7)
+        average += float(action.probs[a]) * grad(-(rewards[a] - 0.7) * action.log_probs[a])
+    assert torch.allclose(expected, average, rtol=1e-5, atol=1e-7), (expected - average).abs().max()
+    with pytest.raises(ValueError, match="every action's reward"):
+        Reinforce(estimator="expected").loss(action, 1.0)
+    with pytest.raises(ValueError, match="estimator"):
+        Reinforce(estimator="greedy")
+    with pytest.raises(ValueError, match="mode='sample'"):
+        SourceTaskWeighting(3, mode="mixture", estimator="expected")
+
+
 def test_moving_average_baseline_and_advantage():
     r = Reinforce(baseline_decay=0.5)
     assert r.advantage(2.0) == 0.0 and r.baseline == 2.0  # the first reward sets the baseline

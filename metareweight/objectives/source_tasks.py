@@ -22,7 +22,8 @@ One meta-iteration (:meth:`SourceTaskWeighting.meta_step`, called by ``MetaTrain
 3. The policy (:class:`~metareweight.objectives.policy.LSTMPolicy`) acts: ``mode="sample"`` draws one source
    (action reward ``R_a``); ``mode="mixture"`` draws logistic-normal mixture weights ``w`` around ``π_t`` (action reward ``Σ_s w_s R_s``,
    the first-order value of the mixed update [inferred]). One REINFORCE step with a moving-average baseline on the
-   objective's meta optimizer (Adam, ``meta_lr``); then the reward vector becomes the LSTM's next input.
+   objective's meta optimizer (Adam, ``meta_lr``); then the reward vector becomes the LSTM's next input. With
+   ``estimator="expected"`` the step is REINFORCE averaged exactly over the sources (every ``R_s`` is known).
 4. Weighted Reptile: ``θ ← θ + β Σ_s w_s (θ^s - θ)`` with the action's weights [inferred: the action, not ``π_t``,
    so that REINFORCE evaluates the weights actually used]. ``mode="uniform"`` is the baseline: ``w_s = 1/S``, no
    policy. The user's torch optimizer state is not touched by meta steps.
@@ -184,6 +185,9 @@ class SourceTaskWeighting(MetaObjective):
         entropy_coef: entropy bonus of the policy (0 disables it).
         mixture_noise: standard deviation of the logit perturbation in ``"mixture"`` mode.
         normalize_rewards: divide the rewards by a running mean of their magnitude (``LSTMPolicy.scale_rewards``).
+        estimator: the policy gradient: ``"sampled"`` (REINFORCE on the drawn source's reward, the default) or
+            ``"expected"`` (REINFORCE averaged exactly over the sources, ``∇ Σ_s π_s R_s``, since every source's
+            reward is measured each iteration anyway; ``"sample"`` mode only). See :mod:`.policy`.
         loss_fn: per-sample loss ``(outputs, targets) -> (batch,)``; cross-entropy by default.
         source_key: the name of the per-sample source field in train batches.
     """
@@ -194,10 +198,13 @@ class SourceTaskWeighting(MetaObjective):
     def __init__(self, num_sources: int, mode: str = "sample", step_size: float = 1.0, hidden: int = 32,
                  meta_lr: float = 1e-2, baseline_decay: float = 0.9, entropy_coef: float = 0.0,
                  mixture_noise: float = 0.5, normalize_rewards: bool = True, loss_fn: Optional[LossFn] = None,
-                 source_key: str = "source"):
+                 source_key: str = "source", estimator: str = "sampled"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if estimator == "expected" and mode == "mixture":
+            raise ValueError("estimator='expected' averages over discrete sources; it needs mode='sample' "
+                             "(mixture weights have no closed-form expectation)")
         if not step_size > 0:
             raise ValueError(f"step_size (the Reptile step) must be positive, got {step_size}")
         if meta_lr <= 0:
@@ -212,7 +219,7 @@ class SourceTaskWeighting(MetaObjective):
         if mode == "uniform":
             self.policy.requires_grad_(False)
         self.normalize_rewards = normalize_rewards
-        self.reinforce = Reinforce(baseline_decay=baseline_decay, entropy_coef=entropy_coef)
+        self.reinforce = Reinforce(baseline_decay=baseline_decay, entropy_coef=entropy_coef, estimator=estimator)
         self.trajectory: List[Dict[str, np.ndarray]] = []
 
     # ---- checkpoints: REINFORCE's baseline and the trajectory travel in state_dict ----------------------------------
@@ -317,7 +324,7 @@ class SourceTaskWeighting(MetaObjective):
         if self.mode != "uniform":
             scaled = self.policy.scale_rewards(rewards_t).cpu() if self.normalize_rewards else rewards_t
             reward = float(scaled[action.index] if self.mode == "sample" else (action.weights.cpu() * scaled).sum())
-            stats = self.reinforce.step(action, reward, trainer.meta_optimizer)
+            stats = self.reinforce.step(action, reward, trainer.meta_optimizer, rewards=scaled)
             stats["reward"] = reward
             self.policy.observe(scaled)
 
