@@ -70,7 +70,7 @@ DEFAULTS = dict(
     meta_iterations=300, per_source=16, inner_steps=3, inner_lr=0.01, weight_decay=0.0, step_size=3.0, target_batch=32,
     mode="sample", policy_hidden=32, meta_lr=0.02, entropy_coef=1.0, baseline_decay=0.9, mixture_noise=0.5,
     finetune_epochs=30, finetune_lr=0.1, seeds=[0, 1, 2],
-    text_overrides={}, measure_transfer=False, estimator="sampled",
+    text_overrides={}, measure_transfer=False, estimator="expected",
 )
 # keys that text_overrides may set for the text setup only (the generated setup keeps the top-level values)
 SETUP_KEYS = ("seeds", "measure_transfer", "meta_iterations", "per_source", "inner_steps", "inner_lr", "weight_decay",
