@@ -34,7 +34,7 @@ steer).
 
     python experiments/source_tasks.py --quick --out r.json
     python experiments/source_tasks.py --config configs/source_tasks.yaml --out results/source_tasks.json --plot-dir docs/img
-    python experiments/source_tasks.py --set setups=[generated] mode=mixture seeds=[0,1]
+    python experiments/source_tasks.py --set setups=[generated] mode=mixture estimator=sampled seeds=[0,1]
 
 JSON: per setup and target size, ``policy_weights``, ``relatedness``, ``rank_corr_with_relatedness`` (Spearman of
 the seed-mean weights), ``acc_target_only``, ``acc_uniform``, ``acc_meta_rtl`` (means over seeds), ``per_seed`` and
@@ -370,6 +370,11 @@ def main(argv=None) -> Dict:
     unknown = sorted(set(cfg["setups"]) - set(SETUPS))
     if unknown:
         raise ValueError(f"unknown setup(s) {unknown}; choose from {sorted(SETUPS)}")
+    for name in cfg["setups"]:  # fail before any data is built
+        own = setup_config(cfg, name)
+        if own["mode"] == "mixture" and own["estimator"] == "expected":
+            raise ValueError(f"{name}: mode=mixture needs estimator=sampled (the expected update averages over "
+                             "discrete sources)")
     torch.set_num_threads(1)
     results: Dict = {}
     for name in cfg["setups"]:
