@@ -275,6 +275,13 @@ def test_text_overrides_apply_to_the_text_setup_only():
         setup_config({**cfg, "text_overrides": {"finetune_lr": 1.0}}, "text")
 
 
+def test_mixture_mode_with_the_expected_estimator_fails_before_building_data():
+    from experiments.source_tasks import main
+
+    with pytest.raises(ValueError, match="mode=mixture needs estimator=sampled"):
+        main(["--config", str(QUICK_CONFIG), "--set", "mode=mixture"])
+
+
 def test_minilm_encoder_fails_with_a_message_naming_its_package(monkeypatch, tmp_path):
     """The optional MiniLM encoder is never needed by default; without its package it names what to install."""
     import metareweight.data.text as text
