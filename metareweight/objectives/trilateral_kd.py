@@ -85,7 +85,7 @@ def teacher_class_means(teacher_logits: Tensor, targets: Tensor, num_classes: in
     probs = F.softmax(teacher_logits.detach().double(), dim=1)
     if probs.shape[1] != num_classes:
         raise ValueError(f"teacher logits have {probs.shape[1]} classes but num_classes={num_classes}")
-    sums = torch.zeros(num_classes, num_classes, dtype=probs.dtype).index_add_(0, targets, probs)
+    sums = torch.zeros(num_classes, num_classes, dtype=probs.dtype, device=probs.device).index_add_(0, targets, probs)
     counts = torch.bincount(targets, minlength=num_classes).to(probs.dtype).unsqueeze(1)
     means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, 1.0 / num_classes))
     return means.float()
