@@ -10,14 +10,23 @@ i.e. each inner step's Jacobian ``∂θ_{t+1}/∂θ_t`` is taken as the identity
 one-step hypergradient up to the O(ε²) error of the central difference; for more steps it is the truncated
 approximation Betty and DreamPRM use. ``scale=1.0`` reproduces Betty exactly (no learning-rate factor).
 Cost: two extra forward/backward passes per inner step, no second-order graph.
+
+With a stateful optimizer the truncation also drops what a step's gradient does *after* that step: it stays in
+the momentum buffer (Adam's first moment) and moves every later step too. ``optimizer_carry=True`` keeps that:
+``P v`` becomes ``J_tᵀ v`` with ``J_t = ∂θ_k/∂g_t`` through the optimizer's own update rule from step ``t`` to the
+last (momentum, nesterov, weight decay, Adam's moments with the preconditioner held fixed), by one forward-mode pass
+over those steps; only the loss Hessian is dropped. So for inner losses linear in θ it is exact for any number of
+steps, and otherwise closer to the exact hypergradient (``tests/test_domain_weights.py`` measures both).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
 
 from ..problem import BilevelProblem, HypergradResult, detach_params
 from .base import HypergradMethod
@@ -30,10 +39,17 @@ class FiniteDifference(HypergradMethod):
     Args:
         alpha: the perturbation size relative to ``‖P v‖`` (Betty's ``darts_alpha``).
         scale: ``"optimizer"`` uses the optimizer's own step scale ``P``; a number uses that constant instead.
+        optimizer_carry: carry each step's gradient through the optimizer's state to the last step (see the module
+            docs); needs ``scale="optimizer"``.
+
+    Example:
+        >>> FiniteDifference(optimizer_carry=True).exact
+        False
     """
 
     alpha: float = 0.01
     scale: Union[str, float] = "optimizer"
+    optimizer_carry: bool = False
     name = "finite_difference"
     exact = False
 
@@ -42,6 +58,8 @@ class FiniteDifference(HypergradMethod):
             raise ValueError(f"finite_difference alpha must be positive, got {self.alpha}")
         if isinstance(self.scale, str) and self.scale != "optimizer":
             raise ValueError(f"scale must be 'optimizer' or a number, got {self.scale!r}")
+        if self.optimizer_carry and not isinstance(self.scale, str):
+            raise ValueError("optimizer_carry follows the optimizer's own update rule; it needs scale='optimizer'")
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:
         trajectory, states = problem.run_inner_steps(create_graph=False)
@@ -51,19 +69,51 @@ class FiniteDifference(HypergradMethod):
         v = torch.autograd.grad(outer, [theta_k[n] for n in names], retain_graph=True, allow_unused=True)
         v = {n: g for n, g in zip(names, v) if g is not None}
         grads = problem.meta_grads(outer)
-        for theta, batch, state_t in zip(trajectory[:-1], problem.train_batches, states):
-            u = self._scaled(problem, theta, batch, v, state_t)  # step t's own scale, from the state it starts from
+        steps = list(zip(trajectory[:-1], problem.train_batches, states))
+        step_grads = [self._step_grads(problem, theta, batch) for theta, batch, _ in steps] \
+            if self.optimizer_carry else []
+        for t, (theta, batch, state_t) in enumerate(steps):
+            if self.optimizer_carry:
+                u = self._carried(problem, trajectory, states, step_grads, v, t)
+            else:
+                u = self._scaled(problem, theta, batch, v, state_t)  # step t's own scale, from its starting state
             mixed = self.mixed_derivative(problem, theta, batch, u)
             grads = [g - m for g, m in zip(grads, mixed)]
         return HypergradResult(grads, float(outer.detach()), (detach_params(theta_k), states[-1]))
 
+    @staticmethod
+    def _step_grads(problem, theta, batch) -> Dict[str, Optional[Tensor]]:
+        with torch.enable_grad():
+            g = problem.step_grads(problem.inner_terms(theta, batch), theta)
+        return {n: (None if x is None else x.detach()) for n, x in g.items()}
+
     def _scaled(self, problem, theta, batch, v, state):
         if not isinstance(self.scale, str):
             return {n: self.scale * g for n, g in v.items()}
-        with torch.enable_grad():
-            g = problem.step_grads(problem.inner_terms(theta, batch), theta)
+        g = self._step_grads(problem, theta, batch)
         scale = problem.optimizer.linear_scale(theta, g, state)
         return {n: scale[n] * t for n, t in v.items() if n in scale}
+
+    @staticmethod
+    def _carried(problem, trajectory, states, step_grads: List[Dict[str, Optional[Tensor]]], v, t: int):
+        """``J_tᵀ v``, ``J_t = ∂θ_k/∂g_t`` through the optimizer's update rule alone (diagonal, so ``J_tᵀ = J_t``):
+        the steps ``t..k-1`` are replayed from ``θ_t`` with a tangent ``v`` on ``g_t``; ``-`` the tangent of ``θ_k``."""
+        opt = problem.optimizer
+        if opt.preconditioner != "fixed" and any(h.kind == "adam" for h in opt.hypers.values()):
+            opt.linear_scale(trajectory[t], step_grads[t], states[t])  # raises the explanatory error
+        with torch.no_grad(), fwAD.dual_level():
+            theta, state = {k: x.detach() for k, x in trajectory[t].items()}, states[t]
+            for s in range(t, len(step_grads)):
+                g = step_grads[s]
+                if s == t:
+                    g = {n: (fwAD.make_dual(x, v[n]) if x is not None and n in v else x) for n, x in g.items()}
+                theta, state = opt.step(theta, g, state)
+            out = {}
+            for n in v:
+                tangent = fwAD.unpack_dual(theta[n]).tangent
+                if tangent is not None:
+                    out[n] = -tangent
+        return out
 
     def mixed_derivative(self, problem: BilevelProblem, theta, batch, u):
         """``∂/∂φ [Σ_ik w_ik(φ) ∇ℓ_ik(θ)·u]`` by a central difference of the loss terms along ``u``.
