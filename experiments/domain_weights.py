@@ -8,7 +8,8 @@
 (:mod:`metareweight.data.prm`); training domains of known quality (clean ×2, trivially easy, shifted sibling task
 whose solver falls back on the target rule in ``shifted_habit`` of its steps, inverted step labels); the meta set
 is whole solutions with outcome labels and DreamPRM's aggregation loss; metric: best-of-N selection accuracy on
-held-out problems. ``fd_scale``: ``optimizer`` (default) or ``plain`` (Betty's unscaled darts).
+held-out problems. ``fd_scale``: ``optimizer`` (default), ``plain`` (Betty's unscaled darts) or ``carry`` (the
+optimizer's scale carried through its state to the last lower step: ``FiniteDifference(optimizer_carry=True)``).
 ``--task text``: Women's E-Commerce reviews (positive = rating ≥ 4, negative = rating ≤ 3), one domain per
 department, each with its own injected label-flip rate; frozen WordLlama features, an MLP classifier, a clean meta
 set; metric: clean test accuracy.
@@ -43,7 +44,7 @@ COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hid
               meta_lr=0.05, hypergrad="finite_difference", unroll_steps=5, fd_scale="optimizer")
 LR_SCHEDULES = ("constant", "cosine")
 # the finite difference's direction: v scaled by the lower optimizer's step scale, or v itself (Betty's darts)
-FD_SCALES = {"optimizer": "optimizer", "plain": 1.0}
+FD_SCALES = {"optimizer": ("optimizer", False), "plain": (1.0, False), "carry": ("optimizer", True)}
 DEFAULTS = {
     "prm": dict(COMMON, epochs=40, hidden=64, lr=3e-3, lr_schedule="cosine", meta_batch_size=200, meta_lr=0.01,
                 warmup_epochs=5, train_solutions=[150, 150, 300, 300, 300], meta_solutions=200, test_problems=300,
@@ -106,7 +107,7 @@ def lr_scheduler(optimizer, cfg: Dict):
 
 
 def fd_scale(cfg: Dict):
-    """The ``fd_scale`` config value as :meth:`DomainWeights.trainer_options` takes it."""
+    """The ``fd_scale`` config value as :meth:`DomainWeights.trainer_options`' ``(fd_scale, fd_carry)``."""
     if cfg["fd_scale"] not in FD_SCALES:
         raise ValueError(f"fd_scale must be one of {sorted(FD_SCALES)}, got {cfg['fd_scale']!r}")
     return FD_SCALES[cfg["fd_scale"]]
@@ -160,7 +161,7 @@ def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorInde
     trainer = MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader,
                           callbacks=[traj, EpochMetric(evaluate, curve_learned)],
                           adam_preconditioner="fixed", progress=False, scheduler=sched,
-                          **DomainWeights.trainer_options(cfg["hypergrad"], cfg["unroll_steps"], fd_scale(cfg)))
+                          **DomainWeights.trainer_options(cfg["hypergrad"], cfg["unroll_steps"], *fd_scale(cfg)))
     trainer.fit(epochs=cfg["epochs"] - cfg["warmup_epochs"])
     # the reported metric is the final epoch's, for both runs
     return {"seed": seed, "metric_uniform": curve_uniform[-1], "metric_learned": curve_learned[-1],

@@ -262,10 +262,14 @@ def test_each_config_loads(path):
 
 def test_fd_scale_config_reaches_the_finite_difference():
     dw = _script()
-    assert dw.fd_scale(dict(fd_scale="plain")) == 1.0 and dw.fd_scale(dict(fd_scale="optimizer")) == "optimizer"
+    assert dw.fd_scale(dict(fd_scale="plain")) == (1.0, False)
+    assert dw.fd_scale(dict(fd_scale="optimizer")) == ("optimizer", False)
+    assert dw.fd_scale(dict(fd_scale="carry")) == ("optimizer", True)
     with pytest.raises(ValueError, match="fd_scale must be one of"):
         dw.fd_scale(dict(fd_scale="betty"))
     assert DomainWeights.trainer_options(fd_scale=1.0)["hypergrad_options"] == {"alpha": 0.01, "scale": 1.0}
+    assert DomainWeights.trainer_options(fd_carry=True)["hypergrad_options"] == {"alpha": 0.01, "scale": "optimizer",
+                                                                                "optimizer_carry": True}
     assert DomainWeights.trainer_options("unrolled")["hypergrad_options"] is None
 
 

@@ -224,19 +224,23 @@ class DomainWeights(MetaObjective):
 
     @staticmethod
     def trainer_options(hypergrad: str = "finite_difference", unroll_steps: int = 5,
-                        fd_scale: Union[str, float] = "optimizer") -> Dict[str, Any]:
+                        fd_scale: Union[str, float] = "optimizer", fd_carry: bool = False) -> Dict[str, Any]:
         """DreamPRM's schedule as :class:`~metareweight.MetaTrainer` keyword arguments: Betty's darts finite
         difference (ε = 0.01/‖v‖), 5 lower steps per upper step, the lower steps taken with the current α and the
         upper step made at the resulting θ (``real_step="lookahead"``, Betty's alternation).
 
         ``fd_scale`` is the finite difference's direction scale: ``"optimizer"`` multiplies ``v`` by the lower
-        optimizer's step scale, ``1.0`` is Betty's darts exactly (``v`` itself; what DreamPRM ran).
+        optimizer's step scale, ``1.0`` is Betty's darts exactly (``v`` itself; what DreamPRM ran). ``fd_carry``
+        also carries each lower step's gradient through the optimizer's state to the last lower step
+        (``FiniteDifference(optimizer_carry=True)``: the 5-step truncation then drops only the loss Hessian).
 
         Example:
             >>> DomainWeights.trainer_options(fd_scale=1.0)["hypergrad_options"]
             {'alpha': 0.01, 'scale': 1.0}
         """
         opts = {"alpha": 0.01, "scale": fd_scale} if hypergrad == "finite_difference" else None
+        if opts is not None and fd_carry:
+            opts["optimizer_carry"] = True
         return {"hypergrad": hypergrad, "hypergrad_options": opts, "unroll_steps": unroll_steps,
                 "real_step": "lookahead"}
 
