@@ -14,8 +14,8 @@ Cost: two extra forward/backward passes per inner step, no second-order graph.
 With a stateful optimizer the truncation also drops what a step's gradient does *after* that step: it stays in
 the momentum buffer (Adam's first moment) and moves every later step too. ``optimizer_carry=True`` keeps that:
 ``P v`` becomes ``J_tᵀ v`` with ``J_t = ∂θ_k/∂g_t`` through the optimizer's own update rule from step ``t`` to the
-last (momentum, nesterov, weight decay, Adam's moments with the preconditioner held fixed), by one forward-mode pass
-over those steps; only the loss Hessian is dropped. So for inner losses linear in θ it is exact for any number of
+last (momentum, nesterov, weight decay, Adam's moments with the preconditioner held fixed), for all ``t`` by one
+backward pass through a replay of the optimizer's updates; only the loss Hessian is dropped. So for inner losses linear in θ it is exact for any number of
 steps, and otherwise closer to the exact hypergradient (``tests/test_domain_weights.py`` measures both).
 """
 
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ..problem import BilevelProblem, HypergradResult, detach_params
@@ -70,11 +69,12 @@ class FiniteDifference(HypergradMethod):
         v = {n: g for n, g in zip(names, v) if g is not None}
         grads = problem.meta_grads(outer)
         steps = list(zip(trajectory[:-1], problem.train_batches, states))
-        step_grads = [self._step_grads(problem, theta, batch) for theta, batch, _ in steps] \
+        carried = self._carried(problem, trajectory, states,
+                                [self._step_grads(problem, theta, batch) for theta, batch, _ in steps], v) \
             if self.optimizer_carry else []
         for t, (theta, batch, state_t) in enumerate(steps):
             if self.optimizer_carry:
-                u = self._carried(problem, trajectory, states, step_grads, v, t)
+                u = carried[t]
             else:
                 u = self._scaled(problem, theta, batch, v, state_t)  # step t's own scale, from its starting state
             mixed = self.mixed_derivative(problem, theta, batch, u)
@@ -95,24 +95,27 @@ class FiniteDifference(HypergradMethod):
         return {n: scale[n] * t for n, t in v.items() if n in scale}
 
     @staticmethod
-    def _carried(problem, trajectory, states, step_grads: List[Dict[str, Optional[Tensor]]], v, t: int):
-        """``J_tᵀ v``, ``J_t = ∂θ_k/∂g_t`` through the optimizer's update rule alone (diagonal, so ``J_tᵀ = J_t``):
-        the steps ``t..k-1`` are replayed from ``θ_t`` with a tangent ``v`` on ``g_t``; ``-`` the tangent of ``θ_k``."""
+    def _carried(problem, trajectory, states, step_grads: List[Dict[str, Optional[Tensor]]], v) -> List[Dict]:
+        """``J_tᵀ v`` for every step ``t``, ``J_t = ∂θ_k/∂g_t`` through the optimizer's update rule alone: the
+        steps are replayed from ``θ_0`` with the recorded gradients as leaves and one backward pass from ``θ_k``
+        with cotangent ``v`` (element-wise updates, so ``J_t`` is diagonal and the pass costs a few vector ops)."""
         opt = problem.optimizer
         if opt.preconditioner != "fixed" and any(h.kind == "adam" for h in opt.hypers.values()):
-            opt.linear_scale(trajectory[t], step_grads[t], states[t])  # raises the explanatory error
-        with torch.no_grad(), fwAD.dual_level():
-            theta, state = {k: x.detach() for k, x in trajectory[t].items()}, states[t]
-            for s in range(t, len(step_grads)):
-                g = step_grads[s]
-                if s == t:
-                    g = {n: (fwAD.make_dual(x, v[n]) if x is not None and n in v else x) for n, x in g.items()}
+            opt.linear_scale(trajectory[0], step_grads[0], states[0])  # raises the explanatory error
+        with torch.enable_grad():
+            leaves = [{n: (x.detach().requires_grad_() if x is not None and n in v else x) for n, x in g.items()}
+                      for g in step_grads]
+            theta, state = {k: x.detach() for k, x in trajectory[0].items()}, states[0]
+            for g in leaves:
                 theta, state = opt.step(theta, g, state)
-            out = {}
-            for n in v:
-                tangent = fwAD.unpack_dual(theta[n]).tangent
-                if tangent is not None:
-                    out[n] = -tangent
+            names = [n for n in v if theta[n].requires_grad]
+            slots = [(t, n) for t, g in enumerate(leaves) for n, x in g.items() if x is not None and n in v]
+            got = torch.autograd.grad([theta[n] for n in names], [leaves[t][n] for t, n in slots],
+                                      grad_outputs=[v[n] for n in names], allow_unused=True)
+        out: List[Dict[str, Tensor]] = [{} for _ in leaves]
+        for (t, n), x in zip(slots, got):
+            if x is not None:
+                out[t][n] = -x
         return out
 
     def mixed_derivative(self, problem: BilevelProblem, theta, batch, u):
