@@ -233,6 +233,14 @@ def test_finite_difference_with_optimizer_carry_agrees_with_the_exact_hypergradi
     assert dot(carried, carried) ** 0.5 == pytest.approx(dot(exact, exact) ** 0.5, rel=0.05)
     with pytest.raises(ValueError, match="scale='optimizer'"):
         FiniteDifference(scale=1.0, optimizer_carry=True)
+    if seed == 0:  # the data-parallel optimizer's path (one process here): the same numbers
+        import dataclasses
+
+        from metareweight.distributed import DistributedContext, SyncedFunctionalOptimizer
+        synced = dataclasses.replace(problem, optimizer=SyncedFunctionalOptimizer(problem.optimizer,
+                                                                                   DistributedContext()))
+        for a, b in zip(FiniteDifference(alpha=0.01, optimizer_carry=True)(synced).grads, carried):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 def test_fast_exact_one_step_hypergradient_agrees_with_unrolled():

@@ -15,8 +15,9 @@ With a stateful optimizer the truncation also drops what a step's gradient does 
 the momentum buffer (Adam's first moment) and moves every later step too. ``optimizer_carry=True`` keeps that:
 ``P v`` becomes ``J_tᵀ v`` with ``J_t = ∂θ_k/∂g_t`` through the optimizer's own update rule from step ``t`` to the
 last (momentum, nesterov, weight decay, Adam's moments with the preconditioner held fixed), for all ``t`` by one
-backward pass through a replay of the optimizer's updates; only the loss Hessian is dropped. So for inner losses linear in θ it is exact for any number of
-steps, and otherwise closer to the exact hypergradient (``tests/test_domain_weights.py`` measures both).
+backward pass through a replay of the optimizer's updates; only the loss Hessian is dropped. So for inner losses
+linear in θ it is exact for any number of steps, and otherwise closer to the exact hypergradient
+(``tests/test_domain_weights.py`` measures both).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
+from ..optim import FunctionalOptimizer
 from ..problem import BilevelProblem, HypergradResult, detach_params
 from .base import HypergradMethod
 
@@ -102,12 +104,16 @@ class FiniteDifference(HypergradMethod):
         opt = problem.optimizer
         if opt.preconditioner != "fixed" and any(h.kind == "adam" for h in opt.hypers.values()):
             opt.linear_scale(trajectory[0], step_grads[0], states[0])  # raises the explanatory error
+        sync = getattr(opt, "_synced", None)  # data-parallel: the trajectory took the ranks' mean gradient;
+        if sync is not None:                  # replay that, with the plain update rule (no collectives in autograd)
+            with torch.no_grad():
+                step_grads = [sync(g) for g in step_grads]
         with torch.enable_grad():
             leaves = [{n: (x.detach().requires_grad_() if x is not None and n in v else x) for n, x in g.items()}
                       for g in step_grads]
             theta, state = {k: x.detach() for k, x in trajectory[0].items()}, states[0]
             for g in leaves:
-                theta, state = opt.step(theta, g, state)
+                theta, state = FunctionalOptimizer.step(opt, theta, g, state)
             names = [n for n in v if theta[n].requires_grad]
             slots = [(t, n) for t, g in enumerate(leaves) for n, x in g.items() if x is not None and n in v]
             got = torch.autograd.grad([theta[n] for n in names], [leaves[t][n] for t, n in slots],
