@@ -327,10 +327,11 @@ def _plot_curves(ax, result: Dict) -> None:
 
 
 def _task_from_config(path: Optional[str], parser: argparse.ArgumentParser) -> str:
-    """The task named by a config's ``experiment: domain_weights_<task>`` key, so a config alone runs."""
-    import yaml
+    """The task named by a config's ``experiment: domain_weights_<task>`` key (``extends`` followed), so a config
+    alone runs."""
+    from metareweight.config import read_yaml
 
-    name = (yaml.safe_load(Path(path).read_text()) or {}).get("experiment", "") if path else ""
+    name = read_yaml(path).get("experiment", "") if path else ""
     task = str(name).rsplit("_", 1)[-1]
     if task not in TASKS:
         parser.error(f"give --task {{{','.join(sorted(TASKS))}}}, or a --config whose experiment is "

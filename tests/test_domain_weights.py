@@ -266,6 +266,8 @@ def test_each_config_loads(path):
     task = "text" if "text" in path.name else "prm"
     cfg = load_config(str(path), dw.DEFAULTS[task])
     assert set(dw.DEFAULTS[task]) <= set(cfg)
+    import argparse
+    assert dw._task_from_config(str(path), argparse.ArgumentParser()) == task  # runs alone, `extends` followed
 
 
 def test_fd_scale_config_reaches_the_finite_difference():
