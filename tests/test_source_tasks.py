@@ -96,6 +96,8 @@ def test_expected_update_is_the_sampled_reinforce_gradient_averaged_over_actions
         Reinforce(estimator="expected").loss(action, 1.0)
     with pytest.raises(ValueError, match="estimator"):
         Reinforce(estimator="greedy")
+    with pytest.raises(ValueError, match="normalize"):
+        Reinforce(estimator="expected", normalize=True)
     with pytest.raises(ValueError, match="mode='sample'"):
         SourceTaskWeighting(3, mode="mixture", estimator="expected")
 

@@ -204,6 +204,9 @@ class Reinforce:
             raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if normalize and estimator == "expected":
+            raise ValueError("normalize rescales the sampled action's advantage; the expected estimator has none "
+                             "(scale the rewards instead, as LSTMPolicy.scale_rewards does)")
         self.estimator = estimator
         self.optimizer = optimizer
         self.baseline_decay = baseline_decay
