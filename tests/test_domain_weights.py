@@ -172,7 +172,7 @@ def test_optimizer_scaled_darts_is_the_exact_one_step_hypergradient_under_adam(s
                    "state for steps 2..5 before): cosine with the exact hypergradient 0.995, 0.978, -0.439, 1.000 on "
                    "seeds 0-3 (0.94-0.996 on seeds 4-7), norm 0.2-0.5x the exact one: the truncated finite difference "
                    "ignores each gradient's carry-over through Adam's momentum into later steps, and on seed 2 that "
-                   "flips the direction")
+                   "flips the direction (FiniteDifference(optimizer_carry=True) keeps it: the carry tests below)")
 def test_optimizer_scaled_darts_agrees_with_the_exact_hypergradient_under_adam_over_five_steps():
     for seed in range(4):
         problem = _prm_problem(5, seed=seed, adam_warm_steps=20)
