@@ -220,6 +220,13 @@ def test_finite_difference_with_optimizer_carry_is_exact_when_the_inner_loss_is_
     truncated = FiniteDifference(alpha=0.01)(problem).grads
     gap = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(truncated, exact))
     assert (gap < 1e-7) if opt_name == "sgd" else (gap > 1e-3), gap
+    if opt_name == "adam":  # a differentiated preconditioner makes the step non-linear in g: refused
+        import dataclasses
+        f = problem.optimizer
+        nonlinear = dataclasses.replace(problem, optimizer=FunctionalOptimizer(f.hypers, f.optimizer, f._names,
+                                                                               "differentiable"))
+        with pytest.raises(ValueError, match="preconditioner='fixed'"):
+            FiniteDifference(alpha=0.01, optimizer_carry=True)(nonlinear)
 
 
 @pytest.mark.parametrize("seed", range(4))

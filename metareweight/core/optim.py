@@ -29,6 +29,8 @@ State = Dict[str, Dict[str, Tensor]]
 
 SUPPORTED = ("SGD", "Adam", "AdamW")
 PRECONDITIONER_MODES = ("differentiable", "fixed")
+NONLINEAR_STEP = ("Adam's step is not linear in the gradient; build the optimizer with preconditioner='fixed' to use "
+                  "a linearised (fast / finite-difference) hypergradient")
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,11 @@ class FunctionalOptimizer:
         return p - (h.lr / bc1) * m / denom
 
     # ---- linearisation used by first-order and fast methods -------------------------------------------------
+    @property
+    def steps_linearly(self) -> bool:
+        """Whether a step is linear in the loss gradient (false only for Adam with the differentiable preconditioner)."""
+        return self.preconditioner == "fixed" or all(h.kind != "adam" for h in self.hypers.values())
+
     def linear_scale(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: State) -> Dict[str, Tensor]:
         """The diagonal ``P`` with ``∂θ'/∂g = −P`` for one step from ``state`` with loss gradient ``grads``.
 
@@ -221,8 +228,7 @@ class FunctionalOptimizer:
                 out[name] = torch.as_tensor(h.lr * f, dtype=params[name].dtype, device=params[name].device)
                 continue
             if self.preconditioner != "fixed":
-                raise ValueError("Adam's step is not linear in the gradient; build the optimizer with "
-                                 "preconditioner='fixed' to use a linearised (fast / finite-difference) hypergradient")
+                raise ValueError(NONLINEAR_STEP)
             t = float(st.get("step", torch.tensor(0.0))) + 1
             g = grads[name].detach()
             if h.weight_decay and not h.decoupled:

@@ -148,7 +148,7 @@ class Fast(HypergradMethod):
         opt = problem.optimizer
         if not isinstance(opt, FunctionalOptimizer):
             raise ValueError(f"hypergrad='fast' needs a FunctionalOptimizer, got {type(opt).__name__}")
-        if opt.preconditioner != "fixed" and any(h.kind == "adam" for h in opt.hypers.values()):
+        if not opt.steps_linearly:
             raise ValueError("hypergrad='fast' needs Adam's preconditioner held fixed: use "
                              "MetaTrainer(adam_preconditioner='fixed') or FunctionalOptimizer(preconditioner='fixed')")
         self._capture = None

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from ..optim import FunctionalOptimizer
+from ..optim import NONLINEAR_STEP, FunctionalOptimizer
 from ..problem import BilevelProblem, HypergradResult, detach_params
 from .base import HypergradMethod
 
@@ -102,8 +102,8 @@ class FiniteDifference(HypergradMethod):
         steps are replayed from ``θ_0`` with the recorded gradients as leaves and one backward pass from ``θ_k``
         with cotangent ``v`` (element-wise updates, so ``J_t`` is diagonal and the pass costs a few vector ops)."""
         opt = problem.optimizer
-        if opt.preconditioner != "fixed" and any(h.kind == "adam" for h in opt.hypers.values()):
-            opt.linear_scale(trajectory[0], step_grads[0], states[0])  # raises the explanatory error
+        if not opt.steps_linearly:
+            raise ValueError(NONLINEAR_STEP)
         sync = getattr(opt, "_synced", None)  # data-parallel: the trajectory took the ranks' mean gradient;
         if sync is not None:                  # replay that, with the plain update rule (no collectives in autograd)
             with torch.no_grad():
