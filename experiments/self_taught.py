@@ -20,7 +20,10 @@ code's BatchNorm over the whole batch for every class's rescaler, ``bn_scope="ba
 
 JSON: a list of rows, one per (dataset, noise): ``dataset``, ``noise``, ``acc_<method>`` (mean over seeds),
 ``acc_<method>_sd``, ``weight_auroc`` (STORM, last epoch), ``gap_<method>`` (mean weight clean − flipped, last
-epoch), ``gap_first_storm`` (first epoch), ``auroc_<method>`` and ``per_seed``.
+epoch), ``gap_first_storm`` (first epoch), ``auroc_<method>`` and ``per_seed``; with ``ceiling: true`` (default)
+and label noise, ``loss_auroc_storm`` and ``oracle_auroc_storm``: how well the trained model's own loss ranking and
+an oracle fitted with the true flip flags on the rescaler's features separate flipped samples (see
+:func:`separation_ceiling`), the ceiling the weights' AUROC can be read against.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ FULL = dict(
     datasets=list(DATASETS), noise=[0.0, 0.3, 0.4], methods=["no_rescaling", "storm", "no_meta_loss_rescaling"],
     n_train=8000, n_val=300, n_test=3000, epochs=10, batch_size=128, passes=3, meta_lr=0.1,
     adam_preconditioner="differentiable",
-    rt_n_train=8000, rt_epochs=10, rt_max_features=3000, rt_lr=1e-2, rt_input_dropout=0.1,
+    rt_n_train=8000, rt_epochs=10, rt_max_features=3000, rt_min_df=2, rt_sublinear_tf=True, rt_lr=1e-2,
+    rt_input_dropout=0.1, ceiling=True,
     wr_n_train=12000, wr_epochs=15, wr_hidden=512, wr_dropout=0.1, wr_lr=3e-3,
 )
 QUICK = dict(FULL, noise=[0.3, 0.4], n_val=200, n_test=2000, rt_n_train=4000, wr_n_train=6000, wr_epochs=12)
@@ -72,8 +76,12 @@ QUICK = dict(FULL, noise=[0.3, 0.4], n_val=200, n_test=2000, rt_n_train=4000, wr
 
 # ---- data ----------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=4)
-def load_data(name: str, n_train: int, n_val: int, n_test: int, rt_max_features: int = 3000) -> Dict:
-    """A fixed split (seed 0) of one dataset as float tensors; ``x_*``, ``y_*`` (clean labels), ``num_classes``."""
+def load_data(name: str, n_train: int, n_val: int, n_test: int, rt_max_features: int = 3000, rt_min_df: int = 2,
+              rt_sublinear_tf: bool = True) -> Dict:
+    """A fixed split (seed 0) of one dataset as float tensors; ``x_*``, ``y_*`` (clean labels), ``num_classes``.
+
+    Rotten Tomatoes: TF-IDF over uni- and bigrams seen at least ``rt_min_df`` times in the training texts, the
+    ``rt_max_features`` most frequent (0: all of them), sub-linear term frequency if ``rt_sublinear_tf``."""
     from metareweight.data.text import embed, load_rotten_tomatoes, load_womens_reviews
 
     rng = np.random.default_rng(0)
@@ -92,7 +100,8 @@ def load_data(name: str, n_train: int, n_val: int, n_test: int, rt_max_features:
     y = torch.as_tensor(np.asarray(labels)[pick], dtype=torch.long)
     if name == "rotten_tomatoes":
         from sklearn.feature_extraction.text import TfidfVectorizer
-        vec = TfidfVectorizer(max_features=rt_max_features, sublinear_tf=True, min_df=2, ngram_range=(1, 2))
+        vec = TfidfVectorizer(max_features=rt_max_features or None, sublinear_tf=rt_sublinear_tf, min_df=rt_min_df,
+                              ngram_range=(1, 2))
         vec.fit(texts[:n_train])
         x = torch.as_tensor(vec.transform(texts).toarray(), dtype=torch.float32)
     else:
@@ -143,12 +152,48 @@ def run_method(method: str, name: str, data: Dict, y_noisy: torch.Tensor, flippe
     out = {"acc": accuracy(model, data["x_test"], data["y_test"]),
            "auroc": [h.get("weight_auroc", float("nan")) for h in history],
            "gap": [h.get("weight_clean", np.nan) - h.get("weight_noisy", np.nan) for h in history]}
+    if cfg["ceiling"] and method == "storm" and flipped.any() and not flipped.all():
+        out.update(separation_ceiling(objective, model, train, y_noisy, flipped, seed))
     if keep_weights:
         out["weights"] = []
         for e in range(len(history)):
             last = trainer.weights_history.latest(epoch=e)
             out["weights"].append((last["weight"], flipped[last["index"]]))
     return out
+
+
+def separation_ceiling(objective: SelfTaughtRescaler, model: nn.Module, train: TensorIndexedDataset,
+                       y_noisy: torch.Tensor, flipped: np.ndarray, seed: int) -> Dict[str, float]:
+    """How well anything could separate flipped from clean samples at the end of training, for comparison with the
+    weights' AUROC: ``loss_auroc``, the trained model's own small-loss ranking of the whole training set (eval
+    mode), and ``oracle_auroc``, a logistic regression fitted **with the true flip flags** on the rescaler's
+    features plus the noisy label (5-fold cross-validated; features from one pass in random batches of the
+    training batch size, as the rescaler sees them)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from metareweight.data.batch import as_batch
+
+    was = model.training
+    with torch.no_grad():
+        model.eval()
+        losses = nn.functional.cross_entropy(model(train.x), y_noisy, reduction="none").numpy()
+        model.train()
+        feats, index = [], []
+        order = DataLoader(train, batch_size=128, shuffle=True, drop_last=True,
+                           generator=torch.Generator().manual_seed(seed + 7))
+        for raw in order:
+            b = as_batch(raw)
+            feats.append(objective.features_of(model, b)[0].double().numpy())
+            index.append(b.index.numpy())
+    model.train(was)
+    idx = np.concatenate(index)
+    x = np.concatenate([np.concatenate(feats), y_noisy.numpy()[idx, None]], axis=1)
+    oracle = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    p_flip = cross_val_predict(oracle, x, flipped[idx], cv=5, method="predict_proba")[:, 1]
+    return {"loss_auroc": float(auroc(-losses, ~flipped)), "oracle_auroc": float(auroc(-p_flip, ~flipped[idx]))}
 
 
 def nan_mean(values: List[float]) -> float:
@@ -158,7 +203,8 @@ def nan_mean(values: List[float]) -> float:
 
 
 def run_setting(name: str, noise: float, seeds: List[int], cfg: Dict, keep_weights: bool = False) -> Dict:
-    data = load_data(name, per_dataset(cfg, name, "n_train"), cfg["n_val"], cfg["n_test"], cfg["rt_max_features"])
+    data = load_data(name, per_dataset(cfg, name, "n_train"), cfg["n_val"], cfg["n_test"], cfg["rt_max_features"],
+                     cfg["rt_min_df"], cfg["rt_sublinear_tf"])
     row: Dict = {"dataset": name, "noise": float(noise), "per_seed": []}
     kept = None
     for seed in seeds:
@@ -179,6 +225,9 @@ def run_setting(name: str, noise: float, seeds: List[int], cfg: Dict, keep_weigh
             row[f"gap_{m}"] = nan_mean([s[m]["gap"][-1] for s in row["per_seed"]])
     if "storm" in cfg["methods"]:
         row["weight_auroc"] = row["auroc_storm"]
+        for key in ("loss_auroc", "oracle_auroc"):
+            if any(key in s["storm"] for s in row["per_seed"]):
+                row[f"{key}_storm"] = nan_mean([s["storm"].get(key, np.nan) for s in row["per_seed"]])
         row["gap_first_storm"] = nan_mean([s["storm"]["gap"][0] for s in row["per_seed"]])
     if kept is not None:
         row["_weights"] = kept
@@ -230,6 +279,10 @@ def print_table(rows: List[Dict], methods: List[str]) -> None:
         sub = [r for r in rows if r["dataset"] == name]
         body = [[m] + [mean_sd([s[m]["acc"] for s in r["per_seed"]]) for r in sub] for m in methods]
         body.append(["weight AUROC (STORM)"] + [f"{r.get('weight_auroc', float('nan')):.3f}" for r in sub])
+        for key, label in (("loss_auroc_storm", "its model's loss ranking"), ("oracle_auroc_storm",
+                                                                           "oracle on its features")):
+            if any(key in r for r in sub):
+                body.append([f"  ceiling: {label}"] + [f"{r.get(key, float('nan')):.3f}" for r in sub])
         print(f"\n{name}: test accuracy, mean ± sd over {len(sub[0]['per_seed'])} seeds")
         print(table(body, ["method"] + [f"{int(r['noise'] * 100)}% noise" for r in sub]))
 

@@ -46,6 +46,8 @@ def test_tiny_run_writes_the_documented_rows(tmp_path):
     for key in ("dataset", "noise", "acc_no_rescaling", "acc_storm", "weight_auroc", "acc_no_meta_learning"):
         assert key in row
     assert row["noise"] == 0.3 and 0.0 <= row["weight_auroc"] <= 1.0
+    for key in ("loss_auroc_storm", "oracle_auroc_storm"):  # the separation ceiling, recorded by default
+        assert 0.0 <= row[key] <= 1.0 and 0.0 <= row["per_seed"][0]["storm"][key.removesuffix("_storm")] <= 1.0
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,9 @@ def test_storm_beats_no_rescaling_on_womens_at_30(quick_rows):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="measured not to hold (experiments/RESULTS.md, STORM): on Rotten Tomatoes "
-                   "TF-IDF at 40% noise the weight AUROC stays at 0.63-0.67, about the level of a logistic "
-                   "regression's own small-loss ranking")
+                   "TF-IDF at 40% noise the weight AUROC stays at 0.63-0.67, at the ceiling the trained model "
+                   "allows: its own loss ranking separates at 0.67 and an oracle fitted with the true flip flags "
+                   "on the rescaler's features at 0.69 (full configuration)")
 def test_weight_auroc_reaches_07_on_rotten_tomatoes_at_40(quick_rows):
     assert noisy_row(quick_rows[0], "rotten_tomatoes", 0.4)["weight_auroc"] >= 0.7
 
