@@ -49,6 +49,7 @@ SETTINGS = {  # name → (noise function, noise rate, imbalance factor)
     "pair40": (pair_noise, 0.4, 1.0),
     "lt100": (None, 0.0, 100.0),
 }
+META_OPTIMIZERS = ("adam", "sgd")  # Meta-Weight-Net's: its noisy-label code's Adam, its long-tail code's SGD
 METHODS = ["plain", "class_weight", "oversample", "focal", "logit_adjust", "small_loss", "mwnet", "self_taught"]
 LABELS = {"plain": "plain CE", "class_weight": "inverse-frequency class weights", "oversample": "random oversampling",
           "focal": "focal loss", "logit_adjust": "logit adjustment", "small_loss": "small-loss selection",
@@ -57,7 +58,7 @@ LABELS = {"plain": "plain CE", "class_weight": "inverse-frequency class weights"
 FULL = dict(settings=list(SETTINGS), methods=list(METHODS), seeds=[0, 1, 2], train_per_class=500, meta_per_class=10,
             val_per_class=0, test_size=10000, model="cnn", epochs=15, batch_size=100, lr=0.05, lr_milestones=[10],
             lr_decay=0.1, momentum=0.9, weight_decay=5e-4, hypergrad="fast", meta_lr=1e-3, mwnet_hidden=100,
-            mwnet_normalize=True,
+            mwnet_normalize=True, mwnet_meta_optimizer="adam",
             storm_hypergrad="unrolled", storm_passes=3, storm_bn_scope="batch", storm_input_dropout=0.1, storm_meta_lr=1e-2, focal_gamma=2.0, la_tau=1.0,
             forget_rate=0.4, forget_warmup=5)
 QUICK = dict(FULL, seeds=[0], train_per_class=200, test_size=2000, epochs=6, lr_milestones=[4])
@@ -218,6 +219,10 @@ def meta_trainer(method: str, model: nn.Module, opt, loader: DataLoader, task: T
         objective = previous.objective if previous else MetaWeightNet(hidden=cfg["mwnet_hidden"],
                                                                       normalize=cfg["mwnet_normalize"],
                                                                       meta_lr=cfg["meta_lr"])
+        if previous is None and cfg["mwnet_meta_optimizer"] == "sgd":  # the original long-tail code's choice
+            common.update(meta_optimizer=torch.optim.SGD(objective.meta_parameters(), lr=cfg["meta_lr"],
+                                                         momentum=cfg["momentum"], nesterov=True,
+                                                         weight_decay=cfg["weight_decay"]))
         return MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader, **common)
     if previous is not None:
         objective = previous.objective
@@ -323,6 +328,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args, QUICK if args.quick else FULL)
+    if cfg["mwnet_meta_optimizer"] not in META_OPTIMIZERS:
+        raise ConfigError(f"config key 'mwnet_meta_optimizer': unknown {cfg['mwnet_meta_optimizer']!r}; choose from "
+                          f"{list(META_OPTIMIZERS)}")
     for key, allowed in (("settings", SETTINGS), ("methods", METHODS)):
         bad = [v for v in cfg[key] if v not in allowed]
         if bad:

@@ -61,6 +61,8 @@ def test_validation_split_is_balanced_disjoint_and_leaves_the_other_splits_uncha
 def test_unknown_settings_or_methods_are_config_errors():
     with pytest.raises(ValueError, match="'methods'.*'mwnett'"):
         classic.main(["--set", "methods=[mwnett]"])
+    with pytest.raises(ValueError, match="'mwnet_meta_optimizer'.*'sdg'"):
+        classic.main(["--set", "mwnet_meta_optimizer=sdg"])
 
 
 def test_quick_smoke_run_on_fashion_mnist(tmp_path):
