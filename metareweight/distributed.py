@@ -45,6 +45,8 @@ Example (single process: every helper is the identity):
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Union
@@ -167,7 +169,9 @@ def all_reduce_mean_(tensors: Sequence[Optional[Tensor]], ctx: DistributedContex
 
 def all_gather_rows(tensors: Sequence[Tensor], ctx: DistributedContext) -> "tuple[List[Tensor], int]":
     """Every rank's ``tensors`` (each ``(rows, ...)``, the same row count within a rank, not across ranks) stacked
-    along dim 0 in rank order, and the row offset of this rank's block. Not differentiable."""
+    along dim 0 in rank order, and the row offset of this rank's block. One all_gather per dtype: a rank's tensors
+    travel side by side as the columns of one ``(rows, Σ features)`` block, padded to the largest rank's rows.
+    Not differentiable."""
     if not ctx.enabled:
         return list(tensors), 0
     rows = tensors[0].shape[0]
@@ -176,14 +180,17 @@ def all_gather_rows(tensors: Sequence[Tensor], ctx: DistributedContext) -> "tupl
     dist.all_reduce(counts, group=ctx.group)
     counts = counts.tolist()
     most = max(counts)
-    out = []
-    for t in tensors:
-        padded = t.new_zeros((most,) + tuple(t.shape[1:]))
-        padded[:rows] = t
-        parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, padded.contiguous(), group=ctx.group)
-        out.append(torch.cat([part[:n] for part, n in zip(parts, counts)]))
-    return out, sum(counts[:ctx.rank])
+    gathered = {}
+    for bucket in _buckets(tensors):
+        widths = [math.prod(t.shape[1:]) for t in bucket]
+        block = bucket[0].new_zeros((most, sum(widths)))
+        block[:rows] = torch.cat([t.reshape(rows, w) for t, w in zip(bucket, widths)], dim=1)
+        parts = [torch.empty_like(block) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, block, group=ctx.group)
+        stacked = torch.cat([part[:n] for part, n in zip(parts, counts)])
+        for t, cols in zip(bucket, stacked.split(widths, dim=1)):
+            gathered[id(t)] = cols.reshape((-1,) + tuple(t.shape[1:]))
+    return [gathered[id(t)] for t in tensors], sum(counts[:ctx.rank])
 
 
 def differentiable_mean(tensors: Sequence[Tensor], ctx: DistributedContext) -> List[Tensor]:

@@ -51,6 +51,15 @@ def test_two_processes_match_one_process(two_process_results, case, options):
             assert abs(a[key] - b[key]) < 1e-10, (case, key, a[key], b[key])
 
 
+def test_all_gather_rows_stacks_every_ranks_rows_in_rank_order(two_process_results):
+    """One collective per dtype: shapes, dtypes and order survive, and a rank without rows contributes none."""
+    got = two_process_results["all_gather_rows"]
+    expected = [torch.cat(parts) for parts in zip(*(ddp_worker.rank_rows(r) for r in range(2)))]
+    assert got["offset"] == 0  # rank 0's view
+    for g, e in zip(got["gathered"], expected):
+        assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e)
+
+
 def test_single_process_helpers_are_identities():
     ctx = resolve("auto")
     assert not ctx.enabled and ctx.is_main and ctx.gather_object(5) == [5]

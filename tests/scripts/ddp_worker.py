@@ -62,11 +62,27 @@ def run(hypergrad: str = "unrolled", **options) -> dict:
             "history": history, "world_size": ctx.world_size}
 
 
+def rank_rows(rank: int):
+    """Rank ``rank``'s rows for the ``all_gather_rows`` check: unequal row counts (rank 1 has none), three shapes,
+    two dtypes, the float64 ones interleaved with the float32 one."""
+    n = (3, 0)[rank]
+    base = torch.arange(n * 12, dtype=torch.float64).reshape(n, 3, 4) + 100 * rank
+    return [base, base[:, 0, :1].float().reshape(n), base.sum((1, 2)).reshape(n, 1) * -1]
+
+
+def gather_rows_case() -> dict:
+    from metareweight.distributed import all_gather_rows
+    ctx = resolve("auto")
+    got, offset = all_gather_rows(rank_rows(ctx.rank), ctx)
+    return {"gathered": got, "offset": offset}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(sys.argv[1])
     results = {name: run(**kw) for name, kw in CASES.items()}
+    results["all_gather_rows"] = gather_rows_case()
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")
     # all ranks leave together: a rank tearing down gloo while its peer is still in flight aborts the peer
