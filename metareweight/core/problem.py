@@ -152,24 +152,26 @@ class BilevelProblem:
         src = self.params if params is None else params
         return {k: v.detach().requires_grad_(k in self.optimizer.hypers) for k, v in src.items()}
 
-    def run_inner_steps(self, *, create_graph: bool) -> Tuple[List[Params], List[State]]:
+    def run_inner_steps(self, *, create_graph: bool, return_grads: bool = False):
         """Take one optimizer step per train batch from θ. Returns the parameter trajectory ``[θ_0 .. θ_k]``
         and the optimizer states ``[s_0 .. s_k]`` (``s_t``: the state step ``t`` starts from; ``s_k`` the final
-        one). With ``create_graph`` the trajectory is differentiable in φ."""
+        one), and with ``return_grads`` also the gradient each step took ``[g_0 .. g_{k-1}]`` (so a method that
+        needs them does not recompute them). With ``create_graph`` the trajectory is differentiable in φ."""
         theta = self.leaf_params()
         state = self.opt_state
-        trajectory, states = [theta], [state]
+        trajectory, states, step_grads = [theta], [state], []
         for batch in self.train_batches:
             grads = self.step_grads(self.inner_terms(theta, batch), theta, create_graph=create_graph)
             if not create_graph:
                 grads = {k: (None if g is None else g.detach()) for k, g in grads.items()}
+            step_grads.append(grads)
             theta, state = self.optimizer.step(theta, grads, state)
             if not create_graph:
                 theta = self.leaf_params(theta)
                 state = detach_state(state)
             trajectory.append(theta)
             states.append(state)
-        return trajectory, states
+        return (trajectory, states, step_grads) if return_grads else (trajectory, states)
 
 
 def detach_state(state: State) -> State:

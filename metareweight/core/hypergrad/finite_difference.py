@@ -63,36 +63,28 @@ class FiniteDifference(HypergradMethod):
             raise ValueError("optimizer_carry follows the optimizer's own update rule; it needs scale='optimizer'")
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:
-        trajectory, states = problem.run_inner_steps(create_graph=False)
+        trajectory, states, step_grads = problem.run_inner_steps(create_graph=False, return_grads=True)
         theta_k = trajectory[-1]
         outer = problem.outer_loss(theta_k)
         names = problem.trainable(theta_k)
         v = torch.autograd.grad(outer, [theta_k[n] for n in names], retain_graph=True, allow_unused=True)
         v = {n: g for n, g in zip(names, v) if g is not None}
         grads = problem.meta_grads(outer)
-        steps = list(zip(trajectory[:-1], problem.train_batches, states))
-        carried = self._carried(problem, trajectory, states,
-                                [self._step_grads(problem, theta, batch) for theta, batch, _ in steps], v) \
-            if self.optimizer_carry else []
-        for t, (theta, batch, state_t) in enumerate(steps):
+        steps = list(zip(trajectory[:-1], problem.train_batches, states, step_grads))
+        carried = self._carried(problem, trajectory, states, step_grads, v) if self.optimizer_carry else []
+        for t, (theta, batch, state_t, g_t) in enumerate(steps):
             if self.optimizer_carry:
                 u = carried[t]
             else:
-                u = self._scaled(problem, theta, batch, v, state_t)  # step t's own scale, from its starting state
+                u = self._scaled(problem, theta, g_t, v, state_t)  # step t's own scale, from its starting state
             mixed = self.mixed_derivative(problem, theta, batch, u)
             grads = [g - m for g, m in zip(grads, mixed)]
         return HypergradResult(grads, float(outer.detach()), (detach_params(theta_k), states[-1]))
 
-    @staticmethod
-    def _step_grads(problem, theta, batch) -> Dict[str, Optional[Tensor]]:
-        with torch.enable_grad():
-            g = problem.step_grads(problem.inner_terms(theta, batch), theta)
-        return {n: (None if x is None else x.detach()) for n, x in g.items()}
-
-    def _scaled(self, problem, theta, batch, v, state):
+    def _scaled(self, problem, theta, g, v, state):
+        """``P_t v``: ``v`` times step ``t``'s own scale (``g``: the gradient that step took)."""
         if not isinstance(self.scale, str):
-            return {n: self.scale * g for n, g in v.items()}
-        g = self._step_grads(problem, theta, batch)
+            return {n: self.scale * x for n, x in v.items()}
         scale = problem.optimizer.linear_scale(theta, g, state)
         return {n: scale[n] * t for n, t in v.items() if n in scale}
 
