@@ -25,15 +25,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hypergrad import BATCH, LR, MOMENTUM, WD, make_batches, make_model, make_runner  # noqa: E402
+from hypergrad import (BATCH, LR, MOMENTUM, WD, _weighted_real_step, interleave, make_batches,  # noqa: E402
+                       make_model, make_runner)
 from metareweight import MetaWeightNet  # noqa: E402
 
 
@@ -114,13 +114,7 @@ def make_floor_runner(width: int, meta_interval: int = 1):
     def step():
         k = next(it)
         if k % meta_interval:
-            batch = train[k % len(train)]
-            opt.zero_grad(set_to_none=True)
-            losses = F.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
-            with torch.no_grad():
-                w = objective.weight(losses)
-            ((w / w.sum()) * losses).sum().backward()
-            opt.step()
+            _weighted_real_step(model, opt, objective, train[k % len(train)])
             return
         out = floor_hypergradient(model, opt, objective, train[k % len(train)], meta[k % len(meta)])
         meta_opt.step()
@@ -143,16 +137,14 @@ def measure(width: int, reps: int, steps: int, warmup: int = 3) -> Dict[str, flo
                "fast": make_runner("fast", f"mlp{width}"), "floor_k5": make_floor_runner(width, meta_interval=5),
                "fast_k5": make_runner("fast_k5", f"mlp{width}")}
     names = list(runners)
-    for run in runners.values():
-        for _ in range(warmup):
+
+    def seconds_per_step(run):
+        t0 = time.perf_counter()
+        for _ in range(steps):
             run()
-    rec: Dict[str, List[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                runners[n]()
-            rec[n].append((time.perf_counter() - t0) / steps)
+        return (time.perf_counter() - t0) / steps
+
+    rec = interleave(runners, reps, warmup, seconds_per_step)
     out = {f"{n}_ms": 1e3 * statistics.median(rec[n]) for n in names}
     for n in names[1:]:
         out[f"{n}_ratio"] = statistics.median(a / b for a, b in zip(rec[n], rec["plain"]))

@@ -169,19 +169,25 @@ def available(methods: List[str]) -> Dict[str, str]:
     return missing
 
 
-def interleaved(arch: str, methods: List[str], reps: int, warmup: int,
-                measure: Callable[[Callable[[], None]], tuple]) -> Dict[str, List[tuple]]:
-    """``measure(run)`` of every method's runner, ``reps`` times in interleaved blocks whose order rotates each
-    repetition, after ``warmup`` untimed steps each. Returns the per-repetition results by method."""
-    runners = {m: make_runner(m, arch) for m in methods}
+def interleave(runners: Dict[str, Callable[[], None]], reps: int, warmup: int,
+               measure: Callable[[Callable[[], None]], object]) -> Dict[str, List[object]]:
+    """``measure(run)`` of every runner, ``reps`` times in interleaved blocks whose order rotates each repetition,
+    after ``warmup`` untimed steps each. Returns the per-repetition results by name."""
+    names = list(runners)
     for run in runners.values():
         for _ in range(warmup):
             run()
-    rec: Dict[str, List[tuple]] = {m: [] for m in methods}
+    rec: Dict[str, List[object]] = {n: [] for n in names}
     for rep in range(reps):
-        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
-            rec[m].append(measure(runners[m]))
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            rec[n].append(measure(runners[n]))
     return rec
+
+
+def interleaved(arch: str, methods: List[str], reps: int, warmup: int,
+                measure: Callable[[Callable[[], None]], tuple]) -> Dict[str, List[tuple]]:
+    """:func:`interleave` over every method's runner for ``arch``."""
+    return interleave({m: make_runner(m, arch) for m in methods}, reps, warmup, measure)
 
 
 def time_arch(arch: str, methods: List[str], reps: int, steps: int, warmup: int) -> Dict[str, Dict[str, float]]:
