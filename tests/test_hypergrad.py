@@ -4,7 +4,7 @@ and the approximate ones against what they approximate."""
 import pytest
 import torch
 
-from bilevel_fixtures import (OPTS, batches, central_difference, dot, make_problem, random_direction)
+from bilevel_fixtures import OPTS, central_difference, dot, make_problem, random_direction
 from metareweight import FiniteDifference, Neumann, Unrolled, get_hypergradient
 from metareweight.core import BilevelProblem, FunctionalOptimizer, WeightedTerms
 

@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -85,7 +84,6 @@ def test_tuple_and_dict_batches_without_index():
 
 def test_memory_stays_flat_over_200_meta_steps():
     """A graph kept alive between steps (the top bug class of peer libraries) would grow RSS by >1 GiB here."""
-    import resource  # noqa: F401  (POSIX only; CI is Linux)
 
     def rss_mb():
         with open("/proc/self/statm") as fh:

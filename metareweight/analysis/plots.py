@@ -18,12 +18,15 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .io import as_arrays
 from .stats import GroupStats, Roc, Source, _column, final_weights, trajectories
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SPREADS = ("std", "sem", None)
 

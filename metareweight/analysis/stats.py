@@ -21,14 +21,17 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..metrics import auroc
 from .io import Run, as_arrays
 
-Source = Union[Run, "WeightHistory", Dict[str, np.ndarray]]  # noqa: F821
+if TYPE_CHECKING:
+    from ..history import WeightHistory
+
+Source = Union[Run, "WeightHistory", Dict[str, np.ndarray]]
 Groups = Union[str, Sequence, np.ndarray]
 PERIODS = ("epoch", "step")
 

@@ -9,5 +9,9 @@ from .domain_weights import DomainWeights, StepAggregationLoss, meta_cross_entro
 from .policy import LSTMPolicy, Reinforce
 from .source_tasks import SourceBalancedSampler, SourceBatches, SourceTaskWeighting, fine_tune
 
-__all__ = ["MetaObjective", "MetaWeightNet"]
-__all__ += ["SourceTaskWeighting", "LSTMPolicy", "Reinforce", "SourceBalancedSampler", "SourceBatches", "fine_tune"]
+__all__ = [
+    "MetaObjective", "MetaWeightNet", "SelfTaughtRescaler", "ResetOptimizerState",
+    "KDLoss", "kd_terms", "wls_alpha", "TrilateralKD", "teacher_class_means",
+    "DomainWeights", "StepAggregationLoss", "meta_cross_entropy",
+    "LSTMPolicy", "Reinforce", "SourceTaskWeighting", "SourceBalancedSampler", "SourceBatches", "fine_tune",
+]
