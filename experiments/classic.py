@@ -16,8 +16,9 @@ accuracy.
     python experiments/classic.py --quick                                   # minutes, one seed
     python experiments/classic.py --from-json a.json b.json --plot docs/img/classic.png   # merge runs, no training
 
-Output JSON: ``config``, ``per_seed`` (setting, method, seed, test_acc, seconds[, weight_auroc, val_acc]), ``failures``
-(runs that raised; reported, not fatal) and ``summary`` (setting → method → mean/sd of test accuracy).
+Output JSON: ``config``, ``per_seed`` (setting, method, seed, test_acc, train_acc on the observed labels, seconds[,
+weight_auroc, val_acc]), ``failures`` (runs that raised; reported, not fatal) and ``summary`` (setting → method →
+mean/sd of test accuracy).
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def run_method(method: str, task: Task, cfg: Dict, seed: int) -> Dict:
         flags = task.noisy.numpy()[last["index"]]
         if flags.any():
             out["weight_auroc"] = auroc(last["weight"], ~flags)
-    out.update(seconds=time.perf_counter() - start, test_acc=accuracy(model, task.x_test, task.y_test))
+    out.update(seconds=time.perf_counter() - start, test_acc=accuracy(model, task.x_test, task.y_test),
+               train_acc=accuracy(model, task.x_train, task.y_train))  # on the observed (possibly noisy) labels
     if task.x_val is not None:
         out["val_acc"] = accuracy(model, task.x_val, task.y_val)
     return out
