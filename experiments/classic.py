@@ -60,8 +60,8 @@ FULL = dict(settings=list(SETTINGS), methods=list(METHODS), seeds=[0, 1, 2], tra
             val_per_class=0, test_size=10000, model="cnn", epochs=15, batch_size=100, lr=0.05, lr_milestones=[10],
             lr_decay=0.1, momentum=0.9, weight_decay=5e-4, hypergrad="fast", meta_lr=1e-3, mwnet_hidden=100,
             mwnet_normalize=True, mwnet_meta_optimizer="adam",
-            storm_hypergrad="unrolled", storm_passes=3, storm_bn_scope="batch", storm_input_dropout=0.1, storm_meta_lr=1e-2, focal_gamma=2.0, la_tau=1.0,
-            forget_rate=0.4, forget_warmup=5)
+            storm_hypergrad="unrolled", storm_passes=3, storm_bn_scope="batch", storm_input_dropout=0.1,
+            storm_meta_lr=1e-2, focal_gamma=2.0, la_tau=1.0, forget_rate=0.4, forget_warmup=5)
 QUICK = dict(FULL, seeds=[0], train_per_class=200, test_size=2000, epochs=6, lr_milestones=[4])
 NUM_CLASSES = 10
 
