@@ -153,7 +153,7 @@ def run_method(method: str, name: str, data: Dict, y_noisy: torch.Tensor, flippe
            "auroc": [h.get("weight_auroc", float("nan")) for h in history],
            "gap": [h.get("weight_clean", np.nan) - h.get("weight_noisy", np.nan) for h in history]}
     if cfg["ceiling"] and method == "storm" and flipped.any() and not flipped.all():
-        out.update(separation_ceiling(objective, model, train, y_noisy, flipped, seed))
+        out.update(separation_ceiling(objective, model, train, y_noisy, flipped, seed, cfg["batch_size"]))
     if keep_weights:
         out["weights"] = []
         for e in range(len(history)):
@@ -163,12 +163,12 @@ def run_method(method: str, name: str, data: Dict, y_noisy: torch.Tensor, flippe
 
 
 def separation_ceiling(objective: SelfTaughtRescaler, model: nn.Module, train: TensorIndexedDataset,
-                       y_noisy: torch.Tensor, flipped: np.ndarray, seed: int) -> Dict[str, float]:
+                       y_noisy: torch.Tensor, flipped: np.ndarray, seed: int, batch_size: int) -> Dict[str, float]:
     """How well anything could separate flipped from clean samples at the end of training, for comparison with the
     weights' AUROC: ``loss_auroc``, the trained model's own small-loss ranking of the whole training set (eval
     mode), and ``oracle_auroc``, a logistic regression fitted **with the true flip flags** on the rescaler's
-    features plus the noisy label (5-fold cross-validated; features from one pass in random batches of the
-    training batch size, as the rescaler sees them)."""
+    features plus the noisy label (5-fold cross-validated; features from one pass in random batches of
+    ``batch_size``, as the rescaler sees them)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
     from sklearn.pipeline import make_pipeline
@@ -182,7 +182,7 @@ def separation_ceiling(objective: SelfTaughtRescaler, model: nn.Module, train: T
         losses = nn.functional.cross_entropy(model(train.x), y_noisy, reduction="none").numpy()
         model.train()
         feats, index = [], []
-        order = DataLoader(train, batch_size=128, shuffle=True, drop_last=True,
+        order = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(seed + 7))
         for raw in order:
             b = as_batch(raw)
