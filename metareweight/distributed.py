@@ -45,9 +45,8 @@ Example (single process: every helper is the identity):
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
