@@ -1,6 +1,8 @@
 """The fast exact one-step hypergradient: equal to the unrolled one and to a float64 finite difference of the true
 bilevel objective on every capture rule and fallback; the trainer's reuse of its captures for the real step."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from bilevel_fixtures import OPTS, central_difference, dot, make_problem, random_direction
 from metareweight import Fast, MetaTrainer, MetaWeightNet, TensorIndexedDataset, Unrolled
+from metareweight.core.hypergrad import fast as fast_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,11 +78,22 @@ def test_gram_and_direct_forms_agree(kind):
     assert "gram" in ahead.last_paths.values()
 
 
+def _announced_once(call, match):
+    """``call()`` warns once with ``match``; calling it again does not repeat the announcement."""
+    with pytest.warns(UserWarning, match=match):
+        out = call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call()
+    return out
+
+
 @pytest.mark.parametrize("kind", ["layernorm", "tied"])
-def test_layers_without_closed_form_fall_back_to_jvp_exactly(kind):
+def test_layers_without_closed_form_fall_back_to_jvp_exactly(kind, monkeypatch):
+    monkeypatch.setattr(fast_module, "_ANNOUNCED", set())  # announcements are once per process
     problem = _problem(kind)
     method = Fast()
-    grads = method(problem).grads
+    grads = _announced_once(lambda: method(problem).grads, "no closed form for .* forward-mode JVP")
     assert "jvp" in method.last_paths.values() and "direct" in method.last_paths.values(), method.last_paths
     _assert_close(grads, Unrolled()(problem).grads)
     _assert_close(grads, Fast(closed_forms=False)(problem).grads, rtol=1e-10)
@@ -88,11 +102,15 @@ def test_layers_without_closed_form_fall_back_to_jvp_exactly(kind):
 
 
 @pytest.mark.parametrize("kind", ["batchnorm", "centered"])
-def test_samples_that_interact_take_the_exact_jvp_path(kind):
-    # BatchNorm in train mode is detected up front; a custom batch-mean layer by the first-call check
+def test_samples_that_interact_take_the_exact_jvp_path(kind, monkeypatch):
+    # BatchNorm in train mode is detected up front; a custom batch-mean layer by the first-call check, announced
+    monkeypatch.setattr(fast_module, "_ANNOUNCED", set())
     problem = _problem(kind)
     method = Fast()
-    grads = method(problem).grads
+    if kind == "centered":
+        grads = _announced_once(lambda: method(problem).grads, "samples of .* interact")
+    else:
+        grads = method(problem).grads
     assert set(method.last_paths.values()) == {"jvp"}
     _assert_close(grads, Unrolled()(problem).grads)
     d = random_direction(problem, 3)
