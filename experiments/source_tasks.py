@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.common import (accuracy, save_png, add_config_args, load_config, mean_sd, mlp, seed_everything,  # noqa: E402
                                 table, write_json)
 from metareweight import MetaTrainer, TensorIndexedDataset  # noqa: E402
-from metareweight.objectives.source_tasks import SourceBatches, SourceTaskWeighting, fine_tune  # noqa: E402
+from metareweight.objectives.source_tasks import (SourceBatches, SourceTaskWeighting,  # noqa: E402
+                                                  check_estimator_mode, fine_tune)
 
 DEFAULTS = dict(
     setups=["generated", "text"],
@@ -372,9 +373,10 @@ def main(argv=None) -> Dict:
         raise ValueError(f"unknown setup(s) {unknown}; choose from {sorted(SETUPS)}")
     for name in cfg["setups"]:  # fail before any data is built
         own = setup_config(cfg, name)
-        if own["mode"] == "mixture" and own["estimator"] == "expected":
-            raise ValueError(f"{name}: mode=mixture needs estimator=sampled (the expected update averages over "
-                             "discrete sources)")
+        try:
+            check_estimator_mode(own["estimator"], own["mode"])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     torch.set_num_threads(1)
     results: Dict = {}
     for name in cfg["setups"]:

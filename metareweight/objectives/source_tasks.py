@@ -171,6 +171,13 @@ class SourceBatches:
             yield {"x": self.x[idx], "y": self.y[idx], "index": idx, "source": self.source[idx]}
 
 
+def check_estimator_mode(estimator: str, mode: str) -> None:
+    """Refuse the expected policy gradient in ``"mixture"`` mode (it averages over discrete sources)."""
+    if estimator == "expected" and mode == "mixture":
+        raise ValueError("estimator='expected' averages over discrete sources; it needs mode='sample' "
+                         "(mode=mixture needs estimator=sampled: mixture weights have no closed-form expectation)")
+
+
 class SourceTaskWeighting(MetaObjective):
     """Meta-RTL: per-source temporal models, rewards on target batches, an LSTM policy, weighted Reptile.
 
@@ -202,9 +209,7 @@ class SourceTaskWeighting(MetaObjective):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if estimator == "expected" and mode == "mixture":
-            raise ValueError("estimator='expected' averages over discrete sources; it needs mode='sample' "
-                             "(mixture weights have no closed-form expectation)")
+        check_estimator_mode(estimator, mode)
         if not step_size > 0:
             raise ValueError(f"step_size (the Reptile step) must be positive, got {step_size}")
         if meta_lr <= 0:
