@@ -21,17 +21,17 @@ sys.path.insert(0, str(ROOT))
 
 
 # ---- the REINFORCE policy on bandits with a known best arm --------------------------------------------------------
-def _bandit(mode, best, steps, seed=0, lr=0.05, entropy_coef=0.0):
+def _bandit(mode, best, steps, seed=0, lr=0.05, entropy_coef=0.0, estimator="sampled"):
     torch.manual_seed(seed)
     means = torch.tensor([0.2, 0.5, 0.0, 0.4])
     means[best] = 1.0
     policy = LSTMPolicy(4, hidden=8, mode=mode)
-    learner = Reinforce(torch.optim.Adam(policy.parameters(), lr=lr), entropy_coef=entropy_coef)
+    learner = Reinforce(torch.optim.Adam(policy.parameters(), lr=lr), entropy_coef=entropy_coef, estimator=estimator)
     for _ in range(steps):
         action = policy.act()
         rewards = means + 0.3 * torch.randn(4)
         reward = rewards[action.index] if mode == "sample" else (action.weights * rewards).sum()
-        learner.step(action, float(reward))
+        learner.step(action, float(reward), rewards=rewards)  # every arm's reward: only the expected update uses it
         policy.observe(rewards)
     with torch.no_grad():
         return policy.act().probs
@@ -56,23 +56,9 @@ def test_entropy_bonus_keeps_the_policy_spread():
     assert ent(soft) > ent(sharp) + 0.3 and int(soft.argmax()) == 0
 
 
-def _expected_bandit(best, steps, seed=0):
-    torch.manual_seed(seed)
-    means = torch.tensor([0.2, 0.5, 0.0, 0.4])
-    means[best] = 1.0
-    policy = LSTMPolicy(4, hidden=8)
-    learner = Reinforce(torch.optim.Adam(policy.parameters(), lr=0.05), estimator="expected")
-    for _ in range(steps):
-        action, rewards = policy.act(), means + 0.3 * torch.randn(4)
-        learner.step(action, float(rewards[action.index]), rewards=rewards)
-        policy.observe(rewards)
-    with torch.no_grad():
-        return policy.act().probs
-
-
 @pytest.mark.parametrize("best", [0, 2])
 def test_expected_update_converges_to_the_best_arm(best):
-    probs = _expected_bandit(best, steps=150)
+    probs = _bandit("sample", best, steps=150, estimator="expected")
     assert int(probs.argmax()) == best and float(probs[best]) > 0.9, probs
 
 
