@@ -277,7 +277,7 @@ def adam_gap(warm_steps=(0, 10, 100), arch: str = "mlp") -> Dict[str, Dict[str, 
     """How far the fixed-preconditioner Adam hypergradient (what ``fast`` computes exactly) is from the one that
     also differentiates Adam's second-moment estimate, after ``warm_steps`` real Adam steps: cosine and relative
     difference of the two (both by ``unrolled``, float32), on a Tanh MLP 64→256→256→10."""
-    from metareweight.core import BilevelProblem, FunctionalOptimizer
+    from metareweight.core import BilevelProblem
     from metareweight.core.hypergrad import Unrolled
     out = {}
     for warm in warm_steps:
@@ -298,10 +298,7 @@ def adam_gap(warm_steps=(0, 10, 100), arch: str = "mlp") -> Dict[str, Dict[str, 
         objective = MetaWeightNet(hidden=100)
         grads = {}
         for mode in ("fixed", "differentiable"):
-            fopt = FunctionalOptimizer.from_torch(opt, model, mode)
-            problem = BilevelProblem(model, {k: v.detach() for k, v in model.named_parameters()}, {}, fopt,
-                                     fopt.read_state(), objective.meta_parameters(), objective.inner_terms,
-                                     objective.outer_loss, [train[-1]], meta[0])
+            problem = BilevelProblem.from_model(model, opt, objective, [train[-1]], meta[0], mode)
             grads[mode] = torch.cat([g.flatten() for g in Unrolled()(problem).grads])
         a, b = grads["fixed"], grads["differentiable"]
         out[f"after_{warm}_adam_steps"] = {"cosine": float(a @ b / (a.norm() * b.norm())),

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from metareweight import MetaObjective, WeightedTerms
-from metareweight.core import BilevelProblem, FunctionalOptimizer
+from metareweight.core import BilevelProblem
 from metareweight.data import Batch
 from metareweight.losses import cross_entropy_terms
 
@@ -163,12 +163,8 @@ def make_problem(kind="mlp", opt=(torch.optim.SGD, {"lr": 0.3}), unroll=1, direc
         optimizer.zero_grad()
         cross_entropy_terms(model(b.inputs), b.targets).mean().backward()
         optimizer.step()
-    fopt = FunctionalOptimizer.from_torch(optimizer, model, preconditioner)
-    return BilevelProblem(
-        model=model, params={k: v.detach() for k, v in model.named_parameters()},
-        buffers={k: v.detach() for k, v in model.named_buffers()}, optimizer=fopt, opt_state=fopt.read_state(),
-        meta_params=objective.meta_parameters(), inner=objective.inner_terms, outer=objective.outer_loss,
-        train_batches=batches(kind, 8, unroll, seed + 1), meta_batch=batches(kind, 10, 1, seed + 2)[0])
+    return BilevelProblem.from_model(model, optimizer, objective, batches(kind, 8, unroll, seed + 1),
+                                     batches(kind, 10, 1, seed + 2)[0], preconditioner)
 
 
 def bilevel_value(problem) -> float:

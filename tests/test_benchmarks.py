@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metareweight import MetaWeightNet
-from metareweight.core import BilevelProblem, FunctionalOptimizer
+from metareweight.core import BilevelProblem
 from metareweight.core.hypergrad import Unrolled
 from metareweight.data import Batch
 
@@ -34,11 +34,7 @@ def test_floor_step_hypergradient_equals_unrolled(warm_steps):
         torch.nn.functional.cross_entropy(model(b.inputs), b.targets).backward()
         opt.step()
     objective = MetaWeightNet(hidden=8).double()
-    fopt = FunctionalOptimizer.from_torch(opt, model)
-    problem = BilevelProblem(
-        model=model, params={k: v.detach() for k, v in model.named_parameters()}, buffers={}, optimizer=fopt,
-        opt_state=fopt.read_state(), meta_params=objective.meta_parameters(), inner=objective.inner_terms,
-        outer=objective.outer_loss, train_batches=[train[0]], meta_batch=meta[0])
+    problem = BilevelProblem.from_model(model, opt, objective, [train[0]], meta[0])
     expected = Unrolled()(problem).grads
     out = fast_floor.floor_hypergradient(model, opt, objective, train[0], meta[0])
     got = [p.grad for p in objective.meta_parameters()]

@@ -132,10 +132,7 @@ def _prm_problem(unroll: int, lr: float = 0.5, seed: int = 0, aggregation: str =
             opt.zero_grad()
             obj.inner_terms(model, Batch(x[idx], y[idx], extras={"domain": dom[idx]})).loss().backward()
             opt.step()
-    fopt = FunctionalOptimizer.from_torch(opt, model, preconditioner)
-    return BilevelProblem(model=model, params={n: p.detach() for n, p in model.named_parameters()}, buffers={},
-                          optimizer=fopt, opt_state=fopt.read_state(), meta_params=obj.meta_parameters(),
-                          inner=obj.inner_terms, outer=obj.outer_loss, train_batches=batches, meta_batch=meta)
+    return BilevelProblem.from_model(model, opt, obj, batches, meta, preconditioner)
 
 
 def _cosine(a, b):
@@ -201,11 +198,7 @@ def _linear_inner_problem(opt_name: str, unroll: int = 5, seed: int = 0):
         opt.zero_grad()
         obj.inner_terms(model, batch()).loss().backward()
         opt.step()
-    fopt = FunctionalOptimizer.from_torch(opt, model, "fixed")
-    return BilevelProblem(model=model, params={n: p.detach() for n, p in model.named_parameters()}, buffers={},
-                          optimizer=fopt, opt_state=fopt.read_state(), meta_params=obj.meta_parameters(),
-                          inner=obj.inner_terms, outer=obj.outer_loss, train_batches=[batch() for _ in range(unroll)],
-                          meta_batch=batch(20))
+    return BilevelProblem.from_model(model, opt, obj, [batch() for _ in range(unroll)], batch(20), "fixed")
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "momentum", "nesterov", "adam", "adamw"])

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from bilevel_fixtures import central_difference, dot, random_direction
 from metareweight import FiniteDifference, MetaTrainer, TensorIndexedDataset, TrilateralKD, Unrolled, teacher_class_means
-from metareweight.core import BilevelProblem, FunctionalOptimizer
+from metareweight.core import BilevelProblem
 from metareweight.data import Batch
 from metareweight.data.text import MissingDataError
 from metareweight.objectives.kd_baselines import KDLoss, fusion_weights, kd_terms, wls_alpha
@@ -41,10 +41,7 @@ def _problem(features="full", unroll=1, opt=(torch.optim.SGD, {"lr": 0.5, "momen
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(student(b.inputs), b.targets).backward()
         optimizer.step()
-    fopt = FunctionalOptimizer.from_torch(optimizer, student)
-    return BilevelProblem(student, {k: v.detach() for k, v in student.named_parameters()}, {}, fopt, fopt.read_state(),
-                          objective.meta_parameters(), objective.inner_terms, objective.outer_loss, train,
-                          _batch(10, 99)), objective
+    return BilevelProblem.from_model(student, optimizer, objective, train, _batch(10, 99)), objective
 
 
 @pytest.mark.parametrize("features,unroll", [("full", 1), ("no_tbar", 1), ("no_st", 1), ("full", 2)])

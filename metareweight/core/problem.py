@@ -109,6 +109,17 @@ class BilevelProblem:
     train_batches: Sequence[Batch]
     meta_batch: Batch
 
+    @classmethod
+    def from_model(cls, model: nn.Module, optimizer: torch.optim.Optimizer, objective, train_batches: Sequence[Batch],
+                   meta_batch: Batch, preconditioner: str = "differentiable") -> "BilevelProblem":
+        """The problem of one meta step at ``model``'s current parameters, outside a ``MetaTrainer``: its torch
+        ``optimizer`` (state included) mirrored, and ``objective``'s φ, inner terms and outer loss."""
+        fopt = FunctionalOptimizer.from_torch(optimizer, model, preconditioner)
+        return cls(model=model, params={k: v.detach() for k, v in model.named_parameters()},
+                   buffers={k: v.detach() for k, v in model.named_buffers()}, optimizer=fopt,
+                   opt_state=fopt.read_state(), meta_params=objective.meta_parameters(), inner=objective.inner_terms,
+                   outer=objective.outer_loss, train_batches=list(train_batches), meta_batch=meta_batch)
+
     def forward(self, params: Mapping[str, Tensor]) -> Forward:
         """Bind ``params`` with a private copy of the buffers, so BatchNorm statistics of virtual passes are
         not written into the user's model."""
