@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -79,44 +79,80 @@ def _safe_sqrt(v: Tensor) -> Tensor:
 class FunctionalOptimizer:
     """The update rule of a ``torch.optim`` optimizer, applied functionally to named tensors.
 
+    The hyper-parameters (``lr``, momentum, betas, eps, weight decay, nesterov, ...) are read from the torch
+    optimizer's ``param_groups`` at every :meth:`step` and every :attr:`hypers` access, never copied: a learning
+    rate changed by hand, by a warm-up callback or by a scheduler stepped anywhere is the one the next virtual
+    step uses.
+
     Args:
-        hypers: per-parameter-name hyper-parameters (parameters absent from it are frozen).
-        optimizer: the torch optimizer it mirrors (used to read and write state).
+        mirrored: the names of the parameters to mirror (a mapping's keys are used; ``None``: every name in
+            ``names``). Parameters outside it, or with ``requires_grad=False`` at the time of a step, are frozen.
+        optimizer: the torch optimizer it mirrors (hyper-parameters, state).
         names: parameter name for each tensor the optimizer owns, keyed by ``id(tensor)``.
         preconditioner: ``"differentiable"`` differentiates Adam's moment estimates; ``"fixed"`` treats Adam's
             denominator ``sqrt(v̂)+eps`` as a constant (SAMA's adaptation; exact for the fast method).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+        >>> fopt = FunctionalOptimizer.from_torch(opt, lin)
+        >>> opt.param_groups[0]["lr"] = 0.5  # e.g. a warm-up schedule
+        >>> fopt.hypers["bias"].lr
+        0.5
     """
 
-    def __init__(self, hypers: Dict[str, _Hyper], optimizer: torch.optim.Optimizer, names: Dict[int, str],
+    def __init__(self, mirrored: Optional[Iterable[str]], optimizer: torch.optim.Optimizer, names: Dict[int, str],
                  preconditioner: str = "differentiable"):
         if preconditioner not in PRECONDITIONER_MODES:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONER_MODES}, got {preconditioner!r}")
-        self.hypers = hypers
         self.optimizer = optimizer
-        self._names = names
+        # the parameters themselves, not their ids: a deep copy of a trainer (model, optimizer and this together)
+        # then maps them to the copies, where ids would point at the originals
+        self._params = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]
+                        if id(p) in names}
+        self._mirrored = None if mirrored is None else frozenset(mirrored)
         self.preconditioner = preconditioner
+        for group in optimizer.param_groups:  # an unsupported optimizer is named now, not at the first step
+            _hyper_from_group(optimizer, group)
+        if not self.hypers:
+            raise ValueError("the optimizer has no trainable parameter of the model")
 
     @classmethod
     def from_torch(cls, optimizer: torch.optim.Optimizer, model: nn.Module,
                    preconditioner: str = "differentiable") -> "FunctionalOptimizer":
         """Mirror ``optimizer``, whose parameters must belong to ``model``."""
         by_id = {id(p): n for n, p in model.named_parameters()}
-        hypers: Dict[str, _Hyper] = {}
-        names: Dict[int, str] = {}
         for group in optimizer.param_groups:
-            h = _hyper_from_group(optimizer, group)
-            if h.maximize:
-                raise ValueError("maximize=True optimizers are not supported for the inner problem (it minimises)")
             for p in group["params"]:
                 if id(p) not in by_id:
                     raise ValueError("the optimizer holds a parameter that is not in the model passed to MetaTrainer; "
                                      "build the optimizer from model.parameters()")
-                if p.requires_grad:
-                    hypers[by_id[id(p)]] = h
-                    names[id(p)] = by_id[id(p)]
-        if not hypers:
-            raise ValueError("the optimizer has no trainable parameter of the model")
-        return cls(hypers, optimizer, names, preconditioner)
+        return cls(None, optimizer, by_id, preconditioner)
+
+    @property
+    def _names(self) -> Dict[int, str]:
+        """Parameter name by ``id(tensor)`` for the tensors the optimizer owns."""
+        return {id(p): n for n, p in self._params.items()}
+
+    @property
+    def hypers(self) -> Dict[str, _Hyper]:
+        """The current hyper-parameters of every trainable mirrored parameter, by name, read from the torch
+        optimizer's ``param_groups`` now (a fresh dict each access: bind it once in a loop over parameters)."""
+        out: Dict[str, _Hyper] = {}
+        names = self._names
+        for group in self.optimizer.param_groups:
+            h = None
+            for p in group["params"]:
+                name = names.get(id(p))
+                if name is None or not p.requires_grad or (self._mirrored is not None and name not in self._mirrored):
+                    continue
+                if h is None:
+                    h = _hyper_from_group(self.optimizer, group)
+                    if h.maximize:
+                        raise ValueError("maximize=True optimizers are not supported for the inner problem (it "
+                                         "minimises); build the model's optimizer with maximize=False")
+                out[name] = h
+        return out
 
     @property
     def param_names(self):
@@ -128,8 +164,9 @@ class FunctionalOptimizer:
         functional path modifies state in place (steps build new tensors), and a meta step consumes it before the
         real step updates the torch optimizer's buffers."""
         out: State = {}
+        names = self._names
         for p, st in self.optimizer.state.items():
-            name = self._names.get(id(p))
+            name = names.get(id(p))
             if name is None:
                 continue
             out[name] = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(float(v)))
@@ -157,7 +194,7 @@ class FunctionalOptimizer:
         """
         new_params = dict(params)
         new_state: State = {k: dict(v) for k, v in state.items()}
-        for name, h in self.hypers.items():
+        for name, h in self.hypers.items():  # read now: the optimizer's current hyper-parameters
             g = grads.get(name)
             if g is None:
                 continue

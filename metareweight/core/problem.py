@@ -161,7 +161,8 @@ class BilevelProblem:
     def leaf_params(self, params: Optional[Mapping[str, Tensor]] = None) -> Params:
         """Detached copies of θ that require grad (the start of a differentiable unroll)."""
         src = self.params if params is None else params
-        return {k: v.detach().requires_grad_(k in self.optimizer.hypers) for k, v in src.items()}
+        trainable = self.optimizer.hypers  # read once: a fresh dict each access
+        return {k: v.detach().requires_grad_(k in trainable) for k, v in src.items()}
 
     def run_inner_steps(self, *, create_graph: bool, return_grads: bool = False):
         """Take one optimizer step per train batch from θ. Returns the parameter trajectory ``[θ_0 .. θ_k]``
