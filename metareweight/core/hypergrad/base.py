@@ -15,7 +15,9 @@ _REGISTRY: Dict[str, Type["HypergradMethod"]] = {}
 class HypergradMethod:
     """Base class: ``method(problem) -> HypergradResult``.
 
-    Subclasses are dataclasses whose fields are the method's options; they register under ``name``.
+    Subclasses are dataclasses whose fields are the method's options. A subclass that sets ``name`` in its own
+    class body registers under it; one that does not (a variant of a method, e.g. ``class Traced(Unrolled)``) is not
+    registered and leaves its parent's name alone. A name already taken by another class is refused.
 
     Attributes:
         name: the registry name used in configs (``hypergrad="unrolled"``).
@@ -27,11 +29,26 @@ class HypergradMethod:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name != "base":
-            _REGISTRY[cls.name] = cls
+        if "name" in vars(cls):
+            _register(cls)
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _register(cls: Type[HypergradMethod]) -> None:
+    name = vars(cls)["name"]
+    if not isinstance(name, str) or not name or name == "base":
+        raise ValueError(f"{cls.__qualname__}.name must be a non-empty string other than 'base', got {name!r}")
+    taken = _REGISTRY.get(name)
+    if taken is not None and _qualified(taken) != _qualified(cls):  # the same class again (a module reload) is fine
+        raise ValueError(f"hypergradient method name {name!r} is already registered by {_qualified(taken)}; give "
+                         f"{_qualified(cls)} a name of its own (class attribute name = '...')")
+    _REGISTRY[name] = cls
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def available_methods() -> list:
