@@ -356,7 +356,7 @@ FD_FIX = ("measured after the finite-difference fix (commit 6a9d630; RESULTS.md)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=FD_FIX)
+@pytest.mark.xfail(strict=True, reason=FD_FIX)
 def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_design_seeds():
     """Design seeds 0-4 (about 5 minutes), on which shifted_habit was chosen: best-of-8 is near the oracle in both
     runs (0.991 uniform, 0.995 learned), so the average gain is asserted only to be >= 0."""
@@ -366,7 +366,7 @@ def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_design_see
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=FD_FIX)
+@pytest.mark.xfail(strict=True, reason=FD_FIX)
 def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_fresh_seeds(prm_fresh):
     """Measured on seeds 25-34 after the finite-difference fix: mean weights 1.13 / 1.14 / 1.01 / 0.99 / 0.72,
     best-of-8 0.988 learned vs 0.975 uniform, learned >= uniform in all 10 seeds, Spearman 0.97 in every seed."""
@@ -377,7 +377,7 @@ def test_prm_learned_domain_weights_order_domains_and_beat_uniform_on_fresh_seed
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=FD_FIX)
+@pytest.mark.xfail(strict=True, reason=FD_FIX)
 def test_prm_every_fresh_seed_ranks_the_domains(prm_fresh):
     _check_every_seed(prm_fresh, PRM_CLEAN, PRM_BAD)
 
@@ -396,18 +396,7 @@ def test_prm_carried_finite_difference_meets_every_claim_on_fresh_seeds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seeds", [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], ids=["seeds5-9", "seeds10-14"])
-@pytest.mark.xfail(strict=False, reason="the previous configuration (no solver habit, 5-epoch warm-up), as measured "
-                   "(RESULTS.md): the learned run stays on the pre-step-check plateau in seeds 5 and 12 (best-of-8 0.78 "
-                   "and 0.72), and shifted is 1.03 on the mean weights of seeds 10-14")
-def test_prm_previous_configuration_claims_on_fresh_seeds(seeds):
-    r = _run_prm("domain_weights_prm.yaml", seeds)
-    _check_mean_claims(r, PRM_CLEAN, PRM_BAD)
-    _check_every_seed(r, ["clean_a", "clean_b"], ["noisy"])
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured after the finite-difference fix (RESULTS.md): the gain shrinks to "
+@pytest.mark.xfail(strict=True, reason="measured after the finite-difference fix (RESULTS.md): the gain shrinks to "
                    "+0.4 points (0.671 vs 0.667) and seed 2 is below uniform (0.673 vs 0.681); weights still ranked")
 def test_text_learned_domain_weights_order_departments_by_noise_and_beat_uniform():
     pytest.importorskip("wordllama")

@@ -84,7 +84,7 @@ def test_quick_configuration_shows_the_papers_claims(quick_rows):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured not to hold (experiments/RESULTS.md, STORM): Women's reviews at "
+@pytest.mark.xfail(strict=True, reason="measured not to hold (experiments/RESULTS.md, STORM): Women's reviews at "
                    "30% noise, quick configuration 68.6 vs 69.2 (full configuration +1.1 in the mean, one seed -1.1)")
 def test_storm_beats_no_rescaling_on_womens_at_30(quick_rows):
     row = noisy_row(quick_rows[0], "womens", 0.3)
@@ -101,7 +101,7 @@ def test_weight_auroc_reaches_07_on_rotten_tomatoes_at_40(quick_rows):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured not to hold (experiments/RESULTS.md, STORM): on clean data STORM "
+@pytest.mark.xfail(strict=True, reason="measured not to hold (experiments/RESULTS.md, STORM): on clean data STORM "
                    "costs 1.1 / 2.6 points (quick) and 1.4 / 1.9 points (full) on Rotten Tomatoes / Women's reviews")
 def test_storm_costs_at_most_one_point_on_clean_data(quick_rows):
     for r in quick_rows[1]:
