@@ -20,7 +20,7 @@ data:
 	-bash scripts/install_data.sh
 
 demo: $(STAMP)
-	$(PY) experiments/mwnet.py --demo --seeds 0 1 2
+	$(PY) -m experiments.mwnet --demo --seeds 0 1 2
 
 test: $(STAMP) data
 	$(PY) -m pytest

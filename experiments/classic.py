@@ -12,9 +12,9 @@ accuracy.
     metareweight run configs/classic_mlp.yaml -- --out results/classic.json     # the MLP table
     metareweight run configs/classic_lt_long.yaml -- --out results/classic_cnn_lt_long.json   # lt100, 60 epochs
     metareweight run configs/classic_lt_val.yaml meta_lr=3e-3   # lt100 choices: design seeds, validation split
-    python experiments/classic.py --config configs/classic.yaml --set settings=[lt100] seeds=[3,4]
-    python experiments/classic.py --quick                                   # minutes, one seed
-    python experiments/classic.py --from-json a.json b.json --plot docs/img/classic.png   # merge runs, no training
+    python -m experiments.classic --config configs/classic.yaml --set settings=[lt100] seeds=[3,4]
+    python -m experiments.classic --quick                                   # minutes, one seed
+    python -m experiments.classic --from-json a.json b.json --plot docs/img/classic.png   # merge runs, no training
 
 Output JSON: ``config``, ``per_seed`` (setting, method, seed, test_acc, train_acc on the observed labels, seconds[,
 weight_auroc, val_acc]), ``failures`` (runs that raised; reported, not fatal) and ``summary`` (setting → method →
@@ -24,7 +24,6 @@ mean/sd of test accuracy).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.common import (accuracy, save_png, add_config_args, config_from_args, mean_sd, seed_everything,  # noqa: E402
-                                table, write_json)
-from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc  # noqa: E402
-from metareweight import baselines as B  # noqa: E402
-from metareweight.config import ConfigError  # noqa: E402
-from metareweight.data import as_batch, long_tailed_indices, pair_noise, symmetric_noise  # noqa: E402
-from metareweight.data.datasets import load_fashion_mnist  # noqa: E402
+from experiments.common import (accuracy, add_config_args, config_from_args, mean_and_sd, mean_sd, save_png,
+                                sd, seed_everything, table, train_plain, write_json)
+from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset, auroc
+from metareweight import baselines as B
+from metareweight.config import ConfigError
+from metareweight.data import long_tailed_indices, pair_noise, symmetric_noise
+from metareweight.data.datasets import load_fashion_mnist
 
 SETTINGS = {  # name → (noise function, noise rate, imbalance factor)
     "sym40": (symmetric_noise, 0.4, 1.0),
@@ -188,13 +185,8 @@ def run_method(method: str, task: Task, cfg: Dict, seed: int) -> Dict:
             trainer = meta_trainer(method, model, opt, loader, task, cfg, seed, trainer)
             trainer.fit(epochs=end - first)
             continue
-        for epoch in range(first, end):
-            for raw in loader:
-                b = as_batch(raw)
-                loss = loss_fn(model(b.inputs), b.targets, epoch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        train_plain(model, opt, loader, end - first, first_epoch=first,
+                    loss=lambda m, b, epoch: loss_fn(m(b.inputs), b.targets, epoch))
     if trainer is not None:
         last = trainer.weights_history.latest(epoch=trainer.epoch - 1)
         flags = task.noisy.numpy()[last["index"]]
@@ -242,8 +234,8 @@ def summarise(per_seed: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
     for r in per_seed:
         out.setdefault(r["setting"], {}).setdefault(r["method"], {"acc": []})["acc"].append(r["test_acc"])
-    return {s: {m: {"mean": float(np.mean(v["acc"])), "sd": float(np.std(v["acc"], ddof=1)) if len(v["acc"]) > 1
-                    else 0.0, "n": len(v["acc"])} for m, v in ms.items()} for s, ms in out.items()}
+    return {s: {m: {"mean": float(np.mean(v["acc"])), "sd": sd(v["acc"]), "n": len(v["acc"])} for m, v in ms.items()}
+            for s, ms in out.items()}
 
 
 def results_table(per_seed: List[Dict], cfg: Dict) -> str:
@@ -270,8 +262,8 @@ def paired_gains(per_seed: List[Dict], method: str = "mwnet", reference: str = "
         d = [100 * (acc[(setting, method, s)] - a) for (st, m, s), a in acc.items()
              if st == setting and m == reference and (setting, method, s) in acc]
         if d:
-            sd = np.std(d, ddof=1) if len(d) > 1 else 0.0
-            parts.append(f"{setting} {np.mean(d):+.1f} ± {sd:.1f} ({sum(x > 0 for x in d)}/{len(d)} seeds)")
+            mean, spread = mean_and_sd(d)
+            parts.append(f"{setting} {mean:+.1f} ± {spread:.1f} ({sum(x > 0 for x in d)}/{len(d)} seeds)")
     return f"{LABELS[method]} − {LABELS[reference]}, paired by seed, points: " + "; ".join(parts) if parts else ""
 
 
@@ -319,17 +311,15 @@ def save_plot(per_seed: List[Dict], cfg: Dict, path: Path) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small subset, fewer epochs, one seed")
-    p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.add_argument("--from-json", metavar="FILE", nargs="+",
                    help="print the table (and --plot, --out) of finished runs, merged; no training")
     p.add_argument("--replace", action="store_true",
                    help="with --from-json: a later file's run replaces an earlier one with the same setting, method "
                         "and seed")
-    add_config_args(p)
+    add_config_args(p, quick="small subset, fewer epochs, one seed")
     args = p.parse_args(argv)
-    cfg = config_from_args(args, QUICK if args.quick else FULL)
+    cfg = config_from_args(args, FULL, QUICK)
     if cfg["mwnet_meta_optimizer"] not in META_OPTIMIZERS:
         raise ConfigError(f"config key 'mwnet_meta_optimizer': unknown {cfg['mwnet_meta_optimizer']!r}; choose from "
                           f"{list(META_OPTIMIZERS)}")

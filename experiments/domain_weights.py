@@ -1,8 +1,8 @@
 """Domain weights (DreamPRM) vs uniform weights, on generated PRM domains and on real text domains.
 
-    python experiments/domain_weights.py --task prm --quick --out r.json
-    python experiments/domain_weights.py --task text --config configs/domain_weights_text.yaml --out r.json
-    python experiments/domain_weights.py --task prm --set seeds=[0,1,2] epochs=40 --plot docs/img/domain_weights_prm.png
+    python -m experiments.domain_weights --task prm --quick --out r.json
+    python -m experiments.domain_weights --task text --config configs/domain_weights_text.yaml --out r.json
+    python -m experiments.domain_weights --task prm --set seeds=[0,1,2] epochs=40 --plot docs/img/domain_weights_prm.png
 
 ``--task prm``: a small slot-shared process reward model scores arithmetic-chain step prefixes
 (:mod:`metareweight.data.prm`); training domains of known quality (clean ×2, trivially easy, shifted sibling task
@@ -23,7 +23,6 @@ every epoch, ``curve_uniform`` / ``curve_learned``) and ``trajectory`` (first se
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -32,13 +31,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.common import load_config, save_png, mean_sd, mlp, seed_everything, table, write_json  # noqa: E402
-from metareweight import Callback, MetaTrainer, TensorIndexedDataset  # noqa: E402
-from metareweight.data import Batch, as_batch  # noqa: E402
-from metareweight.data import prm  # noqa: E402
-from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss  # noqa: E402
+from experiments.common import (add_config_args, config_from_args, mean_sd, mlp, save_png, seed_everything, spearman,
+                                table, train_plain, write_json)
+from metareweight import Callback, MetaTrainer, TensorIndexedDataset
+from metareweight.data import Batch
+from metareweight.data import prm
+from metareweight.objectives.domain_weights import DomainWeights, StepAggregationLoss
 
 COMMON = dict(epochs=30, warmup_epochs=0, batch_size=64, meta_batch_size=32, hidden=64, lr=1e-3, lr_schedule="constant",
               meta_lr=0.05, hypergrad="finite_difference", unroll_steps=5, fd_scale="optimizer")
@@ -117,18 +115,8 @@ def train_uniform(model, optimizer, loader, objective: DomainWeights, epochs: in
                   evaluate: Optional[Callable] = None) -> List[float]:
     """The baseline: the same weighted loss with every domain weight at 1 (φ = 0, never updated). Returns
     ``evaluate(model)`` after every epoch (empty without ``evaluate``)."""
-    curve = []
-    for _ in range(epochs):
-        for raw in loader:
-            wt = objective.inner_terms(model, as_batch(raw))
-            optimizer.zero_grad(set_to_none=True)
-            wt.loss().backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if evaluate is not None:
-            curve.append(evaluate(model))
-    return curve
+    return train_plain(model, optimizer, loader, epochs, loss=lambda m, b, epoch: objective.inner_terms(m, b).loss(),
+                       scheduler=scheduler, evaluate=evaluate)
 
 
 def run_pair(seed: int, cfg: Dict, train: TensorIndexedDataset, meta: TensorIndexedDataset, make_model: Callable,
@@ -262,11 +250,6 @@ def text_task(seed: int, cfg: Dict):
 TASKS = {"prm": (prm_task, "best_of_n_accuracy"), "text": (text_task, "test_accuracy")}
 
 
-def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-    return float(spearmanr(a, b).statistic)
-
-
 def run(task: str, cfg: Dict, seeds: List[int]) -> Dict:
     build, metric_name = TASKS[task]
     per_seed = []
@@ -343,17 +326,13 @@ def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=sorted(TASKS),
                    help="default: from the config's `experiment:` key (domain_weights_prm / domain_weights_text)")
-    p.add_argument("--quick", action="store_true", help="short run for smoke tests")
-    p.add_argument("--config", help="flat YAML config (keys as in DEFAULTS)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    add_config_args(p)
     p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write the weight-trajectory PNG here")
     args = p.parse_args(argv)
     args.task = args.task or _task_from_config(args.config, p)
     torch.set_num_threads(1)
-    defaults = dict(DEFAULTS[args.task], **(QUICK[args.task] if args.quick else {}))
-    cfg = load_config(args.config, defaults, args.set)
+    cfg = config_from_args(args, DEFAULTS[args.task], QUICK[args.task])
     seeds = args.seeds or cfg.get("seeds") or [0]
     result = run(args.task, cfg, seeds)
     rows = [(n, f"{result['domain_quality'][n]:.2f}", f"{w:.3f}") for n, w in result["domain_weights"].items()]

@@ -15,8 +15,8 @@ Symmetric label noise on the training split only. Methods (rows): ``no_rescaling
 (meta-learning on a clean validation set, no meta loss rescaling) and ``storm_batch_bn`` (STORM with the original
 code's BatchNorm over the whole batch for every class's rescaler, ``bn_scope="batch"``).
 
-    python experiments/self_taught.py --quick --out results/self_taught_quick.json
-    python experiments/self_taught.py --config configs/self_taught.yaml --out results/self_taught.json --plots docs/img
+    python -m experiments.self_taught --quick --out results/self_taught_quick.json
+    python -m experiments.self_taught --config configs/self_taught.yaml --out results/self_taught.json --plots docs/img
 
 JSON: a list of rows, one per (dataset, noise): ``dataset``, ``noise``, ``acc_<method>`` (mean over seeds),
 ``acc_<method>_sd``, ``weight_auroc`` (STORM, last epoch), ``gap_<method>`` (mean weight clean − flipped, last
@@ -29,7 +29,6 @@ an oracle fitted with the true flip flags on the rescaler's features separate fl
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List
@@ -39,11 +38,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.common import (accuracy, save_png, add_config_args, config_from_args, mean_sd, mlp,  # noqa: E402
+from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, mlp, save_png, sd,
                                 seed_everything, table, train_plain, write_json)
-from metareweight import MetaTrainer, SelfTaughtRescaler, TensorIndexedDataset, auroc, symmetric_noise  # noqa: E402
+from metareweight import MetaTrainer, SelfTaughtRescaler, TensorIndexedDataset, auroc, symmetric_noise
 
 METHODS = ("no_rescaling", "storm", "no_meta_loss_rescaling", "loss_only", "no_class_separation",
            "no_meta_learning", "clean_val", "storm_batch_bn")
@@ -219,7 +216,7 @@ def run_setting(name: str, noise: float, seeds: List[int], cfg: Dict, keep_weigh
     for m in cfg["methods"]:
         accs = [s[m]["acc"] for s in row["per_seed"]]
         row[f"acc_{m}"] = float(np.mean(accs))
-        row[f"acc_{m}_sd"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        row[f"acc_{m}_sd"] = sd(accs)
         if m != "no_rescaling":
             row[f"auroc_{m}"] = nan_mean([s[m]["auroc"][-1] for s in row["per_seed"]])
             row[f"gap_{m}"] = nan_mean([s[m]["gap"][-1] for s in row["per_seed"]])
@@ -289,13 +286,11 @@ def print_table(rows: List[Dict], methods: List[str]) -> None:
 
 def main(argv=None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="30%% and 40%% noise, about half the data")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds, else 0 1 2")
-    p.add_argument("--out", help="write the JSON rows here")
     p.add_argument("--plots", help="folder for the weight histogram and ROC PNGs")
-    add_config_args(p)
+    add_config_args(p, quick="30%% and 40%% noise, about half the data", out="write the JSON rows here")
     args = p.parse_args(argv)
-    cfg = config_from_args(args, QUICK if args.quick else FULL)
+    cfg = config_from_args(args, FULL, QUICK)
     seeds = args.seeds or cfg.pop("seeds", None) or [0, 1, 2]
     cfg.pop("seeds", None)
     cfg.pop("experiment", None)

@@ -32,9 +32,9 @@ rewards ``R_s`` averaged over meta-iterations: what the policy is trained on, be
 run and in the uniform-Reptile run (``mean_reward_uniform``: the same rewards along a trajectory the policy does not
 steer).
 
-    python experiments/source_tasks.py --quick --out r.json
-    python experiments/source_tasks.py --config configs/source_tasks.yaml --out results/source_tasks.json --plot-dir docs/img
-    python experiments/source_tasks.py --set setups=[generated] mode=mixture estimator=sampled seeds=[0,1]
+    python -m experiments.source_tasks --quick --out r.json
+    python -m experiments.source_tasks --config configs/source_tasks.yaml --out results/source_tasks.json --plot-dir docs/img
+    python -m experiments.source_tasks --set setups=[generated] mode=mixture estimator=sampled seeds=[0,1]
 
 JSON: per setup and target size, ``policy_weights``, ``relatedness``, ``rank_corr_with_relatedness`` (Spearman of
 the seed-mean weights), ``acc_target_only``, ``acc_uniform``, ``acc_meta_rtl`` (means over seeds), ``per_seed`` and
@@ -44,7 +44,6 @@ the seed-mean ``trajectory`` of ``π_t``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -53,12 +52,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.common import (accuracy, save_png, add_config_args, load_config, mean_sd, mlp, seed_everything,  # noqa: E402
-                                table, write_json)
-from metareweight import MetaTrainer, TensorIndexedDataset  # noqa: E402
-from metareweight.objectives.source_tasks import (SourceBatches, SourceTaskWeighting,  # noqa: E402
+from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, mlp, save_png, seed_everything,
+                                spearman, table, write_json)
+from metareweight import MetaTrainer, TensorIndexedDataset
+from metareweight.objectives.source_tasks import (SourceBatches, SourceTaskWeighting,
                                                   check_estimator_mode, fine_tune)
 
 DEFAULTS = dict(
@@ -248,13 +245,6 @@ def text_setup(cfg: Dict) -> Setup:
                  cfg["text_hidden"], (name, y) if seed == "per_seed" else None)
 
 
-def spearman(a: List[float], b: List[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties, as the text setup's relatedness has them)."""
-    from scipy.stats import rankdata
-
-    return float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])
-
-
 def run_arm(setup: Setup, mode: str, target: Tuple[torch.Tensor, torch.Tensor], seed: int, cfg: Dict):
     """One arm: optional meta-training (``mode`` = sample/mixture/uniform, or None), then fine-tuning."""
     seed_everything(seed)
@@ -361,13 +351,11 @@ SETUPS = {"generated": (generated_setup, "gen_target_sizes"), "text": (text_setu
 
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--quick", action="store_true",
-                   help="generated tasks only, smaller, fewer meta-iterations and seeds (= source_tasks_quick.yaml)")
-    p.add_argument("--out", help="write results JSON here")
+    add_config_args(p, quick="generated tasks only, smaller, fewer meta-iterations and seeds "
+                             "(= source_tasks_quick.yaml)")
     p.add_argument("--plot-dir", help="write policy-weight trajectory PNGs here (source_tasks_<setup>.png)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, {**DEFAULTS, **(QUICK if args.quick else {})}, args.overrides)
+    cfg = config_from_args(args, DEFAULTS, QUICK)
     unknown = sorted(set(cfg["setups"]) - set(SETUPS))
     if unknown:
         raise ValueError(f"unknown setup(s) {unknown}; choose from {sorted(SETUPS)}")
