@@ -1,6 +1,8 @@
 """Classic reweighting benchmarks on Fashion-MNIST: 40% symmetric noise, 40% pair-flip noise, long tail (IF 100).
 
-Methods: plain cross-entropy; Meta-Weight-Net (clean, class-balanced meta set of ``meta_per_class`` per class);
+Methods: plain cross-entropy; Meta-Weight-Net (clean, class-balanced meta set of ``meta_per_class`` per class); the
+two baselines that also use that clean meta set: ``meta_only`` (plain training on the meta set alone, cycled so that
+it takes as many SGD steps per epoch as plain training) and ``plain_plus_meta`` (plain training on train + meta set);
 the self-taught rescaler (STORM: meta batches from the noisy train set, no clean data); and the simple baselines of
 :mod:`metareweight.baselines`: inverse-frequency class weights, random oversampling, focal loss, logit adjustment
 and small-loss selection (co-teaching-style keep ratio, forget rate ``forget_rate``). Every method gets the same
@@ -32,7 +34,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from experiments.common import (accuracy, add_config_args, config_from_args, mean_and_sd, mean_sd, save_png,
                                 sd, seed_everything, table, train_plain, write_json)
@@ -48,8 +50,10 @@ SETTINGS = {  # name → (noise function, noise rate, imbalance factor)
     "lt100": (None, 0.0, 100.0),
 }
 META_OPTIMIZERS = ("adam", "sgd")  # Meta-Weight-Net's: its noisy-label code's Adam, its long-tail code's SGD
-METHODS = ["plain", "class_weight", "oversample", "focal", "logit_adjust", "small_loss", "mwnet", "self_taught"]
+METHODS = ["plain", "class_weight", "oversample", "focal", "logit_adjust", "small_loss", "mwnet", "self_taught",
+           "meta_only", "plain_plus_meta"]
 LABELS = {"plain": "plain CE", "class_weight": "inverse-frequency class weights", "oversample": "random oversampling",
+          "meta_only": "clean meta set alone", "plain_plus_meta": "plain CE on train + meta set",
           "focal": "focal loss", "logit_adjust": "logit adjustment", "small_loss": "small-loss selection",
           "mwnet": "Meta-Weight-Net", "self_taught": "self-taught rescaler (STORM)"}
 
@@ -131,7 +135,7 @@ LossFn = Callable[[Tensor, Tensor, int], Tensor]  # (logits, targets, epoch) →
 def baseline_loss(method: str, task: Task, cfg: Dict) -> LossFn:
     """The training loss of a fixed (not meta-learned) method, from the observed train labels."""
     ce = nn.functional.cross_entropy
-    if method in ("plain", "oversample"):
+    if method in ("plain", "oversample", "meta_only", "plain_plus_meta"):
         return lambda z, y, e: ce(z, y)
     if method == "class_weight":
         w = B.class_weights(task.y_train, NUM_CLASSES)
@@ -169,6 +173,15 @@ def run_method(method: str, task: Task, cfg: Dict, seed: int) -> Dict:
     if method == "oversample":
         sampler = B.balanced_sampler(task.y_train, NUM_CLASSES, generator=g)
         loader = DataLoader(train, batch_size=cfg["batch_size"], sampler=sampler, drop_last=True)
+    elif method == "meta_only":  # as many steps per epoch as plain training, cycling the meta set
+        meta = TensorIndexedDataset(task.x_meta, task.y_meta)
+        batch = min(cfg["batch_size"], len(meta))
+        steps = len(train) // cfg["batch_size"]
+        loader = DataLoader(meta, batch_size=batch, drop_last=True,
+                            sampler=RandomSampler(meta, num_samples=max(steps, 1) * batch, generator=g))
+    elif method == "plain_plus_meta":
+        both = TensorIndexedDataset(torch.cat([task.x_train, task.x_meta]), torch.cat([task.y_train, task.y_meta]))
+        loader = DataLoader(both, batch_size=cfg["batch_size"], shuffle=True, generator=g, drop_last=True)
     else:
         loader = DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, generator=g, drop_last=True)
     if len(loader) == 0:

@@ -65,6 +65,32 @@ def test_unknown_settings_or_methods_are_config_errors():
         classic.main(["--set", "mwnet_meta_optimizer=sdg"])
 
 
+def test_baselines_on_the_clean_meta_set_take_as_many_steps_as_plain_training(monkeypatch):
+    """``meta_only`` trains on the clean meta set alone (cycled to plain training's steps per epoch, so it is not short
+    of updates); ``plain_plus_meta`` trains plain cross-entropy on train + meta set."""
+    seen = {}
+    train_plain = classic.train_plain
+
+    def spy(model, opt, loader, epochs, **kw):
+        from metareweight.data import as_batch
+        batches = [as_batch(raw) for raw in loader]
+        seen.setdefault("runs", []).append((len(batches) * epochs, sum(len(b.targets) for b in batches),
+                                            {int(i) for b in batches for i in b.index}, len(loader.dataset)))
+        return train_plain(model, opt, batches, epochs, **kw)
+
+    monkeypatch.setattr(classic, "train_plain", spy)
+    cfg = dict(CFG, model="mlp", epochs=1, batch_size=20, lr_milestones=[])
+    task = classic.make_task("sym40", 0, cfg, fake_arrays())
+    for method in ("plain", "meta_only", "plain_plus_meta"):
+        assert 0.0 <= classic.run_method(method, task, cfg, 0)["test_acc"] <= 1.0
+    (plain_steps, plain_n, _, n_train), (meta_steps, meta_n, meta_idx, n_meta), (both_steps, _, _, n_both) = \
+        seen["runs"]
+    assert (n_train, n_meta, n_both) == (500, 50, 550)
+    assert plain_steps == meta_steps == 25 and both_steps == 27
+    assert meta_idx == set(range(50)) and meta_n == plain_n  # every meta sample, cycled to plain's sample count
+    assert {"meta_only", "plain_plus_meta"} <= set(classic.METHODS) and set(classic.LABELS) == set(classic.METHODS)
+
+
 def test_quick_smoke_run_on_fashion_mnist(tmp_path):
     try:
         from metareweight.data.datasets import load_fashion_mnist
