@@ -131,8 +131,16 @@ class FunctionalOptimizer:
 
     @property
     def _names(self) -> Dict[int, str]:
-        """Parameter name by ``id(tensor)`` for the tensors the optimizer owns."""
-        return {id(p): n for n, p in self._params.items()}
+        """Parameter name by ``id(tensor)`` for the tensors the optimizer owns (cached; a copy rebuilds it)."""
+        names = self.__dict__.get("_names_cache")
+        if names is None:
+            names = self._names_cache = {id(p): n for n, p in self._params.items()}
+        return names
+
+    def __getstate__(self):  # copies and pickles hold other tensors: their ids must be re-read
+        state = dict(self.__dict__)
+        state.pop("_names_cache", None)
+        return state
 
     @property
     def hypers(self) -> Dict[str, _Hyper]:
