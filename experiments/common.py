@@ -15,7 +15,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from metareweight.data import Batch, as_batch
 
