@@ -74,7 +74,7 @@ def test_scripts_share_the_harness(path):
     assert "sys.path" not in text
     assert not re.search(r"def spearman|\b(opt|optimizer)\.step\(\)", text)
     if "def main(" in text:
-        assert "add_config_args(p" in text and "config_from_args(" in text
+        assert "add_config_args(" in text and "config_from_args(" in text
 
 
 def test_a_script_runs_as_a_module():
