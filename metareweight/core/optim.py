@@ -82,7 +82,8 @@ class FunctionalOptimizer:
     The hyper-parameters (``lr``, momentum, betas, eps, weight decay, nesterov, ...) are read from the torch
     optimizer's ``param_groups`` at every :meth:`step` and every :attr:`hypers` access, never copied: a learning
     rate changed by hand, by a warm-up callback or by a scheduler stepped anywhere is the one the next virtual
-    step uses.
+    step uses. The set of parameters is fixed when it is built: a parameter group added to the optimizer later
+    (``add_param_group``) needs a new mirror.
 
     Args:
         mirrored: the names of the parameters to mirror (a mapping's keys are used; ``None``: every name in
