@@ -48,7 +48,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .callbacks import Callback, JsonlLogger
 from .core.hypergrad import Fast, HypergradMethod, get_hypergradient
-from .core.optim import FunctionalOptimizer
+from .core.optim import PRECONDITIONER_MODES, FunctionalOptimizer
 from .core.problem import BilevelProblem, HypergradResult
 from .data.batch import Batch, as_batch
 from .data.indexed import check_index
@@ -173,6 +173,8 @@ class MetaTrainer:
                             ("accumulate_steps", accumulate_steps), ("meta_accumulate_steps", meta_accumulate_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if adam_preconditioner not in PRECONDITIONER_MODES:
+            raise ValueError(f"adam_preconditioner must be one of {PRECONDITIONER_MODES}, got {adam_preconditioner!r}")
         if real_step not in REAL_STEPS:
             raise ValueError(f"real_step must be one of {REAL_STEPS}, got {real_step!r}")
         if objective.meta_data not in META_DATA_SOURCES:
