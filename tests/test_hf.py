@@ -254,3 +254,62 @@ def test_evaluate_reports_the_objectives_regression_loss(tokenizer):
         expected = np.mean([float(mse_terms(model(**b.inputs).logits, b.targets).mean())
                             for b in map(as_batch, data)])
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5) and metrics["loss"] > 0
+
+
+# ---- bad cases from the issue: each works or is a named error -----------------------------------------------------
+def test_a_dict_under_x_is_passed_as_keyword_arguments(tokenizer):
+    b = as_batch(next(iter(loader(tokenizer))))
+    batch = as_batch({"x": b.inputs, "y": b.targets, "index": b.index})
+    wt = MetaWeightNet(hidden=4).inner_terms(model_forward(bert()), batch)
+    assert wt.terms.shape == (8, 1)
+
+
+def test_inputs_the_model_does_not_take_are_a_named_error(tokenizer):
+    from metareweight import ModelInputError
+    batch = as_batch({"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.tensor([0, 1])})
+    with pytest.raises(ModelInputError, match=r"\['tokens'\].*input_ids"):
+        model_forward(bert())(batch.inputs)
+
+
+def test_a_tuple_output_reaching_the_default_loss_is_a_named_error(tokenizer):
+    model = bert()
+    b = as_batch(next(iter(loader(tokenizer))))
+    forward = lambda inputs: model(**inputs, return_dict=False)  # noqa: E731
+    with pytest.raises(ValueError, match="not a tensor of logits.*loss_fn"):
+        MetaWeightNet(hidden=4).inner_terms(forward, b)
+
+
+# ---- the experiment and the README example -------------------------------------------------------------------------
+def test_finetune_quick_runs_every_setting():
+    from metareweight.data.text import MissingDataError
+    finetune = pytest.importorskip("experiments.finetune")
+    try:
+        finetune.rotten_tomatoes()
+    except MissingDataError as e:
+        pytest.skip(str(e))
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    rows = finetune.main(["--config", str(root / "configs" / "finetune_quick.yaml")])
+    assert {(r["setting"], r["method"]) for r in rows} == {(s, m) for s, ms in finetune.RUNS.items() for m in ms}
+    assert all(0 <= r["test_acc"] <= 1 for r in rows)
+    noisy_meta = [r for r in rows if r["setting"].endswith("_noise") and r["method"] != "plain"]
+    assert noisy_meta and all(0 <= r["weight_auroc"] <= 1 for r in noisy_meta)
+
+
+def test_readme_hf_example_runs(tokenizer):
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Fine-tuning a Hugging Face model", 1)[1]
+    code = re.findall(r"```python3\n(.*?)```", section, flags=re.S)[0]
+    train_texts, train_labels = _texts(32, 0)
+    meta_texts, meta_labels = _texts(16, 1)
+    flipped = np.arange(32) % 5 == 0
+    noisy_labels = [1 - y if f else y for y, f in zip(train_labels, flipped)]
+    namespace = {"model": bert(dropout=0.1), "tokenizer": tokenizer, "train_texts": train_texts,
+                 "noisy_labels": noisy_labels, "meta_texts": meta_texts, "meta_labels": meta_labels,
+                 "flipped_flags": flipped}
+    torch.manual_seed(0)
+    exec(compile(code, "README.md HF example", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert len(trainer.history) == 2 and 0 <= trainer.history[-1]["weight_auroc"] <= 1
+    assert sorted(trainer.weights_history.latest()["index"].tolist()) == list(range(32))
