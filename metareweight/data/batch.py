@@ -5,9 +5,10 @@ Loaders may yield ``(x, y)``, ``(x, y, index)`` or any mapping (a dict, or the `
 
 - with an input key (``inputs``/``input``/``x``), that entry is the model input, ``targets``/``target``/``y``/
   ``labels``/``label`` the targets, ``index``/``idx``/``indices`` the sample index and everything else an extra;
-- without one (the Hugging Face way), every entry but the targets and the index is a model input, passed to the
-  model as keyword arguments (:mod:`metareweight.models`; keys its ``forward`` does not name are left out), and
-  the entries that are not standard model inputs (``domain``, ``noisy``, ``teacher_logits``, ...) are also extras.
+- without one (the Hugging Face way; targets are then required), every entry but the targets and the index is a
+  model input, passed to the model as keyword arguments (:mod:`metareweight.models`; keys its ``forward`` does not
+  name are left out), and the entries that are not standard model inputs (``domain``, ``noisy``,
+  ``teacher_logits``, ...) are also extras.
 
 Example:
     >>> import torch
@@ -15,6 +16,10 @@ Example:
     ...               "domain": torch.tensor([0, 0, 1, 1])})
     >>> b.size, sorted(b.extras)
     (4, ['domain'])
+    >>> hf = as_batch({"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5),
+    ...                "labels": torch.tensor([0, 1]), "idx": torch.tensor([7, 8]), "noisy": torch.tensor([0, 1])})
+    >>> sorted(hf.inputs), hf.targets.tolist(), hf.index.tolist(), sorted(hf.extras)
+    (['attention_mask', 'input_ids', 'noisy'], [0, 1], [7, 8], ['noisy'])
 """
 
 from __future__ import annotations
@@ -89,9 +94,10 @@ def as_batch(raw: Any) -> Batch:
         if ik is not None:
             return Batch(raw[ik], targets, index, {k: v for k, v in raw.items() if k not in (ik, tk, xk)})
         inputs = {k: v for k, v in raw.items() if k not in (tk, xk)}
-        if not inputs:
-            raise ValueError(f"a dict batch needs model inputs besides targets and index (e.g. input_ids, or x); "
-                             f"got keys {sorted(raw)}")
+        if not inputs or tk is None:
+            raise ValueError(f"a dict batch needs an input key, one of {INPUT_KEYS}, or Hugging Face-style model "
+                             f"inputs (input_ids, ...) beside targets under one of {TARGET_KEYS}; got keys "
+                             f"{sorted(raw)}")
         return Batch(inputs, targets, index, {k: v for k, v in inputs.items() if k not in MODEL_INPUT_KEYS})
     if isinstance(raw, (list, tuple)):
         if len(raw) == 2:
