@@ -279,6 +279,18 @@ def test_a_tuple_output_reaching_the_default_loss_is_a_named_error(tokenizer):
         MetaWeightNet(hidden=4).inner_terms(forward, b)
 
 
+def test_adam_errors_name_the_trainer_argument(tokenizer):
+    model = bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="adam_preconditioner must be one of"):
+        MetaTrainer(model, opt, loader(tokenizer), MetaWeightNet(hidden=4), meta_loader=loader(tokenizer),
+                    adam_preconditioner="fixd", progress=False)
+    trainer = MetaTrainer(model, opt, loader(tokenizer), MetaWeightNet(hidden=4), meta_loader=loader(tokenizer),
+                          hypergrad="finite_difference", progress=False)
+    with pytest.raises(ValueError, match=r"MetaTrainer\(adam_preconditioner='fixed'\)"):
+        trainer.fit(epochs=1, max_steps=1)
+
+
 # ---- the experiment and the README example -------------------------------------------------------------------------
 def test_finetune_quick_runs_every_setting():
     from metareweight.data.text import MissingDataError
