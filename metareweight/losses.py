@@ -36,9 +36,9 @@ def check_class_targets(logits: Tensor, targets: Tensor) -> None:
 def check_logits(output) -> None:
     """Raise a ``ValueError`` if a model output reached a loss as something other than a tensor of logits."""
     if not isinstance(output, Tensor):
-        raise ValueError(f"the loss received a {type(output).__name__}, not a tensor of logits: the model should return "
-                         "a tensor or an object with .logits (a Hugging Face ModelOutput); for other outputs pass the "
-                         "objective a loss_fn(outputs, targets) that reads them")
+        raise ValueError(f"the loss received a {type(output).__name__}, not a tensor of logits: the model should "
+                         "return a tensor or an object with .logits (a Hugging Face ModelOutput); for other outputs "
+                         "pass the objective a loss_fn(outputs, targets) that reads them")
 
 
 def mse_terms(outputs: Tensor, targets: Tensor) -> Tensor:

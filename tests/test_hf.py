@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 transformers = pytest.importorskip("transformers")
 
 from metareweight import (BilevelProblem, DomainWeights, Fast, FiniteDifference, MetaTrainer,  # noqa: E402
-                          MetaWeightNet, MissingIndexWarning, ModelOutputError, Neumann, model_forward, SelfTaughtRescaler,
-                          SourceTaskWeighting, TrilateralKD, Unrolled, as_batch, mse_terms, with_index)
+                          MetaWeightNet, MissingIndexWarning, ModelOutputError, Neumann, SelfTaughtRescaler,
+                          SourceTaskWeighting, TrilateralKD, Unrolled, as_batch, model_forward, mse_terms, with_index)
 from metareweight.hf import tiny_bert, word_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

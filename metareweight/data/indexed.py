@@ -98,9 +98,9 @@ class WithIndex(Dataset):
             return {**item, self.key: i}
         if isinstance(item, (tuple, list)) and len(item) == 2:
             return (item[0], item[1], i)
+        size = f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""
         raise ValueError(f"with_index needs items that are mappings (dicts, tokenizer outputs) or (x, y) pairs; item "
-                         f"{i} is a {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list))
-                                                              else ""))
+                         f"{i} is a {type(item).__name__}{size}")
 
 
 def with_index(dataset: Any, key: str = "index") -> Any:
