@@ -137,6 +137,16 @@ def test_neumann_runs_in_eval_mode(tokenizer):
     assert all(torch.isfinite(g).all() for g in result.grads)
 
 
+def test_bf16_autocast_trains_a_bert(tokenizer):
+    model = bert()
+    trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader(tokenizer),
+                          MetaWeightNet(hidden=4), meta_loader=loader(tokenizer, seed=1), precision="bf16",
+                          progress=False)
+    hist = trainer.fit(epochs=1, max_steps=2)
+    assert trainer.meta_steps == 2 and np.isfinite(hist[-1]["meta_loss"])
+    assert 0 <= trainer.evaluate(loader(tokenizer, seed=2))["accuracy"] <= 1
+
+
 # ---- PEFT --------------------------------------------------------------------------------------------------------
 def test_lora_trains_only_its_adapters(tokenizer):
     peft = pytest.importorskip("peft")
