@@ -11,12 +11,13 @@ from .callbacks import Callback, JsonlLogger, read_jsonl
 from .core import (BilevelProblem, FiniteDifference, FunctionalOptimizer, HypergradMethod, HypergradResult, Neumann,
                    Unrolled, WeightedTerms, available_methods, get_hypergradient)
 from .core.hypergrad import Fast
-from .data import (Batch, IndexedDataset, TensorIndexedDataset, as_batch, long_tailed_indices, pair_noise,
-                   symmetric_noise)
+from .data import (Batch, IndexedDataset, MissingIndexWarning, TensorIndexedDataset, as_batch, long_tailed_indices,
+                   pair_noise, symmetric_noise, with_index)
 from .distributed import distributed_sampler
 from .history import WeightHistory
-from .losses import NonFiniteLossError, cross_entropy_terms
+from .losses import NonFiniteLossError, cross_entropy_terms, mse_terms
 from .metrics import auroc
+from .models import ModelInputError, ModelOutputError, math_attention, model_forward
 from .objectives import (DomainWeights, KDLoss, LSTMPolicy, MetaObjective, MetaWeightNet, Reinforce,
                          ResetOptimizerState, SelfTaughtRescaler, SourceTaskWeighting, StepAggregationLoss,
                          TrilateralKD, teacher_class_means)
@@ -36,6 +37,9 @@ __all__ = [
     # data, noise and analysis
     "Batch", "as_batch", "IndexedDataset", "TensorIndexedDataset", "symmetric_noise", "pair_noise",
     "long_tailed_indices", "WeightHistory", "auroc", "cross_entropy_terms", "NonFiniteLossError",
+    "with_index", "MissingIndexWarning", "mse_terms",
+    # models: how inputs reach the model and logits come back (Hugging Face models included)
+    "model_forward", "math_attention", "ModelOutputError", "ModelInputError",
     # logging and scale
     "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "distributed_sampler",
 ]

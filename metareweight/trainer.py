@@ -47,13 +47,15 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .callbacks import Callback, JsonlLogger
-from .core.hypergrad import HypergradMethod, get_hypergradient
-from .core.optim import FunctionalOptimizer
+from .core.hypergrad import Fast, HypergradMethod, get_hypergradient
+from .core.optim import PRECONDITIONER_MODES, FunctionalOptimizer
 from .core.problem import BilevelProblem, HypergradResult
 from .data.batch import Batch, as_batch
+from .data.indexed import check_index
 from .history import WeightHistory
-from .losses import ensure_finite
+from .losses import cross_entropy_terms, ensure_finite, mse_terms
 from .metrics import auroc
+from .models import model_forward
 from .objectives.base import META_DATA_SOURCES, MetaObjective
 from .precision import Precision
 
@@ -171,6 +173,8 @@ class MetaTrainer:
                             ("accumulate_steps", accumulate_steps), ("meta_accumulate_steps", meta_accumulate_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if adam_preconditioner not in PRECONDITIONER_MODES:
+            raise ValueError(f"adam_preconditioner must be one of {PRECONDITIONER_MODES}, got {adam_preconditioner!r}")
         if real_step not in REAL_STEPS:
             raise ValueError(f"real_step must be one of {REAL_STEPS}, got {real_step!r}")
         if objective.meta_data not in META_DATA_SOURCES:
@@ -199,6 +203,11 @@ class MetaTrainer:
         self.adam_preconditioner = adam_preconditioner
         self.functional_optimizer = FunctionalOptimizer.from_torch(optimizer, model, adam_preconditioner)
         self.method = get_hypergradient(hypergrad, hypergrad_options) if objective.uses_hypergradient else None
+        if real_step == "lookahead" and isinstance(self.method, Fast) and not self.method.lookahead:
+            if not isinstance(hypergrad, str):
+                raise ValueError("real_step='lookahead' commits the virtual step, which Fast() materialises only with "
+                                 "Fast(lookahead=True): pass hypergrad=Fast(lookahead=True) (or hypergrad='fast')")
+            self.method.lookahead = True  # hypergrad="fast" by name: materialise θ' for the real step
         self.meta_optimizer = meta_optimizer or (objective.make_meta_optimizer()
                                                  if objective.meta_parameters() else None)
         self.meta_interval = meta_interval
@@ -267,6 +276,7 @@ class MetaTrainer:
     # ---- one step -------------------------------------------------------------------------------------------
     def _record(self, batch: Batch, weights: torch.Tensor) -> None:
         """Record the weights of the *global* batch (gathered from every rank when distributed)."""
+        check_index(batch, self.noisy is not None)
         columns = {"index": batch.index, "weight": weights.detach().float(), **_group_columns(batch)}
         if self.dist.enabled:
             parts = self.dist.gather_object({k: (None if v is None else v.cpu()) for k, v in columns.items()})
@@ -287,7 +297,7 @@ class MetaTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         wt = self._replayed(batch)
         if wt is None:
-            wt = self.objective.inner_terms(self.precision.wrap(self.model), batch)
+            wt = self.objective.inner_terms(self.precision.wrap(model_forward(self.model)), batch)
             loss = (wt.weights.detach() * wt.terms).sum()
             ensure_finite(loss.detach(), f"the training loss at step {self.global_step}")
             self.precision.backward(loss / self.accumulate_steps)
@@ -390,14 +400,16 @@ class MetaTrainer:
 
     def _commit(self, result: HypergradResult, batches: Sequence[Batch]) -> float:
         if result.lookahead is None:
-            raise ValueError(f"hypergradient {self.method.name!r} does not return lookahead parameters; "
-                             "use real_step='recompute'")
+            hint = ("build it as Fast(lookahead=True)" if isinstance(self.method, Fast)
+                    else "use real_step='recompute'")
+            raise ValueError(f"hypergradient {self.method.name!r} did not return the virtual parameters that "
+                             f"real_step='lookahead' commits; {hint}")
         # weights for the record and buffer updates (BatchNorm running stats) from a no-grad pass
         losses = []
         with torch.no_grad():
             self._train_mode()
             for batch in batches:
-                wt = self.objective.inner_terms(self.precision.wrap(self.model), batch)
+                wt = self.objective.inner_terms(self.precision.wrap(model_forward(self.model)), batch)
                 self._record(batch, wt.sample_weights())
                 losses.append(float(wt.terms.double().mean()))
                 self.global_step += 1
@@ -663,23 +675,48 @@ class MetaTrainer:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> Dict[str, float]:
-        """Mean loss and accuracy of the model on ``loader`` (classification; accuracy needs integer targets)."""
+        """The model's mean loss on ``loader`` and, for class targets, its accuracy.
+
+        The loss is the objective's own ``loss_fn`` when it has one (e.g. a squared error for regression), else
+        cross-entropy for integer class targets and the squared error (:func:`~metareweight.losses.mse_terms`)
+        for float targets; ``accuracy`` is reported only for integer targets and ``(batch, classes)`` outputs.
+        Batches and outputs follow the training conventions (dict inputs, Hugging Face ``ModelOutput``; see
+        :mod:`metareweight.models`). Samples without targets count in neither.
+        """
         was_training = self.model.training
         self.model.eval()
-        total, loss_sum, correct = 0, 0.0, 0
-        for raw in loader:
-            batch = as_batch(raw).to(self.device)
-            out = self.precision.wrap(self.model)(batch.inputs)
-            n = batch.size
-            if batch.targets is not None and out.dim() == 2 and not batch.targets.dtype.is_floating_point:
-                loss_sum += float(nn.functional.cross_entropy(out, batch.targets, reduction="sum"))
-                correct += int((out.argmax(1) == batch.targets).sum())
-            total += n
-        self.model.train(was_training)
+        forward = self.precision.wrap(model_forward(self.model))
+        custom = getattr(self.objective, "loss_fn", None)
+        # samples seen, labelled samples, their loss sum, samples with class targets, correct ones
+        seen, labelled, loss_sum, classified, correct = 0, 0, 0.0, 0, 0
+        try:
+            for raw in loader:
+                batch = as_batch(raw).to(self.device)
+                out = forward(batch.inputs)
+                seen += batch.size
+                if batch.targets is None:
+                    continue
+                y = batch.targets
+                classes = (torch.is_tensor(out) and out.dim() == 2 and out.shape[1] >= 2 and y.dim() == 1
+                           and not y.dtype.is_floating_point)
+                loss_fn = custom or (cross_entropy_terms if classes else mse_terms)
+                loss_sum += float(loss_fn(out, y).double().sum())
+                labelled += batch.size
+                if classes:
+                    classified += batch.size
+                    correct += int((out.argmax(1) == y).sum())
+        finally:
+            self.model.train(was_training)
         if self.dist.enabled and isinstance(getattr(loader, "sampler", None), DistributedSampler):
-            sums = torch.tensor([total, loss_sum, correct], dtype=torch.float64, device=self.device)
+            sums = torch.tensor([seen, labelled, loss_sum, classified, correct], dtype=torch.float64,
+                                device=self.device)
             dist_utils.all_reduce_mean_([sums], self.dist)  # a sharded eval set: combine the ranks' sums
-            total, loss_sum, correct = (float(v) * self.dist.world_size for v in sums)
-        if total == 0:
+            seen, labelled, loss_sum, classified, correct = (float(v) * self.dist.world_size for v in sums)
+        if seen == 0:
             raise ValueError("the evaluation loader yielded no samples")
-        return {"loss": loss_sum / total, "accuracy": correct / total}
+        if labelled == 0:
+            raise ValueError("the evaluation batches carry no targets; evaluate needs labelled data")
+        out = {"loss": loss_sum / labelled}
+        if classified:
+            out["accuracy"] = correct / classified
+        return out

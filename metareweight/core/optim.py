@@ -29,8 +29,9 @@ State = Dict[str, Dict[str, Tensor]]
 
 SUPPORTED = ("SGD", "Adam", "AdamW")
 PRECONDITIONER_MODES = ("differentiable", "fixed")
-NONLINEAR_STEP = ("Adam's step is not linear in the gradient; build the optimizer with preconditioner='fixed' to use "
-                  "a linearised (fast / finite-difference) hypergradient")
+NONLINEAR_STEP = ("Adam's step is not linear in the gradient; a linearised (fast / finite-difference) hypergradient "
+                  "needs its preconditioner held fixed: MetaTrainer(adam_preconditioner='fixed'), or "
+                  "FunctionalOptimizer(..., preconditioner='fixed') outside a trainer")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from ..data.batch import Batch
 from ..losses import ensure_finite
+from ..models import logits_of, math_attention, model_kwargs
 from .optim import FunctionalOptimizer, State
 
 Params = Dict[str, Tensor]
@@ -67,12 +68,26 @@ OuterFn = Callable[[Forward, Batch], Tensor]
 
 
 def bind(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> Forward:
-    """A callable that runs ``model`` with ``params`` and ``buffers`` substituted (the model is not modified)."""
+    """A callable that runs ``model`` with ``params`` and ``buffers`` substituted (the model is not modified).
+
+    It follows :mod:`metareweight.models`' conventions: ``forward(inputs)`` passes a dict of inputs as keyword
+    arguments and a tuple positionally, returns logits (``output.logits`` of a Hugging Face ``ModelOutput``), and
+    runs attention with the math kernel, which has the double-backward and forward-mode rules the fused
+    ``scaled_dot_product_attention`` kernels lack.
+    """
     tensors = {**buffers, **params}
 
     def forward(*args, **kwargs):
-        return functional_call(model, tensors, args, kwargs, strict=False)
+        if len(args) == 1 and not kwargs:
+            if isinstance(args[0], Mapping):
+                args, kwargs = (), model_kwargs(model, args[0])
+            elif isinstance(args[0], (tuple, list)):
+                args = tuple(args[0])
+        with math_attention():
+            out = functional_call(model, tensors, args, kwargs, strict=False)
+        return logits_of(out)
 
+    forward._metareweight_forward = True  # type: ignore[attr-defined]
     return forward
 
 

@@ -11,7 +11,9 @@ trained (see :mod:`~metareweight.objectives.self_taught_features`), to a weight 
 Meta batches are drawn with replacement from the *noisy training set* (``meta_data = "train"``), one meta update per
 step, and the inner (virtual) step is the real step: train with
 ``MetaTrainer(..., objective=SelfTaughtRescaler(C), real_step="lookahead")``. The hypergradient is the sum of the
-part through ``θ'`` and the direct part ``∂L_out/∂ω``; any exact method (``"unrolled"``) returns both.
+part through ``θ'`` and the direct part ``∂L_out/∂ω``; any exact method (``"unrolled"``) returns both. With
+``hypergrad="fast"`` the trainer asks the method for the virtual parameters it commits (``Fast(lookahead=True)``;
+pass that instance if you build the method yourself).
 
 Choices that differ from, or pin down, the original code (``storm.py``/``modeling.py``):
 

@@ -67,6 +67,7 @@ from torch.utils.data import Sampler
 from ..core.problem import Forward, Params, WeightedTerms, bind
 from ..data.batch import Batch, as_batch
 from ..losses import cross_entropy_terms, ensure_finite
+from ..models import model_forward
 from .base import MetaObjective
 from .policy import LSTMPolicy, PolicyAction, Reinforce
 
@@ -371,7 +372,7 @@ def fine_tune(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epochs
     for _ in range(epochs):
         for raw in loader:
             b = as_batch(raw)
-            loss = ensure_finite(loss_fn(model(b.inputs), b.targets).mean(), "the fine-tuning loss")
+            loss = ensure_finite(loss_fn(model_forward(model)(b.inputs), b.targets).mean(), "the fine-tuning loss")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..core.problem import Forward, WeightedTerms
 from ..data.batch import Batch
 from ..losses import check_class_targets, cross_entropy_terms
+from ..models import model_forward
 from .base import MetaObjective
 from .kd_baselines import fusion_weights, kd_terms
 
@@ -189,7 +190,7 @@ class TrilateralKD(MetaObjective):
                              "teacher module; pass teacher=... or cache its outputs in the dataset "
                              f"(TensorIndexedDataset(x, y, {self.teacher_key}=...))")
         with torch.no_grad():
-            return self.teacher(batch.inputs)
+            return model_forward(self.teacher)(batch.inputs)
 
     def ratio(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
         """α per sample (differentiable in ω and, through S, in the student)."""

