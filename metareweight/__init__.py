@@ -20,7 +20,7 @@ from .history import WeightHistory
 from .losses import NonFiniteLossError, cross_entropy_terms
 from .metrics import auroc
 from .core.strategy import Collectives
-from .objectives import (DomainWeights, KDLoss, LSTMPolicy, MetaContext, MetaObjective, MetaWeightNet, Reinforce,
+from .objectives import (DomainWeights, KDLoss, LearningToReweight, LSTMPolicy, MetaContext, MetaObjective, MetaWeightNet, Reinforce,
                          ResetOptimizerState, SelfTaughtRescaler, SourceTaskWeighting, StepAggregationLoss,
                          TrilateralKD, teacher_class_means)
 from .step import MetaStep, StepResult
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the trainer and the objectives (one per paper)
-    "MetaTrainer", "MetaStep", "StepResult", "MetaObjective", "MetaContext", "MetaWeightNet", "SelfTaughtRescaler", "ResetOptimizerState",
+    "MetaTrainer", "MetaStep", "StepResult", "MetaObjective", "MetaContext", "MetaWeightNet", "LearningToReweight", "SelfTaughtRescaler", "ResetOptimizerState",
     "DomainWeights", "StepAggregationLoss", "SourceTaskWeighting", "LSTMPolicy", "Reinforce",
     "TrilateralKD", "KDLoss", "teacher_class_means",
     # the bilevel core and its hypergradient methods
