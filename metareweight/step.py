@@ -199,9 +199,10 @@ class MetaStep:
         return self.objective.inner_terms(forward, batch)
 
     # ---- the two entry points -------------------------------------------------------------------------------
-    def step(self, batches: Union[Batch, Sequence[Any]], meta_batch: Any) -> StepResult:
-        """One meta step on ``batches`` (a batch or up to ``unroll_steps`` of them) and ``meta_batch``, then the
-        real step of each batch (or the committed lookahead). Returns the metrics and the weights used."""
+    def step(self, batches: Any, meta_batch: Any) -> StepResult:
+        """One meta step on ``batches`` (one batch, or a list of up to ``unroll_steps``; anything
+        :func:`~metareweight.data.as_batch` reads) and ``meta_batch``, then the real step of each batch (or the
+        committed lookahead). Returns the metrics and the weights used."""
         batches = self._prepare(batches)
         meta_batch = as_batch(meta_batch).to(self.device)
         self._result = result = StepResult({})
@@ -231,7 +232,7 @@ class MetaStep:
         result.metrics = {"train_loss": train_loss, "meta_loss": meta_loss, **hyper.stats}
         return result
 
-    def plain_step(self, batches: Union[Batch, Sequence[Any]]) -> StepResult:
+    def plain_step(self, batches: Any) -> StepResult:
         """The weighted real step of each batch with the current φ (no meta step, no per-batch variables)."""
         batches = self._prepare(batches)
         self._result = result = StepResult({})
@@ -248,8 +249,11 @@ class MetaStep:
         if self.meta_accumulated:
             self._meta_optimizer_step()
 
-    def _prepare(self, batches: Union[Batch, Sequence[Any]]) -> List[Batch]:
-        batches = [batches] if isinstance(batches, Batch) else list(batches)
+    def _prepare(self, batches: Any) -> List[Batch]:
+        """One batch (a :class:`Batch`, a mapping, or a tuple holding tensors) or a sequence of them, on device."""
+        single = isinstance(batches, (Batch, Mapping)) or (isinstance(batches, (tuple, list))
+                                                           and any(torch.is_tensor(b) for b in batches))
+        batches = [batches] if single else list(batches)
         if not 1 <= len(batches) <= self.unroll_steps:
             raise ValueError(f"a step takes 1 to unroll_steps={self.unroll_steps} train batches, got {len(batches)}")
         return [as_batch(b).to(self.device) for b in batches]
