@@ -78,7 +78,8 @@ class StepResult:
         return torch.cat(index), torch.cat([w.reshape(-1).float().cpu() for _, w in self.weights])
 
 
-def _check_count(name: str, value: Any) -> None:
+def check_count(name: str, value: Any) -> None:
+    """Refuse ``value`` unless it is an integer >= 1 (not a bool)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
@@ -124,7 +125,7 @@ class MetaStep:
             raise TypeError(f"objective must be a MetaObjective (e.g. MetaWeightNet()), got {type(objective).__name__}")
         for name, value in (("unroll_steps", unroll_steps), ("accumulate_steps", accumulate_steps),
                             ("meta_accumulate_steps", meta_accumulate_steps)):
-            _check_count(name, value)
+            check_count(name, value)
         if real_step not in REAL_STEPS:
             raise ValueError(f"real_step must be one of {REAL_STEPS}, got {real_step!r}")
         for name, value in (("grad_clip", grad_clip), ("meta_grad_clip", meta_grad_clip)):
@@ -224,7 +225,7 @@ class MetaStep:
             self._update_variables(batches, hyper.grads[n_phi:])
             self.meta_steps += 1
             if self.real_step == "lookahead":
-                train_loss = self._commit(hyper, batches)
+                train_loss = self.commit(hyper, batches)
             else:
                 train_loss = float(np.mean([self._real_step(b) for b in batches]))
         finally:
@@ -311,8 +312,9 @@ class MetaStep:
                 p.grad = g if p.grad is None else p.grad + g
         return wt
 
-    def _commit(self, result: HypergradResult, batches: Sequence[Batch]) -> float:
-        """``real_step="lookahead"``: copy the method's virtual parameters and optimizer state into the model."""
+    def commit(self, result: HypergradResult, batches: Sequence[Batch]) -> float:
+        """``real_step="lookahead"``: copy ``result``'s virtual parameters and optimizer state into the model and
+        record the batches' weights (one step each). Returns the batches' mean loss term."""
         if result.lookahead is None:
             raise ValueError(f"hypergradient {self.method.name!r} does not return lookahead parameters "
                              "(its returns_lookahead is False); use real_step='recompute'")

@@ -6,10 +6,6 @@ hypergradient, meta step, real step; see :mod:`metareweight.step`). The loop gro
 current φ), draws meta batches, and runs epochs, evaluation, schedulers, callbacks, checkpoints and the weight
 history: every weight used is recorded in :attr:`MetaTrainer.weights_history`, keyed by sample index.
 
-Production concerns live in their own modules and are switched on by arguments: ``distributed``
-(:mod:`metareweight.distributed`), ``precision`` (:mod:`metareweight.precision`), ``checkpoint_dir`` /
-``fit(resume=True)`` (:mod:`metareweight.checkpoint`), ``logger="wandb"`` (:mod:`metareweight.wandb_logger`).
-
 Example:
     >>> import torch
     >>> from torch.utils.data import DataLoader
@@ -36,7 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -45,42 +41,14 @@ from .core.hypergrad import HypergradMethod
 from .core.problem import BilevelProblem, HypergradResult
 from .data.batch import Batch, as_batch
 from .history import WeightHistory
+from .meta_data import MetaStream, meta_source
 from .metrics import auroc
 from .objectives.base import META_DATA_SOURCES, MetaObjective
-from .step import REAL_STEPS, MetaStep, _check_count  # noqa: F401  (REAL_STEPS: re-exported)
+from .step import MetaStep, check_count
 
 SCHEDULER_INTERVALS = ("epoch", "step")
 _COUNTERS = ("global_step", "meta_steps", "epoch", "groups_seen", "_accumulated", "_meta_accumulated",
              "_fit_start_epoch", "_last_checkpoint_step")
-
-
-class _MetaStream:
-    """Endless meta batches from a loader, restarting it when exhausted; an empty loader is an error.
-    Each pass is an "epoch" of the loader's sampler; the position is saved in checkpoints."""
-
-    def __init__(self, loader: Iterable):
-        self.loader = loader
-        self.position = ckpt.LoaderPosition(loader)
-        self.passes = 0
-
-    def next(self) -> Batch:
-        for attempt in range(2):
-            if not self.position.active:
-                self.position.start(epoch=self.passes)
-                self.passes += 1
-            try:
-                return as_batch(next(self.position))
-            except StopIteration:
-                pass
-        raise ValueError("the meta loader yielded no batches; give it at least one sample "
-                         "(check its dataset size and drop_last)")
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"position": self.position.state_dict(), "passes": self.passes}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.passes = state["passes"]
-        self.position.load_state_dict(state["position"])
 
 
 def _group_columns(batch: Batch) -> Dict[str, torch.Tensor]:
@@ -159,10 +127,8 @@ class MetaTrainer:
             callback; JSONL is always written when ``log_dir`` is set.
         progress: show a tqdm progress bar.
 
-    Attributes:
-        stepper: the :class:`~metareweight.MetaStep` doing each step; ``method``, ``meta_optimizer``,
-            ``precision``, ``functional_optimizer``, the clipping and accumulation options and the counters
-            ``global_step`` / ``meta_steps`` are its attributes, read and written through the trainer.
+    ``trainer.stepper`` is the :class:`~metareweight.MetaStep`; its options and counters (``method``,
+    ``meta_optimizer``, ``precision``, ``global_step``, ``meta_steps``, ...) are read and written through the trainer.
     """
 
     method = _on_step("method")
@@ -203,7 +169,7 @@ class MetaTrainer:
             grad_clip=grad_clip, meta_grad_clip=meta_grad_clip, accumulate_steps=accumulate_steps,
             meta_accumulate_steps=meta_accumulate_steps, precision=precision, collectives=self.dist,
             record=self._record)
-        _check_count("meta_interval", meta_interval)
+        check_count("meta_interval", meta_interval)
         if objective.meta_data not in META_DATA_SOURCES:
             raise ValueError(f"{type(objective).__name__}.meta_data must be one of {META_DATA_SOURCES}")
         if scheduler_interval not in SCHEDULER_INTERVALS:
@@ -231,7 +197,7 @@ class MetaTrainer:
             self.callbacks.append(JsonlLogger(self.log_dir / "metrics.jsonl"))
         if logger is not None:
             self.callbacks.append(self._make_logger(logger))
-        self.meta_stream = _MetaStream(self._meta_source(meta_loader))
+        self.meta_stream = MetaStream(meta_source(objective, train_loader, meta_loader))
         self._train_position = ckpt.LoaderPosition(train_loader)
         self._epoch_sums: Dict[str, List[float]] = {}
 
@@ -256,29 +222,15 @@ class MetaTrainer:
         """The callbacks this process runs: loggers only on rank 0."""
         return [cb for cb in self.callbacks if self.dist.is_main or not getattr(cb, "main_process_only", False)]
 
-    def _meta_source(self, meta_loader: Optional[Iterable]) -> Iterable:
-        if meta_loader is not None:
-            return meta_loader
-        if self.objective.meta_data == "loader":
-            raise ValueError(f"{type(self.objective).__name__} needs a meta_loader (its meta batches come from "
-                             "separate meta data)")
-        loader = self.train_loader
-        if not isinstance(loader, DataLoader):
-            raise ValueError("meta batches sampled from the training set need train_loader to be a DataLoader")
-        sampler = RandomSampler(loader.dataset, replacement=True, num_samples=10 ** 9)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                          collate_fn=loader.collate_fn, num_workers=0)
-
     def build_problem(self, batches: Sequence[Batch], meta_batch: Batch) -> BilevelProblem:
         """The bilevel problem of a meta step at the current parameters (:meth:`MetaStep.build_problem`)."""
         return self.stepper.build_problem(batches, meta_batch)
 
     def _commit(self, result: HypergradResult, batches: Sequence[Batch]) -> float:
-        return self.stepper._commit(result, batches)
+        return self.stepper.commit(result, batches)
 
     def _refresh_functional_optimizer(self) -> None:
-        """Nothing to do: the functional optimizer mirrors the optimizer's current hyper-parameters at every meta
-        step. Kept for callers of the earlier API."""
+        """A no-op kept for old callers: virtual steps mirror the optimizer's current hyper-parameters."""
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def fit(self, epochs: int = 1, max_steps: Optional[int] = None,
