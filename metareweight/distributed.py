@@ -20,10 +20,10 @@ direct form averages ``∇_θ' L_out`` across ranks once per meta step; its Gram
 for the low-rank step, :func:`all_gather_rows`, and averages its per-row coefficients). Methods that take
 ``∇_θ L_out`` themselves (``"finite_difference"``, ``"neumann"``) return the average of the per-rank estimates,
 which is close to but not the global one. Objectives whose weights are normalised over the batch use
-:func:`global_mean` with the collectives :class:`~metareweight.MetaStep` hands them (``self.collectives``) for
-the normaliser (Meta-Weight-Net does). :class:`DistributedContext` is the data-parallel
-:class:`~metareweight.core.strategy.Collectives`; the problem of a meta step carries it to the methods. The price against DDP: the real step's all-reduce
-does not overlap with the backward pass.
+the collectives :class:`~metareweight.MetaStep` hands them (``self.collectives.differentiable_mean``, or
+:func:`global_mean`) for the normaliser (Meta-Weight-Net does). :class:`DistributedContext` is the data-parallel
+:class:`~metareweight.core.strategy.Collectives`; the problem of a meta step carries it to the methods. The price
+against DDP: the real step's all-reduce does not overlap with the backward pass.
 
 Launch (the script calls ``torch.distributed.init_process_group`` and, on GPUs,
 ``torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))`` before building the trainer)::
