@@ -216,6 +216,11 @@ class MetaStep:
             self._result = None
             return result
         self._variables = {id(b): list(self.objective.init_batch_variables(b)) for b in batches}
+        if self.real_step == "lookahead" and any(self._variables.values()):
+            self._variables, self._result = {}, None
+            raise ValueError(f"{type(self.objective).__name__} has per-batch meta variables, which are updated after "
+                             "the virtual step, so committing that step would ignore them; use "
+                             "real_step='recompute'")
         try:
             hyper = self.method(self.build_problem(batches, meta_batch))
             meta_loss = hyper.outer_loss / self.precision.meta_scale()

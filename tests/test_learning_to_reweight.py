@@ -97,6 +97,11 @@ def test_all_non_positive_gradients_give_zero_weights_and_plain_steps_the_mean()
     assert torch.allclose(wt.weights, torch.full((4, 1), 0.25))
     with pytest.raises(ValueError, match="no meta-parameters"):
         objective.make_meta_optimizer()
+    model = torch.nn.Linear(5, 3)
+    lookahead = MetaStep(model, torch.optim.SGD(model.parameters(), lr=0.1), objective, real_step="lookahead")
+    with pytest.raises(ValueError, match="per-batch meta variables.*use real_step='recompute'"):
+        lookahead.step(b, b)
+    assert lookahead.global_step == 0 and lookahead.meta_steps == 0
 
 
 def test_trainer_runs_l2rw_with_plain_steps_between_meta_steps():
