@@ -118,6 +118,32 @@ def test_objectives_reduce_through_the_collectives_of_their_step_and_suspended_i
     assert base.agree_min(t) is t and base.all_gather_rows([t]) == ([t], 0) and base.gather_object(5) == [5]
 
 
+def test_the_distributed_context_implements_collectives_on_two_processes(tmp_path):
+    """all_reduce_mean_, agree_min, all_gather_rows, differentiable_mean and suspended() on a real gloo group."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "scripts" / "collectives_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = torch.load(tmp_path / "collectives.pt", weights_only=False)
+    for r, got in enumerate(ranks):
+        assert got["enabled"] and got["world_size"] == 2
+        assert got["mean"][0].tolist() == [1.5, 2.0] and got["mean"][1].tolist() == [5.0]
+        assert got["min"].tolist() == [0.0, 0.0]
+        rows, offset = got["rows"]
+        assert rows[0].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]] and offset == (0, 1)[r]
+        mean, grad = got["diff"]
+        assert float(mean) == pytest.approx((4.0 + 9.0) / 2)  # x = 2, 3
+        assert float(grad) == pytest.approx(2 * (2.0 + r))  # ∂(x_r²/2)/∂x_r from each of the two ranks' losses
+        is_local, local, diff = got["suspended"]
+        assert is_local and local.tolist() == [float(r)] and diff.tolist() == [float(r)]
+        assert got["after"] is False
+
+
 class _Bandit(MetaObjective):
     """An objective with its own meta step: one real step through the context for the first batch, the second
     batch consumed by the objective itself (recorded through the context)."""
