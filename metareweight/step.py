@@ -206,37 +206,47 @@ class MetaStep:
         committed lookahead). Returns the metrics and the weights used."""
         batches = self._prepare(batches)
         meta_batch = as_batch(meta_batch).to(self.device)
-        self._result = result = StepResult({})
         self._train_mode()
-        if self.method is None:
-            start = self.global_step
-            result.metrics = dict(self.objective.meta_step(self.context, batches, meta_batch))
-            self.meta_steps += 1
-            self.global_step = start + len(batches)  # every batch of the group is one step, however it was used
-            self._result = None
-            return result
+        self._result = result = StepResult({})
+        try:
+            if self.method is None:
+                result.metrics = self._objective_meta_step(batches, meta_batch)
+            else:
+                result.metrics = self._hypergradient_meta_step(batches, meta_batch)
+        finally:
+            self._variables, self._result = {}, None
+        return result
+
+    def _hypergradient_meta_step(self, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
+        # 1. the objective's per-batch meta variables (usually none)
         self._variables = {id(b): list(self.objective.init_batch_variables(b)) for b in batches}
         if self.real_step == "lookahead" and any(self._variables.values()):
-            self._variables, self._result = {}, None
             raise ValueError(f"{type(self.objective).__name__} has per-batch meta variables, which are updated after "
                              "the virtual step, so committing that step would ignore them; use "
                              "real_step='recompute'")
-        try:
-            hyper = self.method(self.build_problem(batches, meta_batch))
-            meta_loss = hyper.outer_loss / self.precision.meta_scale()
-            n_phi = len(self.objective.meta_parameters())
-            if n_phi:
-                self._apply_hypergradient(hyper.grads[:n_phi])
-            self._update_variables(batches, hyper.grads[n_phi:])
-            self.meta_steps += 1
-            if self.real_step == "lookahead":
-                train_loss = self.commit(hyper, batches)
-            else:
-                train_loss = float(np.mean([self._real_step(b) for b in batches]))
-        finally:
-            self._variables, self._result = {}, None
-        result.metrics = {"train_loss": train_loss, "meta_loss": meta_loss, **hyper.stats}
-        return result
+        # 2. the virtual steps and the hypergradient d L_out / d(φ, variables)
+        hyper = self.method(self.build_problem(batches, meta_batch))
+        meta_loss = hyper.outer_loss / self.precision.meta_scale()
+        # 3. the meta step: φ by the meta optimizer, the variables by the objective
+        n_phi = len(self.objective.meta_parameters())
+        if n_phi:
+            self._apply_hypergradient(hyper.grads[:n_phi])
+        self._update_variables(batches, hyper.grads[n_phi:])
+        self.meta_steps += 1
+        # 4. the real step with the updated φ and variables, or the committed lookahead
+        if self.real_step == "lookahead":
+            train_loss = self.commit(hyper, batches)
+        else:
+            train_loss = float(np.mean([self._real_step(b) for b in batches]))
+        return {"train_loss": train_loss, "meta_loss": meta_loss, **hyper.stats}
+
+    def _objective_meta_step(self, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
+        """An objective without a hypergradient updates φ (and the model) itself, through the context."""
+        start = self.global_step
+        metrics = dict(self.objective.meta_step(self.context, batches, meta_batch))
+        self.meta_steps += 1
+        self.global_step = start + len(batches)  # every batch of the group is one step, however it was used
+        return metrics
 
     def plain_step(self, batches: Any) -> StepResult:
         """The weighted real step of each batch with the current φ (no meta step, no per-batch variables)."""
