@@ -182,20 +182,15 @@ def test_step_counting_lives_in_meta_step_when_the_objective_updates_the_model_i
     assert trainer.stepper.meta_optimizer is None and trainer.method is None
 
 
-def test_method_capabilities_are_declared_and_lookahead_is_required_by_name():
+def test_method_capabilities_are_declared_and_lookahead_is_required_by_name(monkeypatch):
     assert HypergradMethod().replay(Batch(torch.zeros(1, 2))) is None and not HypergradMethod.returns_lookahead
     assert Unrolled.returns_lookahead
-
-    class NoLookahead(Unrolled):
-        name = "no_lookahead_for_test_step"
-        returns_lookahead = False
-
-        def __call__(self, problem):
-            return HypergradResult(Unrolled.__call__(self, problem).grads, 0.0)
-
+    unrolled = Unrolled.__call__  # a method whose results carry no lookahead (patched: no registered test class)
+    monkeypatch.setattr(Unrolled, "returns_lookahead", False)
+    monkeypatch.setattr(Unrolled, "__call__", lambda self, problem: HypergradResult(unrolled(self, problem).grads, 0.0))
     ds = _data()
     model, opt = _model_and_opt()
-    meta = MetaStep(model, opt, MetaWeightNet(hidden=6), NoLookahead(), real_step="lookahead")
+    meta = MetaStep(model, opt, MetaWeightNet(hidden=6), Unrolled(), real_step="lookahead")
     with pytest.raises(ValueError, match="does not return lookahead parameters .*use real_step='recompute'"):
         meta.step(Batch(ds.x[:16], ds.y[:16]), Batch(ds.x[16:32], ds.y[16:32]))
     with pytest.raises(ValueError, match="a step takes 1 to unroll_steps=1 train batches, got 2"):
