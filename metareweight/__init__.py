@@ -5,6 +5,8 @@ The public API::
     from metareweight import MetaTrainer, MetaWeightNet
     trainer = MetaTrainer(model, optimizer, train_loader, objective=MetaWeightNet(), meta_loader=clean_loader)
     trainer.fit(epochs=30)
+
+or, in a loop of your own, one :class:`MetaStep` per model (``meta.step(train_batches, meta_batch)``).
 """
 
 from .callbacks import Callback, JsonlLogger, read_jsonl
@@ -18,9 +20,12 @@ from .history import WeightHistory
 from .losses import NonFiniteLossError, cross_entropy_terms, mse_terms
 from .metrics import auroc
 from .models import ModelInputError, ModelOutputError, math_attention, model_forward
-from .objectives import (DomainWeights, KDLoss, LSTMPolicy, MetaObjective, MetaWeightNet, Reinforce,
+from .core.strategy import Collectives
+from .objectives import (DomainWeights, KDLoss, LearningToReweight, LSTMPolicy, MetaContext, MetaObjective,
+                         MetaWeightNet, Reinforce,
                          ResetOptimizerState, SelfTaughtRescaler, SourceTaskWeighting, StepAggregationLoss,
                          TrilateralKD, teacher_class_means)
+from .step import MetaStep, StepResult
 from .trainer import MetaTrainer
 from .wandb_logger import WandbLogger
 
@@ -28,12 +33,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the trainer and the objectives (one per paper)
-    "MetaTrainer", "MetaObjective", "MetaWeightNet", "SelfTaughtRescaler", "ResetOptimizerState",
+    "MetaTrainer", "MetaStep", "StepResult", "MetaObjective", "MetaContext", "MetaWeightNet", "LearningToReweight", "SelfTaughtRescaler", "ResetOptimizerState",
     "DomainWeights", "StepAggregationLoss", "SourceTaskWeighting", "LSTMPolicy", "Reinforce",
     "TrilateralKD", "KDLoss", "teacher_class_means",
     # the bilevel core and its hypergradient methods
     "BilevelProblem", "WeightedTerms", "HypergradResult", "HypergradMethod", "FunctionalOptimizer",
-    "Unrolled", "Fast", "FiniteDifference", "Neumann", "available_methods", "get_hypergradient",
+    "Unrolled", "Fast", "FiniteDifference", "Neumann", "available_methods", "get_hypergradient", "Collectives",
     # data, noise and analysis
     "Batch", "as_batch", "IndexedDataset", "TensorIndexedDataset", "symmetric_noise", "pair_noise",
     "long_tailed_indices", "WeightHistory", "auroc", "cross_entropy_terms", "NonFiniteLossError",

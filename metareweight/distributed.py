@@ -9,7 +9,7 @@ explicit, one coalesced collective each:
 - **virtual steps**: :class:`SyncedFunctionalOptimizer` averages the step direction across ranks with a
   *differentiable* all-reduce before the update, so θ' is the global step and the backward pass carries the
   other ranks' cotangents back to each rank's meta-parameters;
-- **meta step**: the hypergradient is averaged once per meta step (:func:`all_reduce_mean_`);
+- **meta step**: the hypergradient is averaged once per meta step (:meth:`DistributedContext.all_reduce_mean_`);
 - **real step**: model gradients are averaged once per optimizer step, after accumulation and before clipping;
 - **logging**: per-sample weights are all-gathered, so every rank holds the whole weight history; rank 0 writes
   logs and checkpoints.
@@ -20,8 +20,10 @@ direct form averages ``∇_θ' L_out`` across ranks once per meta step; its Gram
 for the low-rank step, :func:`all_gather_rows`, and averages its per-row coefficients). Methods that take
 ``∇_θ L_out`` themselves (``"finite_difference"``, ``"neumann"``) return the average of the per-rank estimates,
 which is close to but not the global one. Objectives whose weights are normalised over the batch use
-:func:`global_mean` for the normaliser (Meta-Weight-Net does). The price against DDP: the real step's all-reduce
-does not overlap with the backward pass.
+the collectives :class:`~metareweight.MetaStep` hands them (``self.collectives.differentiable_mean``, or
+:func:`global_mean`) for the normaliser (Meta-Weight-Net does). :class:`DistributedContext` is the data-parallel
+:class:`~metareweight.core.strategy.Collectives`; the problem of a meta step carries it to the methods. The price
+against DDP: the real step's all-reduce does not overlap with the backward pass.
 
 Launch (the script calls ``torch.distributed.init_process_group`` and, on GPUs,
 ``torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))`` before building the trainer)::
@@ -39,7 +41,7 @@ Example (single process: every helper is the identity):
     >>> ctx = resolve("auto")
     >>> ctx.enabled, ctx.rank, ctx.world_size
     (False, 0, 1)
-    >>> global_mean(torch.tensor(3.0))
+    >>> global_mean(torch.tensor(3.0), ctx)
     tensor(3.)
 """
 
@@ -56,38 +58,85 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 from .core.optim import FunctionalOptimizer
+from .core.strategy import Collectives
 
 __all__ = ["DistributedContext", "resolve", "global_mean", "all_reduce_mean_", "all_gather_rows",
            "SyncedFunctionalOptimizer", "distributed_sampler"]
 
 
 @dataclass(frozen=True)
-class DistributedContext:
-    """Which process group the trainer reduces over (``world_size == 1``: no communication at all)."""
+class DistributedContext(Collectives):
+    """The :class:`~metareweight.core.strategy.Collectives` of a ``torch.distributed`` process group
+    (``world_size == 1``: no communication at all)."""
 
     rank: int = 0
     world_size: int = 1
     group: Any = None
 
     @property
-    def enabled(self) -> bool:
+    def enabled(self) -> bool:  # type: ignore[override]
         return self.world_size > 1
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def local(self) -> bool:  # type: ignore[override]
+        return super().local or _LEGACY_LOCAL[0] > 0
 
-    def gather_object(self, obj: Any) -> List[Any]:
-        """Every rank's ``obj``, in rank order (``[obj]`` when not distributed)."""
-        if not self.enabled:
-            return [obj]
+    def _all_reduce_mean_(self, tensors: List[Tensor]) -> None:
+        for bucket in _buckets(tensors):
+            flat = _flat([t.detach() for t in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            flat /= self.world_size
+            for t, v in zip(bucket, _unflat(flat, bucket)):
+                t.detach().copy_(v)
+
+    def _all_gather_rows(self, tensors: Sequence[Tensor]) -> "tuple[List[Tensor], int]":
+        # a rank's tensors travel side by side as the columns of one (rows, Σ features) block per dtype, padded to
+        # the largest rank's rows
+        rows = tensors[0].shape[0]
+        counts = torch.zeros(self.world_size, dtype=torch.long, device=tensors[0].device)
+        counts[self.rank] = rows
+        dist.all_reduce(counts, group=self.group)
+        counts = counts.tolist()
+        most = max(counts)
+        gathered = {}
+        for bucket in _buckets(tensors):
+            widths = [math.prod(t.shape[1:]) for t in bucket]
+            block = bucket[0].new_zeros((most, sum(widths)))
+            block[:rows] = torch.cat([t.reshape(rows, w) for t, w in zip(bucket, widths)], dim=1)
+            parts = [torch.empty_like(block) for _ in range(self.world_size)]
+            dist.all_gather(parts, block, group=self.group)
+            stacked = torch.cat([part[:n] for part, n in zip(parts, counts)])
+            for t, cols in zip(bucket, stacked.split(widths, dim=1)):
+                gathered[id(t)] = cols.reshape((-1,) + tuple(t.shape[1:]))
+        return [gathered[id(t)] for t in tensors], sum(counts[:self.rank])
+
+    def _differentiable_mean(self, tensors: Sequence[Tensor]) -> List[Tensor]:
+        from torch.distributed.nn.functional import all_reduce
+
+        flat = all_reduce(_flat(tensors), op=dist.ReduceOp.SUM, group=self.group if self.group is not None
+                          else dist.group.WORLD) / self.world_size
+        return _unflat(flat, tensors)
+
+    def _agree_min(self, tensor: Tensor) -> Tensor:
+        on = tensor.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        votes = tensor.detach().to(on, copy=True)
+        dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=self.group)
+        return votes.to(tensor.device)
+
+    def _broadcast_(self, tensors: List[Tensor], src: int) -> None:
+        for bucket in _buckets(tensors):
+            flat = _flat([t.detach() for t in bucket])
+            dist.broadcast(flat, src=src, group=self.group)
+            for t, v in zip(bucket, _unflat(flat, bucket)):
+                t.detach().copy_(v)
+
+    def _gather_object(self, obj: Any) -> List[Any]:
         out: List[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier(group=self.group)
+    def _barrier(self) -> None:
+        dist.barrier(group=self.group)
 
 
 def resolve(distributed: Union[str, bool, DistributedContext] = "auto") -> DistributedContext:
@@ -106,33 +155,34 @@ def resolve(distributed: Union[str, bool, DistributedContext] = "auto") -> Distr
     return DistributedContext(dist.get_rank(), dist.get_world_size(), None)
 
 
-# ---- the context objectives see ----------------------------------------------------------------------------------
-_ACTIVE = DistributedContext()
+def global_mean(t: Tensor, collectives: Optional[Collectives] = None) -> Tensor:
+    """The mean of ``t`` over the ranks of ``collectives``, differentiable (identity on one process).
+
+    Use it for batch-level quantities of an objective, e.g. a weight normaliser
+    ``w / global_mean(w.sum(), self.collectives)``, so that averaging the ranks' step directions gives the
+    single-process direction of the global batch.
+    """
+    return t if collectives is None else collectives.differentiable_mean([t])[0]
+
+
+# ---- transitional: core/hypergrad/fast.py still enters reduction_scope(DistributedContext()) around its forward-mode
+# pass; until it calls problem.collectives.suspended() instead, that keeps every context's reductions local there.
+_LEGACY_LOCAL = [0]
 
 
 @contextlib.contextmanager
 def reduction_scope(ctx: DistributedContext) -> Iterator[None]:
-    """Make ``ctx`` the group :func:`global_mean` reduces over (the trainer enters this during ``fit``)."""
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, ctx
+    """Deprecated: with a single-process ``ctx``, make every context's reductions local inside the block (what
+    :meth:`Collectives.suspended` does for one context); with an enabled one, nothing."""
+    local = not ctx.enabled
+    _LEGACY_LOCAL[0] += local
     try:
         yield
     finally:
-        _ACTIVE = previous
+        _LEGACY_LOCAL[0] -= local
 
 
-def global_mean(t: Tensor) -> Tensor:
-    """The mean of ``t`` over the ranks of the running trainer, differentiable (identity on one process).
-
-    Use it for batch-level quantities of an objective, e.g. a weight normaliser ``w / global_mean(w.sum())``, so
-    that averaging the ranks' step directions gives the single-process direction of the global batch.
-    """
-    if not _ACTIVE.enabled:
-        return t
-    return differentiable_mean([t], _ACTIVE)[0]
-
-
-# ---- coalesced collectives ---------------------------------------------------------------------------------------
+# ---- coalesced collectives (functions of a context, kept for callers of the earlier API) ---------------------------
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -153,66 +203,24 @@ def _buckets(tensors: Sequence[Tensor]) -> List[List[Tensor]]:
     return list(groups.values())
 
 
-def all_reduce_mean_(tensors: Sequence[Optional[Tensor]], ctx: DistributedContext) -> None:
-    """Average ``tensors`` (``None`` entries skipped) across ranks in place, one collective per dtype."""
-    tensors = [t for t in tensors if t is not None]
-    if not ctx.enabled or not tensors:
-        return
-    for bucket in _buckets(tensors):
-        flat = _flat([t.detach() for t in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
-        flat /= ctx.world_size
-        for t, v in zip(bucket, _unflat(flat, bucket)):
-            t.detach().copy_(v)
+def all_reduce_mean_(tensors: Sequence[Optional[Tensor]], ctx: Collectives) -> None:
+    """``ctx.all_reduce_mean_(tensors)``: average across ranks in place, one collective per dtype."""
+    ctx.all_reduce_mean_(tensors)
 
 
-def all_gather_rows(tensors: Sequence[Tensor], ctx: DistributedContext) -> "tuple[List[Tensor], int]":
-    """Every rank's ``tensors`` (each ``(rows, ...)``, the same row count within a rank, not across ranks) stacked
-    along dim 0 in rank order, and the row offset of this rank's block. One all_gather per dtype: a rank's tensors
-    travel side by side as the columns of one ``(rows, Σ features)`` block, padded to the largest rank's rows.
-    Not differentiable."""
-    if not ctx.enabled:
-        return list(tensors), 0
-    rows = tensors[0].shape[0]
-    counts = torch.zeros(ctx.world_size, dtype=torch.long, device=tensors[0].device)
-    counts[ctx.rank] = rows
-    dist.all_reduce(counts, group=ctx.group)
-    counts = counts.tolist()
-    most = max(counts)
-    gathered = {}
-    for bucket in _buckets(tensors):
-        widths = [math.prod(t.shape[1:]) for t in bucket]
-        block = bucket[0].new_zeros((most, sum(widths)))
-        block[:rows] = torch.cat([t.reshape(rows, w) for t, w in zip(bucket, widths)], dim=1)
-        parts = [torch.empty_like(block) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, block, group=ctx.group)
-        stacked = torch.cat([part[:n] for part, n in zip(parts, counts)])
-        for t, cols in zip(bucket, stacked.split(widths, dim=1)):
-            gathered[id(t)] = cols.reshape((-1,) + tuple(t.shape[1:]))
-    return [gathered[id(t)] for t in tensors], sum(counts[:ctx.rank])
+def all_gather_rows(tensors: Sequence[Tensor], ctx: Collectives) -> "tuple[List[Tensor], int]":
+    """``ctx.all_gather_rows(tensors)``: every rank's rows stacked in rank order, and this rank's row offset."""
+    return ctx.all_gather_rows(tensors)
 
 
-def differentiable_mean(tensors: Sequence[Tensor], ctx: DistributedContext) -> List[Tensor]:
-    """The cross-rank mean of ``tensors`` with one collective whose backward all-reduces the cotangents."""
-    if not ctx.enabled:
-        return list(tensors)
-    from torch.distributed.nn.functional import all_reduce
-
-    flat = all_reduce(_flat(tensors), op=dist.ReduceOp.SUM, group=ctx.group if ctx.group is not None
-                      else dist.group.WORLD) / ctx.world_size
-    return _unflat(flat, tensors)
+def differentiable_mean(tensors: Sequence[Tensor], ctx: Collectives) -> List[Tensor]:
+    """``ctx.differentiable_mean(tensors)``: the cross-rank mean, whose backward all-reduces the cotangents."""
+    return ctx.differentiable_mean(tensors)
 
 
-def broadcast_(tensors: Sequence[Tensor], ctx: DistributedContext, src: int = 0) -> None:
-    """Copy rank ``src``'s values of ``tensors`` to every rank (one collective), e.g. the initial parameters."""
-    tensors = [t for t in tensors if t is not None]
-    if not ctx.enabled or not tensors:
-        return
-    for bucket in _buckets(tensors):
-        flat = _flat([t.detach() for t in bucket])
-        dist.broadcast(flat, src=src, group=ctx.group)
-        for t, v in zip(bucket, _unflat(flat, bucket)):
-            t.detach().copy_(v)
+def broadcast_(tensors: Sequence[Optional[Tensor]], ctx: Collectives, src: int = 0) -> None:
+    """``ctx.broadcast_(tensors, src)``: copy rank ``src``'s values to every rank (one collective per dtype)."""
+    ctx.broadcast_(tensors, src)
 
 
 # ---- the synchronised virtual step -------------------------------------------------------------------------------

@@ -1,20 +1,10 @@
 """``MetaTrainer``: the bilevel training loop around a user's own model, optimizer and DataLoader.
 
-Each step takes a train batch. Every ``meta_interval``-th group of ``unroll_steps`` batches is a *meta step*:
-
-1. build the :class:`~metareweight.core.BilevelProblem` from the current θ, the optimizer's state, φ and a meta batch;
-2. the hypergradient method returns ``dL_out/dφ``; the meta optimizer updates φ;
-3. the real step: ``real_step="recompute"`` (Meta-Weight-Net) re-weights the same batches with the updated φ and
-   steps the user's optimizer; ``"lookahead"`` commits the method's virtual parameters and optimizer state
-   (the self-taught rescaler's "the inner step is the real step").
-
-Other steps are plain weighted steps with the current φ. Every weight used is recorded in
-:attr:`MetaTrainer.weights_history`, keyed by sample index.
-
-Production concerns live in their own modules and are switched on by arguments: ``distributed``
-(:mod:`metareweight.distributed`), ``precision`` (:mod:`metareweight.precision`), ``checkpoint_dir`` /
-``fit(resume=True)`` (:mod:`metareweight.checkpoint`), ``logger="wandb"`` (:mod:`metareweight.wandb_logger`);
-``accumulate_steps``/``meta_accumulate_steps`` and ``grad_clip``/``meta_grad_clip`` shape the two optimizer steps.
+The trainer is a loop around :class:`~metareweight.MetaStep`, which does the work of one step (virtual steps,
+hypergradient, meta step, real step; see :mod:`metareweight.step`). The loop groups train batches by
+``unroll_steps``, makes every ``meta_interval``-th group a meta step (the others are plain weighted steps with the
+current φ), draws meta batches, and runs epochs, evaluation, schedulers, callbacks, checkpoints and the weight
+history: every weight used is recorded in :attr:`MetaTrainer.weights_history`, keyed by sample index.
 
 Example:
     >>> import torch
@@ -42,56 +32,26 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .callbacks import Callback, JsonlLogger
-from .core.hypergrad import Fast, HypergradMethod, get_hypergradient
-from .core.optim import PRECONDITIONER_MODES, FunctionalOptimizer
+from .core.hypergrad import HypergradMethod
 from .core.problem import BilevelProblem, HypergradResult
 from .data.batch import Batch, as_batch
 from .data.indexed import check_index
 from .history import WeightHistory
-from .losses import cross_entropy_terms, ensure_finite, mse_terms
+from .losses import cross_entropy_terms, mse_terms
+from .meta_data import MetaStream, meta_source
 from .metrics import auroc
 from .models import model_forward
 from .objectives.base import META_DATA_SOURCES, MetaObjective
-from .precision import Precision
+from .step import MetaStep, check_count
 
-REAL_STEPS = ("recompute", "lookahead")
 SCHEDULER_INTERVALS = ("epoch", "step")
 _COUNTERS = ("global_step", "meta_steps", "epoch", "groups_seen", "_accumulated", "_meta_accumulated",
              "_fit_start_epoch", "_last_checkpoint_step")
-
-
-class _MetaStream:
-    """Endless meta batches from a loader, restarting it when exhausted; an empty loader is an error.
-    Each pass is an "epoch" of the loader's sampler; the position is saved in checkpoints."""
-
-    def __init__(self, loader: Iterable):
-        self.loader = loader
-        self.position = ckpt.LoaderPosition(loader)
-        self.passes = 0
-
-    def next(self) -> Batch:
-        for attempt in range(2):
-            if not self.position.active:
-                self.position.start(epoch=self.passes)
-                self.passes += 1
-            try:
-                return as_batch(next(self.position))
-            except StopIteration:
-                pass
-        raise ValueError("the meta loader yielded no batches; give it at least one sample "
-                         "(check its dataset size and drop_last)")
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"position": self.position.state_dict(), "passes": self.passes}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.passes = state["passes"]
-        self.position.load_state_dict(state["position"])
 
 
 def _group_columns(batch: Batch) -> Dict[str, torch.Tensor]:
@@ -106,6 +66,20 @@ def _group_columns(batch: Batch) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _on_step(name: str) -> property:
+    """A trainer attribute that lives on its :class:`~metareweight.MetaStep` (read and written there)."""
+    return property(lambda self: getattr(self.stepper, name), lambda self, v: setattr(self.stepper, name, v),
+                    doc=f"``MetaStep.{name}`` of :attr:`MetaTrainer.stepper`.")
+
+
+def _scheduler(name: str) -> property:
+    """A scheduler: stepped by the MetaStep with ``scheduler_interval="step"``, by the loop per epoch otherwise."""
+    def set_(self, value):
+        self._schedulers[name] = value
+        setattr(self.stepper, name, value if self.scheduler_interval == "step" else None)
+    return property(lambda self: self._schedulers[name], set_)
+
+
 class MetaTrainer:
     """Meta-learned sample reweighting around your model, optimizer and DataLoader.
 
@@ -115,39 +89,67 @@ class MetaTrainer:
         train_loader: yields ``(x, y)``, ``(x, y, index)`` or dicts (see :func:`~metareweight.data.as_batch`).
         objective: a :class:`~metareweight.objectives.MetaObjective` (its parameters are φ).
         meta_loader: meta batches; required when ``objective.meta_data == "loader"``.
+
+    The step (passed to :class:`~metareweight.MetaStep`, see there):
         hypergrad: a method name (``"unrolled"``, ``"finite_difference"``, ``"neumann"``, ...) or instance.
         hypergrad_options: options for a named method, e.g. ``{"terms": 20}`` for Neumann.
         meta_optimizer: optimizer over ``objective.meta_parameters()``; default from the objective.
-        meta_interval: meta update every ``meta_interval`` groups of ``unroll_steps`` batches (>= 1).
         unroll_steps: inner steps per meta step (>= 1).
-        real_step: ``"recompute"`` or ``"lookahead"`` (see module docs).
+        real_step: ``"recompute"`` (re-weight the batches with the updated φ and step the optimizer) or
+            ``"lookahead"`` (commit the method's virtual parameters and optimizer state).
         adam_preconditioner: ``"differentiable"`` or ``"fixed"`` (treat Adam's denominator as constant).
-        noisy: optional boolean flags per dataset index (True = corrupted); enables the weight AUROC.
-        eval_loader: evaluated at the end of each epoch.
-        callbacks: extra :class:`~metareweight.callbacks.Callback` objects.
-        log_dir: if given, metrics go to ``log_dir/metrics.jsonl`` and weights to ``log_dir/weights.npz``.
-        grad_clip: max gradient norm for the real step (None: no clipping).
-        meta_grad_clip: max norm of the hypergradient before the meta optimizer steps (None: no clipping).
+        grad_clip, meta_grad_clip: max gradient norm of the real step / of the hypergradient (None: no clipping).
         accumulate_steps: the model's optimizer steps once every ``accumulate_steps`` real steps on the mean of
             their gradients (needs ``real_step="recompute"``; a partial window is applied at the epoch's end).
         meta_accumulate_steps: the meta optimizer steps once every ``meta_accumulate_steps`` meta steps on the mean
-            of their hypergradients. As in every accumulation scheme, each virtual step still looks ahead from one
-            micro-batch.
+            of their hypergradients (each virtual step still looks ahead from one micro-batch).
+
+    Schedule:
+        meta_interval: meta update every ``meta_interval`` groups of ``unroll_steps`` batches (>= 1).
+        scheduler, meta_scheduler: optional learning-rate schedulers of ``optimizer`` / the meta optimizer,
+            stepped once per epoch or, with ``scheduler_interval="step"``, after every step of their optimizer.
+        eval_loader: evaluated at the end of each epoch.
+
+    Strategy:
         precision: ``"fp32"``, ``"bf16"`` (autocast on CPU and GPU) or ``"fp16"`` (GPU, with gradient scalers);
             see :mod:`metareweight.precision`.
         distributed: ``"auto"`` (use an initialised ``torch.distributed`` process group), ``True`` (require one),
             ``False``, or a :class:`~metareweight.distributed.DistributedContext`; see
             :mod:`metareweight.distributed`. Each rank's loaders must yield its shard
             (:func:`~metareweight.distributed.distributed_sampler`).
-        scheduler, meta_scheduler: optional learning-rate schedulers of ``optimizer`` / the meta optimizer,
-            stepped once per epoch or, with ``scheduler_interval="step"``, after every step of their optimizer.
         checkpoint_dir: where :meth:`save_checkpoint` writes ``last.pt`` (rank 0, atomically): every
             ``checkpoint_every`` real steps and at the end of every epoch. ``fit(resume=True)`` continues from it.
         checkpoint_every: real steps between mid-epoch checkpoints (None: only at epoch ends).
+
+    Logging:
+        noisy: optional boolean flags per dataset index (True = corrupted); enables the weight AUROC.
+        callbacks: extra :class:`~metareweight.callbacks.Callback` objects.
+        log_dir: if given, metrics go to ``log_dir/metrics.jsonl`` and weights to ``log_dir/weights.npz`` (also
+            when ``fit`` raises).
         logger: ``"wandb"`` (an offline :class:`~metareweight.wandb_logger.WandbLogger` in ``log_dir``) or any
             callback; JSONL is always written when ``log_dir`` is set.
         progress: show a tqdm progress bar.
+
+    ``trainer.stepper`` is the :class:`~metareweight.MetaStep`; its options and counters (``method``,
+    ``meta_optimizer``, ``precision``, ``global_step``, ``meta_steps``, ...) are read and written through the trainer.
     """
+
+    method = _on_step("method")
+    meta_optimizer = _on_step("meta_optimizer")
+    precision = _on_step("precision")
+    functional_optimizer = _on_step("functional_optimizer")
+    real_step = _on_step("real_step")
+    adam_preconditioner = _on_step("adam_preconditioner")
+    grad_clip = _on_step("grad_clip")
+    meta_grad_clip = _on_step("meta_grad_clip")
+    accumulate_steps = _on_step("accumulate_steps")
+    meta_accumulate_steps = _on_step("meta_accumulate_steps")
+    global_step = _on_step("global_step")
+    meta_steps = _on_step("meta_steps")
+    _accumulated = _on_step("accumulated")
+    _meta_accumulated = _on_step("meta_accumulated")
+    scheduler = _scheduler("scheduler")
+    meta_scheduler = _scheduler("meta_scheduler")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader: Iterable,
                  objective: MetaObjective, *, meta_loader: Optional[Iterable] = None,
@@ -159,32 +161,20 @@ class MetaTrainer:
                  callbacks: Sequence[Callback] = (), log_dir: Optional[Union[str, Path]] = None,
                  grad_clip: Optional[float] = None, meta_grad_clip: Optional[float] = None,
                  accumulate_steps: int = 1, meta_accumulate_steps: int = 1, precision: str = "fp32",
-                 distributed: Union[str, bool, "dist_utils.DistributedContext"] = "auto", scheduler: Any = None, meta_scheduler: Any = None,
-                 scheduler_interval: str = "epoch", checkpoint_dir: Optional[Union[str, Path]] = None,
-                 checkpoint_every: Optional[int] = None, logger: Union[None, str, Callback] = None,
-                 progress: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("the model has no trainable parameters; there is nothing to train")
-        if not isinstance(objective, MetaObjective):
-            raise TypeError(f"objective must be a MetaObjective (e.g. MetaWeightNet()), got {type(objective).__name__}")
-        for name, value in (("meta_interval", meta_interval), ("unroll_steps", unroll_steps),
-                            ("accumulate_steps", accumulate_steps), ("meta_accumulate_steps", meta_accumulate_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if adam_preconditioner not in PRECONDITIONER_MODES:
-            raise ValueError(f"adam_preconditioner must be one of {PRECONDITIONER_MODES}, got {adam_preconditioner!r}")
-        if real_step not in REAL_STEPS:
-            raise ValueError(f"real_step must be one of {REAL_STEPS}, got {real_step!r}")
+                 distributed: Union[str, bool, "dist_utils.DistributedContext"] = "auto", scheduler: Any = None,
+                 meta_scheduler: Any = None, scheduler_interval: str = "epoch",
+                 checkpoint_dir: Optional[Union[str, Path]] = None, checkpoint_every: Optional[int] = None,
+                 logger: Union[None, str, Callback] = None, progress: bool = True):
+        self.dist = dist_utils.resolve(distributed)
+        self.stepper = MetaStep(
+            model, optimizer, objective, hypergrad, meta_optimizer, hypergrad_options=hypergrad_options,
+            unroll_steps=unroll_steps, real_step=real_step, adam_preconditioner=adam_preconditioner,
+            grad_clip=grad_clip, meta_grad_clip=meta_grad_clip, accumulate_steps=accumulate_steps,
+            meta_accumulate_steps=meta_accumulate_steps, precision=precision, collectives=self.dist,
+            record=self._record)
+        check_count("meta_interval", meta_interval)
         if objective.meta_data not in META_DATA_SOURCES:
             raise ValueError(f"{type(objective).__name__}.meta_data must be one of {META_DATA_SOURCES}")
-        for name, value in (("grad_clip", grad_clip), ("meta_grad_clip", meta_grad_clip)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if accumulate_steps > 1 and real_step == "lookahead":
-            raise ValueError("accumulate_steps > 1 needs real_step='recompute': with 'lookahead' the virtual step "
-                             "is committed as the real step, so there is no gradient to accumulate")
         if scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
         if checkpoint_every is not None and (checkpoint_dir is None or not isinstance(checkpoint_every, int)
@@ -192,36 +182,15 @@ class MetaTrainer:
             raise ValueError(f"checkpoint_every must be an integer >= 1 and needs checkpoint_dir, got "
                              f"checkpoint_every={checkpoint_every!r}, checkpoint_dir={checkpoint_dir!r}")
 
-        self.model = model
-        self.optimizer = optimizer
+        self.model, self.optimizer, self.objective = model, optimizer, objective
         self.train_loader = train_loader
-        self.objective = objective
-        self.device = next(model.parameters()).device
-        self.objective.to(self.device)
-        self.dist = dist_utils.resolve(distributed)
-        self.precision = Precision(precision, self.device)
-        self.adam_preconditioner = adam_preconditioner
-        self.functional_optimizer = FunctionalOptimizer.from_torch(optimizer, model, adam_preconditioner)
-        self.method = get_hypergradient(hypergrad, hypergrad_options) if objective.uses_hypergradient else None
-        if real_step == "lookahead" and isinstance(self.method, Fast) and not self.method.lookahead:
-            if not isinstance(hypergrad, str):
-                raise ValueError("real_step='lookahead' commits the virtual step, which Fast() materialises only with "
-                                 "Fast(lookahead=True): pass hypergrad=Fast(lookahead=True) (or hypergrad='fast')")
-            self.method.lookahead = True  # hypergrad="fast" by name: materialise θ' for the real step
-        self.meta_optimizer = meta_optimizer or (objective.make_meta_optimizer()
-                                                 if objective.meta_parameters() else None)
-        self.meta_interval = meta_interval
-        self.unroll_steps = unroll_steps
-        self.real_step = real_step
+        self.device = self.stepper.device
+        self.meta_interval, self.unroll_steps = meta_interval, unroll_steps
+        self.scheduler_interval = scheduler_interval
+        self._schedulers: Dict[str, Any] = {}
+        self.scheduler, self.meta_scheduler = scheduler, meta_scheduler
         self.noisy = None if noisy is None else np.asarray(noisy, bool)
         self.eval_loader = eval_loader
-        self.grad_clip = grad_clip
-        self.meta_grad_clip = meta_grad_clip
-        self.accumulate_steps = accumulate_steps
-        self.meta_accumulate_steps = meta_accumulate_steps
-        self.scheduler = scheduler
-        self.meta_scheduler = meta_scheduler
-        self.scheduler_interval = scheduler_interval
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.progress = progress
@@ -231,17 +200,13 @@ class MetaTrainer:
             self.callbacks.append(JsonlLogger(self.log_dir / "metrics.jsonl"))
         if logger is not None:
             self.callbacks.append(self._make_logger(logger))
-        self.meta_stream = _MetaStream(self._meta_source(meta_loader))
+        self.meta_stream = MetaStream(meta_source(objective, train_loader, meta_loader))
         self._train_position = ckpt.LoaderPosition(train_loader)
         self._epoch_sums: Dict[str, List[float]] = {}
 
         self.weights_history = WeightHistory()
-        self.global_step = 0
-        self.meta_steps = 0
         self.epoch = 0
         self.groups_seen = 0
-        self._accumulated = 0  # real steps whose gradients wait for the optimizer
-        self._meta_accumulated = 0
         self._fit_start_epoch = 0
         self._last_checkpoint_step = 0
         self.history: List[Dict[str, float]] = []
@@ -260,192 +225,17 @@ class MetaTrainer:
         """The callbacks this process runs: loggers only on rank 0."""
         return [cb for cb in self.callbacks if self.dist.is_main or not getattr(cb, "main_process_only", False)]
 
-    def _meta_source(self, meta_loader: Optional[Iterable]) -> Iterable:
-        if meta_loader is not None:
-            return meta_loader
-        if self.objective.meta_data == "loader":
-            raise ValueError(f"{type(self.objective).__name__} needs a meta_loader (its meta batches come from "
-                             "separate meta data)")
-        loader = self.train_loader
-        if not isinstance(loader, DataLoader):
-            raise ValueError("meta batches sampled from the training set need train_loader to be a DataLoader")
-        sampler = RandomSampler(loader.dataset, replacement=True, num_samples=10 ** 9)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                          collate_fn=loader.collate_fn, num_workers=0)
-
-    # ---- one step -------------------------------------------------------------------------------------------
-    def _record(self, batch: Batch, weights: torch.Tensor) -> None:
-        """Record the weights of the *global* batch (gathered from every rank when distributed)."""
-        check_index(batch, self.noisy is not None)
-        columns = {"index": batch.index, "weight": weights.detach().float(), **_group_columns(batch)}
-        if self.dist.enabled:
-            parts = self.dist.gather_object({k: (None if v is None else v.cpu()) for k, v in columns.items()})
-            columns = {k: (None if any(p.get(k) is None for p in parts) else torch.cat([p[k] for p in parts]))
-                       for k in columns}
-        index, weight = columns.pop("index"), columns.pop("weight")
-        groups = {k: v for k, v in columns.items() if v is not None}
-        self.weights_history.record(self.global_step, self.epoch, index, weight, **groups)
-
-    def _train_mode(self) -> None:
-        """``model.train()``, skipped when every module already trains (setting the flags costs more than checking)."""
-        if not all(m.training for m in self.model.modules()):
-            self.model.train()
-
-    def _real_step(self, batch: Batch) -> float:
-        self._train_mode()
-        if self._accumulated == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-        wt = self._replayed(batch)
-        if wt is None:
-            wt = self.objective.inner_terms(self.precision.wrap(model_forward(self.model)), batch)
-            loss = (wt.weights.detach() * wt.terms).sum()
-            ensure_finite(loss.detach(), f"the training loss at step {self.global_step}")
-            self.precision.backward(loss / self.accumulate_steps)
-        self._accumulated += 1
-        if self._accumulated == self.accumulate_steps:
-            self._optimizer_step()
-        self._record(batch, wt.sample_weights())
-        self.global_step += 1
-        return float(wt.terms.detach().double().mean())
-
-    def _replayed(self, batch: Batch):
-        """Add the real step's gradient from the meta step's per-layer captures (``hypergrad="fast"``) when the
-        method kept them and the parameters have not changed since. Returns the batch's terms, or None."""
-        replay = getattr(self.method, "replay", None)
-        out = replay(batch) if replay is not None and self.precision.mode == "fp32" else None
-        if out is None:
-            return None
-        wt, grads = out
-        ensure_finite((wt.weights * wt.terms).sum(), f"the training loss at step {self.global_step}")
-        for name, p in self.model.named_parameters():
-            if grads.get(name) is not None:
-                g = grads[name] if self.accumulate_steps == 1 else grads[name] / self.accumulate_steps
-                p.grad = g if p.grad is None else p.grad + g
-        return wt
-
-    def _optimizer_step(self) -> None:
-        """Average gradients across ranks, then unscale (fp16), clip, step and schedule."""
-        params = [p for p in self.model.parameters() if p.requires_grad] \
-            if self.dist.enabled or self.grad_clip is not None else []  # only averaging and clipping need them
-        dist_utils.all_reduce_mean_([p.grad for p in params], self.dist)
-        Precision.step(self.optimizer, params, self.precision.scaler, self.grad_clip)
-        self._accumulated = 0
-        if self.scheduler is not None and self.scheduler_interval == "step":
-            self.scheduler.step()
-            self._refresh_functional_optimizer()
-
-    def _apply_hypergradient(self, grads: Sequence[torch.Tensor]) -> None:
-        """Average the hypergradient across ranks, accumulate it in ``.grad`` and step φ when a window is full."""
-        params = self.objective.meta_parameters()
-        if self.precision.meta_scaler is None:  # with fp16 the scaler skips steps with inf/NaN instead
-            for g in grads:
-                ensure_finite(g, "the hypergradient")
-        grads = [g.detach().to(p.dtype) / self.meta_accumulate_steps for p, g in zip(params, grads)]
-        dist_utils.all_reduce_mean_(grads, self.dist)
-        for p, g in zip(params, grads):
-            p.grad = g if self._meta_accumulated == 0 or p.grad is None else p.grad + g
-        self._meta_accumulated += 1
-        if self._meta_accumulated == self.meta_accumulate_steps:
-            self._meta_optimizer_step()
-
-    def _meta_optimizer_step(self) -> None:
-        """Unscale (fp16), clip and step φ, then the per-step meta scheduler."""
-        Precision.step(self.meta_optimizer, self.objective.meta_parameters(), self.precision.meta_scaler,
-                       self.meta_grad_clip)
-        self._meta_accumulated = 0
-        if self.meta_scheduler is not None and self.scheduler_interval == "step":
-            self.meta_scheduler.step()
-
-    def _flush_accumulation(self) -> None:
-        """Apply a partial accumulation window (at the end of an epoch), schedulers included."""
-        if self._accumulated:
-            self._optimizer_step()
-        if self._meta_accumulated:
-            self._meta_optimizer_step()
-
-    def _step_schedulers(self) -> None:
-        if self.scheduler_interval != "epoch":
-            return
-        if self.meta_scheduler is not None:
-            self.meta_scheduler.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-            self._refresh_functional_optimizer()
-
-    def _refresh_functional_optimizer(self) -> None:
-        """Re-read the optimizer's hyper-parameters (a scheduler changed the learning rate)."""
-        self.functional_optimizer = FunctionalOptimizer.from_torch(self.optimizer, self.model,
-                                                                   self.adam_preconditioner)
-
-    def _inner_optimizer(self) -> FunctionalOptimizer:
-        """The functional optimizer of virtual steps: synchronised across ranks when distributed."""
-        if self.dist.enabled:
-            return dist_utils.SyncedFunctionalOptimizer(self.functional_optimizer, self.dist)
-        return self.functional_optimizer
-
     def build_problem(self, batches: Sequence[Batch], meta_batch: Batch) -> BilevelProblem:
-        """The bilevel problem of a meta step at the current parameters (useful for custom loops and tests)."""
-        return BilevelProblem(
-            model=self.model,
-            params={k: v.detach() for k, v in self.model.named_parameters()},
-            buffers={k: v.detach() for k, v in self.model.named_buffers()},
-            optimizer=self._inner_optimizer(),
-            opt_state=self.functional_optimizer.read_state(),
-            meta_params=self.objective.meta_parameters(),
-            inner=self.precision.wrap_fn(self.objective.inner_terms),
-            outer=self.precision.scale_outer(self.precision.wrap_fn(self.objective.outer_loss)),
-            train_batches=list(batches),
-            meta_batch=meta_batch,
-        )
+        """The bilevel problem of a meta step at the current parameters (:meth:`MetaStep.build_problem`)."""
+        return self.stepper.build_problem(batches, meta_batch)
 
     def _commit(self, result: HypergradResult, batches: Sequence[Batch]) -> float:
-        if result.lookahead is None:
-            hint = ("build it as Fast(lookahead=True)" if isinstance(self.method, Fast)
-                    else "use real_step='recompute'")
-            raise ValueError(f"hypergradient {self.method.name!r} did not return the virtual parameters that "
-                             f"real_step='lookahead' commits; {hint}")
-        # weights for the record and buffer updates (BatchNorm running stats) from a no-grad pass
-        losses = []
-        with torch.no_grad():
-            self._train_mode()
-            for batch in batches:
-                wt = self.objective.inner_terms(self.precision.wrap(model_forward(self.model)), batch)
-                self._record(batch, wt.sample_weights())
-                losses.append(float(wt.terms.double().mean()))
-                self.global_step += 1
-            params, state = result.lookahead
-            for name, p in self.model.named_parameters():
-                if name in params:
-                    p.copy_(params[name])
-        self.functional_optimizer.write_state(state, self.model)
-        return float(np.mean(losses))
+        return self.stepper.commit(result, batches)
 
-    def _meta_step(self, batches: List[Batch]) -> Dict[str, float]:
-        meta_batch = self.meta_stream.next().to(self.device)
-        self._train_mode()
-        if self.method is None:
-            stats = self.objective.meta_step(self, batches, meta_batch)
-            self.meta_steps += 1
-            self.global_step += len(batches)  # the objective's own update consumed these train batches
-            return stats
-        result = self.method(self.build_problem(batches, meta_batch))
-        meta_loss = result.outer_loss / self.precision.meta_scale()
-        self._apply_hypergradient(result.grads)
-        self.meta_steps += 1
-        if self.real_step == "lookahead":
-            train_loss = self._commit(result, batches)
-        else:
-            train_loss = float(np.mean([self._real_step(b) for b in batches]))
-        return {"train_loss": train_loss, "meta_loss": meta_loss, **result.stats}
+    def _refresh_functional_optimizer(self) -> None:
+        """A no-op kept for old callers: virtual steps mirror the optimizer's current hyper-parameters."""
 
-    def _run_group(self, batches: List[Batch]) -> Dict[str, float]:
-        due = self.groups_seen % self.meta_interval == 0
-        self.groups_seen += 1
-        if due:
-            return self._meta_step(batches)
-        return {"train_loss": float(np.mean([self._real_step(b) for b in batches]))}
-
-    # ---- public API -----------------------------------------------------------------------------------------
+    # ---- the loop -------------------------------------------------------------------------------------------
     def fit(self, epochs: int = 1, max_steps: Optional[int] = None,
             resume: Union[bool, str, Path] = False) -> List[Dict[str, float]]:
         """Train for ``epochs`` epochs (or until ``max_steps`` real steps in all). Returns the per-epoch metrics.
@@ -460,7 +250,7 @@ class MetaTrainer:
         resumed = self._resume(resume)
         if not resumed:
             self._fit_start_epoch = self.epoch
-        with dist_utils.reduction_scope(self.dist):
+        try:
             if not resumed:
                 self._sync_replicas()
             for cb in self._active_callbacks():
@@ -476,8 +266,9 @@ class MetaTrainer:
                 self._step_schedulers()
                 if self.checkpoint_dir is not None:
                     self.save_checkpoint()
-        if self.log_dir is not None and self.dist.is_main:
-            self.weights_history.save(self.log_dir / "weights.npz")
+        finally:  # what was logged so far is written even when a step raises
+            if self.log_dir is not None and self.dist.is_main:
+                self.weights_history.save(self.log_dir / "weights.npz")
         for cb in self._active_callbacks():
             cb.on_fit_end(self)
         return self.history
@@ -503,16 +294,24 @@ class MetaTrainer:
         self._train_position.stop()
         if bar is not None:
             bar.close()
-        self._flush_accumulation()
+        self.stepper.flush()
         out = {k: float(np.nanmean(v)) for k, v in self._epoch_sums.items() if k not in ("step", "epoch")}
         out.update(epoch=self.epoch, step=self.global_step, meta_steps=self.meta_steps)
         out.update(self._weight_summary())
-        extra = self.objective.on_epoch_end(self, self.epoch)
+        extra = self.objective.on_epoch_end(self.stepper.context, self.epoch)
         if extra:
             out.update(extra)
         if self.eval_loader is not None:
             out.update({f"eval_{k}": v for k, v in self.evaluate(self.eval_loader).items()})
         return out
+
+    def _run_group(self, batches: List[Batch]) -> Dict[str, float]:
+        """One group of ``unroll_steps`` batches: a meta step every ``meta_interval`` groups, else plain steps."""
+        due = self.groups_seen % self.meta_interval == 0
+        self.groups_seen += 1
+        if due:
+            return self.stepper.step(batches, self.meta_stream.next()).metrics
+        return self.stepper.plain_step(batches).metrics
 
     def _end_group(self, batches: List[Batch], bar: Any) -> None:
         metrics = self._mean_over_ranks(self._run_group(batches))
@@ -528,6 +327,40 @@ class MetaTrainer:
         if every and self.global_step // every > self._last_checkpoint_step // every:
             self.save_checkpoint()
 
+    def _step_schedulers(self) -> None:
+        if self.scheduler_interval != "epoch":
+            return
+        if self.meta_scheduler is not None:
+            self.meta_scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _mean_over_ranks(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        if not self.dist.enabled:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce_mean_([values])
+        return dict(zip(keys, values.tolist()))
+
+    def _sync_replicas(self) -> None:
+        """Start every rank from rank 0's parameters, buffers and meta-parameters (as DDP does)."""
+        self.dist.broadcast_([*self.model.parameters(), *self.model.buffers(), *self.objective.parameters(),
+                              *self.objective.buffers()])
+
+    # ---- weights and progress (the weight history's owner rewrites these) ------------------------------
+    def _record(self, batch: Batch, weights: torch.Tensor) -> None:
+        """Record the weights of the *global* batch (gathered from every rank when distributed)."""
+        check_index(batch, self.noisy is not None)
+        columns = {"index": batch.index, "weight": weights.detach().float(), **_group_columns(batch)}
+        if self.dist.enabled:
+            parts = self.dist.gather_object({k: (None if v is None else v.cpu()) for k, v in columns.items()})
+            columns = {k: (None if any(p.get(k) is None for p in parts) else torch.cat([p[k] for p in parts]))
+                       for k in columns}
+        index, weight = columns.pop("index"), columns.pop("weight")
+        groups = {k: v for k, v in columns.items() if v is not None}
+        self.weights_history.record(self.global_step, self.epoch, index, weight, **groups)
+
     def _progress_bar(self) -> Any:
         if not self.progress or not self.dist.is_main:
             return None
@@ -538,19 +371,6 @@ class MetaTrainer:
         from tqdm.auto import tqdm
         return tqdm(total=total, initial=self._train_position.consumed, desc=f"epoch {self.epoch}", leave=False,
                     dynamic_ncols=True)
-
-    def _mean_over_ranks(self, metrics: Dict[str, float]) -> Dict[str, float]:
-        if not self.dist.enabled:
-            return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist_utils.all_reduce_mean_([values], self.dist)
-        return dict(zip(keys, values.tolist()))
-
-    def _sync_replicas(self) -> None:
-        """Start every rank from rank 0's parameters, buffers and meta-parameters (as DDP does)."""
-        dist_utils.broadcast_([*self.model.parameters(), *self.model.buffers(), *self.objective.parameters(),
-                               *self.objective.buffers()], self.dist)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

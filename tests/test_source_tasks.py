@@ -154,7 +154,7 @@ def test_uniform_meta_step_is_weighted_reptile_over_manual_temporal_models():
         with torch.no_grad():
             rewards.append(general - float(ce(copy(meta.inputs), meta.targets)))
 
-    stats = obj.meta_step(trainer, batches, meta)
+    stats = obj.meta_step(trainer.stepper.context, batches, meta)
     for k, p in trainer.model.named_parameters():
         torch.testing.assert_close(p.detach(), theta0[k] + 0.5 * expected_delta[k], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(obj.reward_trajectory()[0], rewards, rtol=1e-4, atol=1e-6)

@@ -22,6 +22,7 @@ from ..data.batch import Batch
 from ..losses import ensure_finite
 from ..models import logits_of, math_attention, model_kwargs
 from .optim import FunctionalOptimizer, State
+from .strategy import Collectives
 
 Params = Dict[str, Tensor]
 Forward = Callable[..., object]
@@ -111,7 +112,13 @@ class HypergradResult:
 
 @dataclass
 class BilevelProblem:
-    """One meta step: current θ, the inner optimizer, φ, the objective's functions and the data they see."""
+    """One meta step: current θ, the inner optimizer, φ, the objective's functions and the data they see.
+
+    ``meta_params`` are the tensors the hypergradient is taken with respect to: the objective's φ, followed by any
+    per-batch meta variables of this step (:meth:`~metareweight.objectives.MetaObjective.init_batch_variables`).
+    ``collectives`` says how reductions cross data-parallel ranks (:mod:`metareweight.core.strategy`; the default is
+    one process); methods use it for every cross-rank reduction they need.
+    """
 
     model: nn.Module
     params: Params
@@ -123,17 +130,21 @@ class BilevelProblem:
     outer: OuterFn
     train_batches: Sequence[Batch]
     meta_batch: Batch
+    collectives: Collectives = field(default_factory=Collectives)
 
     @classmethod
     def from_model(cls, model: nn.Module, optimizer: torch.optim.Optimizer, objective, train_batches: Sequence[Batch],
-                   meta_batch: Batch, preconditioner: str = "differentiable") -> "BilevelProblem":
+                   meta_batch: Batch, preconditioner: str = "differentiable",
+                   collectives: Optional[Collectives] = None) -> "BilevelProblem":
         """The problem of one meta step at ``model``'s current parameters, outside a ``MetaTrainer``: its torch
-        ``optimizer`` (state included) mirrored, and ``objective``'s φ, inner terms and outer loss."""
+        ``optimizer`` (state included) mirrored, and ``objective``'s φ, inner terms and outer loss (an objective
+        with per-batch meta variables needs :class:`~metareweight.MetaStep`, which creates them)."""
         fopt = FunctionalOptimizer.from_torch(optimizer, model, preconditioner)
         return cls(model=model, params={k: v.detach() for k, v in model.named_parameters()},
                    buffers={k: v.detach() for k, v in model.named_buffers()}, optimizer=fopt,
                    opt_state=fopt.read_state(), meta_params=objective.meta_parameters(), inner=objective.inner_terms,
-                   outer=objective.outer_loss, train_batches=list(train_batches), meta_batch=meta_batch)
+                   outer=objective.outer_loss, train_batches=list(train_batches), meta_batch=meta_batch,
+                   collectives=collectives if collectives is not None else Collectives())
 
     def forward(self, params: Mapping[str, Tensor]) -> Forward:
         """Bind ``params`` with a private copy of the buffers, so BatchNorm statistics of virtual passes are

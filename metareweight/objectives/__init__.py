@@ -1,7 +1,8 @@
 """Meta-objectives: one module per paper, all on the :class:`MetaObjective` protocol."""
 
-from .base import MetaObjective
+from .base import MetaContext, MetaObjective
 from .mwnet import MetaWeightNet
+from .learning_to_reweight import LearningToReweight
 from .self_taught import ResetOptimizerState, SelfTaughtRescaler
 from .kd_baselines import KDLoss, kd_terms, wls_alpha
 from .trilateral_kd import TrilateralKD, teacher_class_means
@@ -10,7 +11,7 @@ from .policy import LSTMPolicy, Reinforce
 from .source_tasks import SourceBalancedSampler, SourceBatches, SourceTaskWeighting, fine_tune
 
 __all__ = [
-    "MetaObjective", "MetaWeightNet", "SelfTaughtRescaler", "ResetOptimizerState",
+    "MetaObjective", "MetaContext", "MetaWeightNet", "LearningToReweight", "SelfTaughtRescaler", "ResetOptimizerState",
     "KDLoss", "kd_terms", "wls_alpha", "TrilateralKD", "teacher_class_means",
     "DomainWeights", "StepAggregationLoss", "meta_cross_entropy",
     "LSTMPolicy", "Reinforce", "SourceTaskWeighting", "SourceBalancedSampler", "SourceBatches", "fine_tune",

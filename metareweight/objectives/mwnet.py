@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from ..core.problem import Forward, WeightedTerms
 from ..data.batch import Batch
-from ..distributed import global_mean
 from ..losses import cross_entropy_terms
 from .base import MetaObjective
 
@@ -61,7 +60,10 @@ class MetaWeightNet(MetaObjective):
         losses = self.loss_fn(forward(batch.inputs), batch.targets)
         w = self.weight(losses)
         # the normaliser is the global batch's (mean over ranks of the local sums) in a distributed run
-        coef = w / global_mean(w.sum()).clamp_min(1e-12) if self.normalize else w / w.shape[0]
+        if self.normalize:
+            coef = w / self.collectives.differentiable_mean([w.sum()])[0].clamp_min(1e-12)
+        else:
+            coef = w / w.shape[0]
         return WeightedTerms(losses, coef.to(losses.dtype), report=w)
 
     def outer_loss(self, forward: Forward, batch: Batch) -> Tensor:

@@ -77,7 +77,7 @@ from ..callbacks import Callback
 from ..core.problem import Forward, WeightedTerms
 from ..data.batch import Batch
 from ..losses import check_class_targets, cross_entropy_terms
-from .base import META_DATA_SOURCES, MetaObjective
+from .base import META_DATA_SOURCES, MetaContext, MetaObjective
 from .self_taught_features import compute_features, dropout_passes, feature_dim
 
 BN_SCOPES = ("class", "batch")
@@ -221,14 +221,12 @@ class SelfTaughtRescaler(MetaObjective):
         return (w.to(terms.dtype) * terms).sum()
 
     # ---- "w/o meta learning": plain weighted steps with the fixed rescaler ------------------------------------
-    def meta_step(self, trainer: Any, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
-        """With ``meta_learning=False`` the trainer calls this instead of a hypergradient: one ordinary weighted
-        step per batch through the trainer's own real step (gradient clipping, accumulation, weight records)."""
+    def meta_step(self, context: MetaContext, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
+        """With ``meta_learning=False`` this replaces the hypergradient: one ordinary weighted step per batch
+        through the context's real step (gradient clipping, accumulation and weight records included)."""
         if self.meta_learning:
             raise RuntimeError("meta_step is only used with meta_learning=False")
-        loss = float(np.mean([trainer._real_step(b) for b in batches]))
-        trainer.global_step -= len(batches)  # _real_step counted the batches; the trainer counts them after this
-        return {"train_loss": loss}
+        return {"train_loss": float(np.mean([context.real_step(b) for b in batches]))}
 
 
 class ResetOptimizerState(Callback):

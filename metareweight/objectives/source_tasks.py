@@ -68,7 +68,7 @@ from ..core.problem import Forward, Params, WeightedTerms, bind
 from ..data.batch import Batch, as_batch
 from ..losses import cross_entropy_terms, ensure_finite
 from ..models import model_forward
-from .base import MetaObjective
+from .base import MetaContext, MetaObjective
 from .policy import LSTMPolicy, PolicyAction, Reinforce
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -275,11 +275,11 @@ class SourceTaskWeighting(MetaObjective):
         return self.loss_fn(forward(batch.inputs), batch.targets).mean()
 
     # ---- one meta-iteration -----------------------------------------------------------------------------------
-    def temporal_params(self, trainer: Any, params: Params, buffers: Params, batches: Sequence[Batch],
+    def temporal_params(self, context: MetaContext, params: Params, buffers: Params, batches: Sequence[Batch],
                         source: int) -> Tuple[Params, float]:
         """``θ^s``: one functional optimizer step per batch on its rows of ``source``, from a fresh optimizer
         state. Returns the detached parameters and the mean source loss of the steps (nan if none)."""
-        fopt = trainer.functional_optimizer
+        fopt = context.functional_optimizer
         names = [n for n in fopt.param_names if n in params]
         theta = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}
         state: Dict = {}
@@ -288,7 +288,7 @@ class SourceTaskWeighting(MetaObjective):
             sub = select_source(batch, source, self.source_key)
             if sub is None:
                 continue
-            forward = bind(trainer.model, theta, {k: v.clone() for k, v in buffers.items()})
+            forward = bind(context.model, theta, {k: v.clone() for k, v in buffers.items()})
             loss = ensure_finite(self.loss_fn(forward(sub.inputs), sub.targets).mean(),
                                  f"the loss of source {source}")
             grads = torch.autograd.grad(loss, [theta[n] for n in names], allow_unused=True)
@@ -297,9 +297,9 @@ class SourceTaskWeighting(MetaObjective):
             losses.append(float(loss.detach()))
         return {k: v.detach() for k, v in theta.items()}, (float(np.mean(losses)) if losses else math.nan)
 
-    def _target_loss(self, trainer: Any, params: Params, buffers: Params, meta_batch: Batch) -> float:
+    def _target_loss(self, model: nn.Module, params: Params, buffers: Params, meta_batch: Batch) -> float:
         with torch.no_grad():
-            forward = bind(trainer.model, params, {k: v.clone() for k, v in buffers.items()})
+            forward = bind(model, params, {k: v.clone() for k, v in buffers.items()})
             return float(ensure_finite(self.outer_loss(forward, meta_batch), "the target loss"))
 
     def _act(self) -> PolicyAction:
@@ -308,20 +308,23 @@ class SourceTaskWeighting(MetaObjective):
         u = torch.full((self.num_sources,), 1.0 / self.num_sources, device=self.policy.probs.device)
         return PolicyAction(u, u, torch.zeros(()), torch.zeros(()))
 
-    def meta_step(self, trainer: Any, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
-        model = trainer.model
+    def meta_step(self, context: MetaContext, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
+        """One meta-iteration on a group of train batches (see the module docs); the batches' weights are recorded
+        through ``context.record``."""
+        model = context.model
+        fopt = context.functional_optimizer
         params = {k: v.detach() for k, v in model.named_parameters()}
         buffers = {k: v.detach() for k, v in model.named_buffers()}
         batches = [as_batch(b) for b in batches]
         for b in batches:
             self._source_ids(b)
-        general = self._target_loss(trainer, params, buffers, meta_batch)
+        general = self._target_loss(model, params, buffers, meta_batch)
         temporal, source_losses, rewards = [], [], []
         for s in range(self.num_sources):
-            theta_s, loss_s = self.temporal_params(trainer, params, buffers, batches, s)
+            theta_s, loss_s = self.temporal_params(context, params, buffers, batches, s)
             temporal.append(theta_s)
             source_losses.append(loss_s)
-            rewards.append(0.0 if math.isnan(loss_s) else general - self._target_loss(trainer, theta_s, buffers,
+            rewards.append(0.0 if math.isnan(loss_s) else general - self._target_loss(model, theta_s, buffers,
                                                                                          meta_batch))
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
 
@@ -330,22 +333,21 @@ class SourceTaskWeighting(MetaObjective):
         if self.mode != "uniform":
             scaled = self.policy.scale_rewards(rewards_t).cpu() if self.normalize_rewards else rewards_t
             reward = float(scaled[action.index] if self.mode == "sample" else (action.weights.cpu() * scaled).sum())
-            stats = self.reinforce.step(action, reward, trainer.meta_optimizer, rewards=scaled)
+            stats = self.reinforce.step(action, reward, context.meta_optimizer, rewards=scaled)
             stats["reward"] = reward
             self.policy.observe(scaled)
 
         weights = action.weights.detach().cpu()
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name not in trainer.functional_optimizer.hypers:
+                if name not in fopt.hypers:
                     continue
                 delta = sum(float(weights[s]) * (temporal[s][name] - params[name]) for s in range(self.num_sources))
                 p.add_(self.step_size * delta.to(p.dtype))
 
         probs = action.probs.detach().cpu()
-        for b in batches:
-            ids = self._source_ids(b).cpu()
-            trainer.weights_history.record(trainer.global_step, trainer.epoch, b.index, probs[ids], source=ids)
+        for b in batches:  # the source ids travel with the batch and are recorded beside the weights
+            context.record(b, probs[self._source_ids(b).cpu()])
         self.trajectory.append({"probs": probs.numpy().copy(), "weights": weights.numpy().copy(),
                                 "rewards": rewards_t.numpy().copy()})
         stats.update({"meta_loss": general, "train_loss": float(np.nanmean(source_losses)),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Mapping, Optional, Type, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
 
-from ..problem import BilevelProblem, HypergradResult
+from torch import Tensor
+
+from ...data.batch import Batch
+from ..problem import BilevelProblem, HypergradResult, WeightedTerms
 
 _REGISTRY: Dict[str, Type["HypergradMethod"]] = {}
 
@@ -22,10 +25,17 @@ class HypergradMethod:
     Attributes:
         name: the registry name used in configs (``hypergrad="unrolled"``).
         exact: whether the result is the exact gradient of the k-step bilevel objective.
+        returns_lookahead: whether :attr:`HypergradResult.lookahead` is filled in (the virtual parameters and
+            optimizer state after the inner steps), which ``real_step="lookahead"`` commits. A method whose answer
+            depends on its options declares it as a property.
+
+    Capabilities are declared here and overridden by the methods that have them; :class:`~metareweight.MetaStep`
+    reads them, it never probes a method for attributes.
     """
 
     name = "base"
     exact = False
+    returns_lookahead = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -34,6 +44,13 @@ class HypergradMethod:
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def replay(self, batch: Batch) -> Optional[Tuple[WeightedTerms, Dict[str, Tensor]]]:
+        """The real step's ``(weighted terms, Σ_ik w_ik ∇ℓ_ik by parameter name)`` for ``batch`` from what the last
+        call computed, with the weights recomputed from the objective's current φ and per-batch variables, or None
+        when the method cannot reuse anything (the default; then the real step runs its own forward and backward).
+        Called at most once per batch, right after the meta step and before the parameters change."""
+        return None
 
 
 def _register(cls: Type[HypergradMethod]) -> None:

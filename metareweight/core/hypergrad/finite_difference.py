@@ -53,6 +53,7 @@ class FiniteDifference(HypergradMethod):
     optimizer_carry: bool = False
     name = "finite_difference"
     exact = False
+    returns_lookahead = True
 
     def __post_init__(self):
         if self.alpha <= 0:
@@ -96,10 +97,8 @@ class FiniteDifference(HypergradMethod):
         opt = problem.optimizer
         if not opt.steps_linearly:
             raise ValueError(NONLINEAR_STEP)
-        sync = getattr(opt, "_synced", None)  # data-parallel: the trajectory took the ranks' mean gradient;
-        if sync is not None:                  # replay that, with the plain update rule (no collectives in autograd)
-            with torch.no_grad():
-                step_grads = [sync(g) for g in step_grads]
+        if problem.collectives.enabled:  # data-parallel: the trajectory took the ranks' mean gradient; replay that,
+            step_grads = [_rank_mean(g, problem.collectives) for g in step_grads]  # with the plain update rule
         with torch.enable_grad():
             leaves = [{n: (x.detach().requires_grad_() if x is not None and n in v else x) for n, x in g.items()}
                       for g in step_grads]
@@ -134,3 +133,10 @@ class FiniteDifference(HypergradMethod):
 
         diff = (terms_at(+1.0) - terms_at(-1.0)) / (2 * eps)
         return problem.meta_grads((weights * diff).sum())
+
+
+def _rank_mean(grads: Dict[str, Optional[Tensor]], collectives) -> Dict[str, Optional[Tensor]]:
+    """A copy of ``grads`` averaged across ranks (``None`` entries kept), outside autograd."""
+    out = {n: (None if g is None else g.detach().clone()) for n, g in grads.items()}
+    collectives.all_reduce_mean_(list(out.values()))
+    return out

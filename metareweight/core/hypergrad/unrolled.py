@@ -24,6 +24,7 @@ class Unrolled(HypergradMethod):
 
     name = "unrolled"
     exact = True
+    returns_lookahead = True
 
     def __call__(self, problem: BilevelProblem) -> HypergradResult:
         trajectory, states = problem.run_inner_steps(create_graph=True)
