@@ -101,7 +101,7 @@ class WeightHistory:
         """Make sure column ``name`` exists and can hold ``dtype`` (earlier rows of a new column are -1)."""
         cur = self._data.get(name)
         if cur is None:
-            arr = np.full(len(self._data["step"]), -1, _fill_dtype(dtype))
+            arr = np.full(len(self._data["step"]), -1, _fill_dtype(dtype) if self._n else dtype)
             self._data[name] = arr
             return
         want = np.promote_types(cur.dtype, dtype)
@@ -119,7 +119,7 @@ class WeightHistory:
         for k, v in rows.items():
             if k not in CORE_COLUMNS:
                 self._column(k, v.dtype)
-        for k, v in list(self._data.items()):
+        for k, v in (list(self._data.items()) if len(self._data) > len(rows) + 2 else ()):
             if k not in rows and k not in CORE_COLUMNS and v.dtype == np.bool_:
                 self._data[k] = v.astype(np.int8)  # a group missing from this batch is filled with -1
         if self._n and (self._data["step"][self._n - 1] > step or self._data["epoch"][self._n - 1] > epoch):
