@@ -32,7 +32,13 @@ def cross_entropy_terms(logits: Tensor, targets: Tensor) -> Tensor:
         >>> cross_entropy_terms(torch.zeros(2, 4), torch.tensor([0, 3])).tolist()  # doctest: +ELLIPSIS
         [1.386..., 1.386...]
     """
+    if not torch.is_tensor(logits):
+        raise TypeError(f"the model returned a {type(logits).__name__}, not a logits tensor; make its forward return "
+                        "the (batch, classes) logits (e.g. return out[0], or out.logits for a Hugging Face model), "
+                        "or pass a loss_fn that reads what it returns")
     check_class_targets(logits, targets)
+    if targets.dtype != torch.long:  # int32/uint8 labels: cross-entropy needs int64 class indices
+        targets = targets.long()
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -42,6 +48,9 @@ class NonFiniteLossError(FloatingPointError):
 
 def ensure_finite(value: Tensor, what: str) -> Tensor:
     if not torch.isfinite(value).all():
-        raise NonFiniteLossError(f"{what} is not finite ({value.detach().flatten()[:4].tolist()}...). "
-                                 "Lower the learning rate, check the inputs for NaNs, or clip gradients.")
+        flat = value.detach().flatten()
+        bad = flat[~torch.isfinite(flat)]
+        where = "" if flat.numel() == 1 else f" ({bad.numel()} of {flat.numel()} values)"
+        raise NonFiniteLossError(f"{what} is not finite{where}: {bad[:4].tolist()}. "
+                                 "Lower the learning rate, check the inputs for NaNs or infs, or clip gradients.")
     return value
