@@ -77,12 +77,44 @@ def gather_rows_case() -> dict:
     return {"gathered": got, "offset": offset}
 
 
+def uneven_cases() -> dict:
+    """Loaders that would make the ranks step apart: unequal train shards, an empty meta shard on rank 1, and a
+    61-sample set on 2 ranks (padded). Returns each case's error (type, message) or warning on this rank."""
+    import warnings
+
+    from metareweight.distributed import UnevenShardsError
+    ctx = resolve("auto")
+    x = torch.randn(40, 5, dtype=torch.float64)
+    ds = TensorIndexedDataset(x, (x[:, 0] > 0).long())
+    out = {}
+    for case in ("unequal_train", "empty_meta"):
+        n_train = (24, 16)[ctx.rank] if case == "unequal_train" else 16
+        n_meta = (8, 0)[ctx.rank] if case == "empty_meta" else 8
+        model = nn.Linear(5, 2).double()
+        trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              DataLoader(TensorIndexedDataset(x[:n_train], ds.y[:n_train]), batch_size=8),
+                              MetaWeightNet(hidden=4).double(), progress=False,
+                              meta_loader=DataLoader(TensorIndexedDataset(x[:n_meta], ds.y[:n_meta]),
+                                                     batch_size=4))
+        try:
+            trainer.fit(epochs=1)
+            out[case] = None
+        except UnevenShardsError as e:
+            out[case] = (type(e).__name__, str(e))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed_sampler(list(range(61)))
+    out["padding_warning"] = [str(w.message) for w in caught]
+    return out
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(sys.argv[1])
     results = {name: run(**kw) for name, kw in CASES.items()}
     results["all_gather_rows"] = gather_rows_case()
+    results["uneven"] = resolve("auto").gather_object(uneven_cases())  # every rank's outcome
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")
     # all ranks leave together: a rank tearing down gloo while its peer is still in flight aborts the peer
