@@ -473,8 +473,8 @@ class MetaTrainer:
 
     def _write_weights(self) -> None:
         """``log_dir/weights.npz``: the whole streamed history (rank 0)."""
-        if self.log_dir is None or not self.dist.is_main:
-            return
+        if self.log_dir is None or not self.dist.is_main or self.weights_history.total == 0:
+            return  # nothing recorded: an earlier run's weights.npz in the same log_dir stays as it is
         self.weights_history.flush()
         arrays = read_stream(self.log_dir / STREAM_DIR)
         if arrays:
