@@ -201,13 +201,13 @@ class MetaTrainer:
         self.progress = progress
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.callbacks: List[Callback] = list(callbacks)
+        if health:  # before the loggers: they stay last
+            from .health import HealthMonitor
+            self.callbacks.append(HealthMonitor())
         if self.log_dir is not None:
             self.callbacks.append(JsonlLogger(self.log_dir / "metrics.jsonl"))
         if logger is not None:
             self.callbacks.append(self._make_logger(logger))
-        if health:
-            from .health import HealthMonitor
-            self.callbacks.append(HealthMonitor())
         self.meta_stream = _MetaStream(self._meta_source(meta_loader))
         self._train_position = ckpt.LoaderPosition(train_loader)
         self._epoch_sums: Dict[str, List[float]] = {}
