@@ -38,7 +38,11 @@ REFUSED_PRECISION = {
     ("bf16", "finite_difference"): (
         "finite_difference divides the difference of two gradients at θ±εv by 2ε, and bf16 rounds each gradient "
         "to ~3 significant digits, an error as large as the difference itself (measured 1.5-60 % off fp32 "
-        "depending on the seed); use hypergrad='unrolled' or 'fast' with bf16, or precision='fp32'"),
+        "depending on the seed); use hypergrad='unrolled' or 'neumann' with bf16, or precision='fp32'"),
+    **{(low, "fast"): (
+        "fast's per-layer closed forms multiply the layers' low-precision activations with float32 gradients, "
+        "which autocast does not cover (torch raises a dtype mismatch); use hypergrad='unrolled' or 'neumann' "
+        f"with {low}, or precision='fp32'") for low in ("bf16", "fp16")},
 }
 
 
