@@ -318,10 +318,22 @@ class Checkpointer:
         try:
             state = self.state_dict()
             self.last_saved = (t.global_step, t._train_position.active)
-            if not t.dist.is_main:
-                return None
             target = Path(path) if path is not None else t.checkpoint_dir / CHECKPOINT_NAME
-            return atomic_save(state, target, keep_previous=path is None)
+            if not t.dist.enabled:
+                return atomic_save(state, target, keep_previous=path is None)
+            failure = None
+            if t.dist.is_main:
+                try:
+                    atomic_save(state, target, keep_previous=path is None)
+                except Exception as e:  # noqa: BLE001 - reported to every rank below
+                    failure = e
+            # every rank returns once the file is complete, or raises if rank 0 could not write it (no hang)
+            outcome = t.dist.gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")[0]
+            if failure is not None:
+                raise failure
+            if outcome is not None:
+                raise CheckpointError(f"rank 0 could not write the checkpoint {target}: {outcome}")
+            return target if t.dist.is_main else None
         except BaseException:
             t._last_checkpoint_step = previous
             raise
@@ -465,9 +477,11 @@ class Checkpointer:
             if t.checkpoint_dir is None:
                 raise ValueError("fit(resume=True) needs MetaTrainer(checkpoint_dir=...), or pass the checkpoint "
                                  "file: fit(resume='run/last.pt')")
-            remove_stale_temporaries(t.checkpoint_dir)
+            if t.dist.is_main:
+                remove_stale_temporaries(t.checkpoint_dir)
             path = t.checkpoint_dir / CHECKPOINT_NAME
-            if not path.exists() and not path.with_name(PREVIOUS_NAME).exists():
+            found = path.exists() or path.with_name(PREVIOUS_NAME).exists()
+            if not t.dist.gather_object(found)[0]:  # rank 0 decides for all: every rank resumes, or none
                 self._fresh_start()
                 return False
         elif isinstance(resume, (str, os.PathLike)):

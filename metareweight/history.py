@@ -69,6 +69,7 @@ class WeightHistory:
         self._base = 0  # absolute row number of buffer row 0
         self._cache: Optional[Dict[str, np.ndarray]] = None
         self.stream_dir: Optional[Path] = None
+        self.writer = True  # False: another process (rank 0) writes the stream; this one only reads it
         self.flushed = 0  # absolute rows written to the stream
 
     # ---- recording --------------------------------------------------------------------------------------------
@@ -207,14 +208,20 @@ class WeightHistory:
         return h
 
     # ---- streaming to log_dir ---------------------------------------------------------------------------------
-    def stream_to(self, directory: Union[str, Path]) -> None:
-        """Append every row to chunk files in ``directory`` (at :meth:`flush`, and every ``FLUSH_ROWS`` rows)."""
+    def stream_to(self, directory: Union[str, Path], write: bool = True) -> None:
+        """Append every row to chunk files in ``directory`` (at :meth:`flush`, and every ``FLUSH_ROWS`` rows).
+        With ``write=False`` (the other ranks of a distributed run, whose rank 0 writes the same rows) nothing is
+        written, but a resume reads the window back from the directory."""
         self.stream_dir = Path(directory)
+        self.writer = write
         self.flushed = self._base
 
     def flush(self) -> None:
         """Write the rows recorded since the last flush as one chunk file (atomically)."""
         if self.stream_dir is None or self.total == self.flushed:
+            return
+        if not self.writer:
+            self.flushed = self.total
             return
         self.stream_dir.mkdir(parents=True, exist_ok=True)
         if self.flushed == 0:
@@ -240,8 +247,9 @@ class WeightHistory:
             if self.stream_dir is None:
                 raise ValueError("this checkpoint's weight history lives in its log_dir: build the trainer with "
                                  "the same log_dir to resume it")
-            truncate_stream(self.stream_dir, rows)
-            arrays, base = read_stream(self.stream_dir, keep=self.keep), rows
+            if self.writer:
+                truncate_stream(self.stream_dir, rows)
+            arrays, base = read_stream(self.stream_dir, keep=self.keep, rows=rows), rows
             base -= len(arrays["step"]) if arrays else 0
         fresh = WeightHistory.from_arrays(arrays, self.keep) if arrays else WeightHistory(self.keep)
         self._data, self._n, self._lo, self._cache = fresh._data, fresh._n, fresh._lo, None
@@ -276,10 +284,12 @@ def truncate_stream(directory: Union[str, Path], rows: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def read_stream(directory: Union[str, Path], keep: Keep = "all") -> Dict[str, np.ndarray]:
-    """The rows streamed to ``directory``, or with a ``keep`` bound only the newest rows it keeps (``{}`` if none)."""
+def read_stream(directory: Union[str, Path], keep: Keep = "all", rows: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """The rows streamed to ``directory`` (the first ``rows`` if given), or with a ``keep`` bound only the newest rows
+    it keeps (``{}`` if none)."""
     parts: List[Dict[str, np.ndarray]] = []
-    for p in reversed(_chunks(Path(directory))):
+    chunks = [p for p in _chunks(Path(directory)) if rows is None or int(p.stem) < rows]
+    for p in reversed(chunks):
         with np.load(p) as data:
             parts.insert(0, {k: data[k] for k in data.files})
         if keep != "all":

@@ -214,7 +214,7 @@ class MetaTrainer:
 
         self.weights_history = WeightHistory(keep=history)
         if self.log_dir is not None:
-            self.weights_history.stream_to(self.log_dir / STREAM_DIR)
+            self.weights_history.stream_to(self.log_dir / STREAM_DIR, write=self.dist.is_main)  # rank 0 writes
         self._checkpointer = ckpt.Checkpointer(self, _COUNTERS)
         self.global_step = 0
         self.meta_steps = 0

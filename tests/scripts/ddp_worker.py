@@ -108,6 +108,40 @@ def uneven_cases() -> dict:
     return out
 
 
+def resume_with_log_dir(out: Path) -> dict:
+    """A 2-epoch run with log_dir and checkpoints, interrupted after epoch 1 and resumed, against the same run
+    uninterrupted: rank 0 alone writes the weight stream; every rank reads its window back on resume."""
+    ctx = resolve("auto")
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ds = TensorIndexedDataset(x, (x[:, 0] > 0).long())
+
+    def make(root):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2).double()
+        return MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           DataLoader(ds, batch_size=4, sampler=distributed_sampler(ds, seed=1)),
+                           MetaWeightNet(hidden=4).double(), progress=False, history="last_epoch",
+                           meta_loader=DataLoader(ds, batch_size=4, sampler=distributed_sampler(ds, seed=2)),
+                           log_dir=root / "logs", checkpoint_dir=root / "ckpt")
+
+    make(out / "full").fit(epochs=2)
+    full = make(out / "full2")
+    full.fit(epochs=2)
+    make(out / "part").fit(epochs=1)
+    resumed = make(out / "part")
+    resumed.fit(epochs=2, resume=True)
+    same = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+    a, b = full.weights_history.arrays(), resumed.weights_history.arrays()
+    same_history = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    npz = None
+    if ctx.is_main:
+        import numpy as np
+        with np.load(out / "full" / "logs" / "weights.npz") as f:
+            npz = len(f["step"])
+    return {"same_parameters": same, "same_history": bool(same_history), "rows": len(resumed.weights_history),
+            "npz_rows": npz}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -115,6 +149,7 @@ if __name__ == "__main__":
     results = {name: run(**kw) for name, kw in CASES.items()}
     results["all_gather_rows"] = gather_rows_case()
     results["uneven"] = resolve("auto").gather_object(uneven_cases())  # every rank's outcome
+    results["resume_with_log_dir"] = resolve("auto").gather_object(resume_with_log_dir(out))
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")
     # all ranks leave together: a rank tearing down gloo while its peer is still in flight aborts the peer
