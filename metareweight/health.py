@@ -107,8 +107,10 @@ class HealthMonitor(Callback):
             self.check_batch_size(1)
 
     def _recent(self, trainer: Any) -> Dict[str, np.ndarray]:
-        a = trainer.weights_history.arrays()
-        return {k: v[-self.window:] for k, v in a.items()}
+        history = trainer.weights_history
+        if hasattr(history, "tail"):
+            return history.tail(self.window)
+        return {k: v[-self.window:] for k, v in history.arrays().items()}
 
     def on_step_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
         step = trainer.global_step

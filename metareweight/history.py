@@ -157,6 +157,11 @@ class WeightHistory:
             self._cache = {k: v[self._lo:self._n].copy() for k, v in self._data.items()}
         return self._cache
 
+    def tail(self, rows: int) -> Dict[str, np.ndarray]:
+        """The newest ``rows`` kept rows (copies; cheap however long the history)."""
+        start = max(self._lo, self._n - rows)
+        return {k: v[start:self._n].copy() for k, v in self._data.items()}
+
     def __len__(self) -> int:
         return self._n - self._lo
 
