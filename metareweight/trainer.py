@@ -589,6 +589,12 @@ class MetaTrainer:
             flags = latest["noisy"].astype(bool)
         elif self.noisy is not None and (latest["index"] >= 0).all() and latest["index"].max() < len(self.noisy):
             flags = self.noisy[latest["index"]]
+        elif self.noisy is not None and not getattr(self, "_warned_no_index", False):
+            self._warned_no_index = True
+            import warnings
+            warnings.warn("noisy= was given but the batches carry no sample index, so the weights cannot be matched "
+                          "to the flags (no weight_auroc); yield (inputs, targets, index) or use "
+                          "TensorIndexedDataset", RuntimeWarning, stacklevel=2)
         if flags is not None:
             out["weight_clean"] = float(w[~flags].mean()) if (~flags).any() else math.nan
             out["weight_noisy"] = float(w[flags].mean()) if flags.any() else math.nan

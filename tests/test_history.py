@@ -104,3 +104,12 @@ def test_weights_npz_is_whole_with_a_small_bound_and_written_when_fit_fails(tmp_
     with pytest.raises(Boom):
         failing.fit(epochs=1)
     assert len(np.load(tmp_path / "fail" / "weights.npz")["step"]) == 32  # what was trained is not lost
+
+
+def test_noisy_without_sample_indices_warns_instead_of_dropping_auroc_silently(tmp_path):
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # (x, y): no index
+    trainer = _trainer(tmp_path, loader, np.zeros(16, bool))
+    with pytest.warns(RuntimeWarning, match="carry no sample index"):
+        history = trainer.fit(epochs=1)
+    assert "weight_auroc" not in history[-1]
