@@ -112,6 +112,12 @@ def load(path: Union[str, Path], map_location: Any = "cpu", fallback: bool = Tru
     """Read a checkpoint. If it is missing or unreadable and ``prev.pt`` sits beside it (``fallback``), warn naming
     both files and read that one instead; otherwise raise :class:`CheckpointError` (``FileNotFoundError`` when
     missing) naming the file."""
+    return load_with_source(path, map_location, fallback)[0]
+
+
+def load_with_source(path: Union[str, Path], map_location: Any = "cpu",
+                     fallback: bool = True) -> "tuple[Dict[str, Any], Path]":
+    """:func:`load`, and the file actually read (``prev.pt`` after a fallback)."""
     path = Path(path)
     previous = path.with_name(PREVIOUS_NAME)
     can_fall_back = fallback and path.name != PREVIOUS_NAME and previous.is_file()
@@ -120,14 +126,14 @@ def load(path: Union[str, Path], map_location: Any = "cpu", fallback: bool = Tru
     try:
         if not path.is_file():
             raise CheckpointError(f"no checkpoint at {path}")
-        return _read(path, map_location)
+        return _read(path, map_location), path
     except CheckpointError as e:
         if not can_fall_back:
             raise
         state = _read(previous, map_location)
         warnings.warn(f"{e}; resuming from the previous checkpoint {previous} instead (the steps after it are "
-                      "trained again)", RuntimeWarning, stacklevel=2)
-        return state
+                      "trained again)", RuntimeWarning, stacklevel=3)
+        return state, previous
 
 
 def rng_state() -> Dict[str, Any]:
@@ -458,13 +464,7 @@ class Checkpointer:
 
     def load(self, path: Union[str, Path]) -> None:
         """Read ``path`` (falling back to ``prev.pt`` beside it when unreadable) and restore it."""
-        path = Path(path)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            state = load(path, map_location=self.trainer.device)
-        for w in caught:
-            warnings.warn(w.message, w.category, stacklevel=3)
-        source = path.with_name(PREVIOUS_NAME) if caught else path
+        state, source = load_with_source(path, map_location=self.trainer.device)
         self.load_state_dict(state, source=str(source))
 
     def resume(self, resume: Union[bool, str, Path, None]) -> bool:
