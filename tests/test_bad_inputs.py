@@ -78,10 +78,6 @@ def _garbage(root, name, data):
     return path
 
 
-def _x(fn):
-    return fn
-
-
 x_, y_ = _data()
 inf_x = x_.clone()
 inf_x[5, 2] = math.inf
