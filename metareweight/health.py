@@ -6,7 +6,7 @@ looks at the newest recorded weights and the logged losses and warns (:class:`He
 - the weights **collapsed** to ~0 (the model barely trains; normalised weights then divide by a floor);
 - the weights are **saturated** at 0 or 1 (a meta learning rate too large: the ranking can invert);
 - the weights have **not spread** after ``spread_after`` meta steps (a meta learning rate too small);
-- the model is **stuck at chance loss** ln C after ``chance_after_epochs`` epochs;
+- the model is **stuck at chance loss** ln C (within 0.5 %) after ``chance_after_epochs`` epochs;
 - a train batch holds **one sample** (normalised weights of one sample are always 1: the hypergradient is 0).
 
 Example:
@@ -43,7 +43,7 @@ class HealthMonitor(Callback):
         every: check the weights every ``every`` steps (and at every epoch's end).
         window: how many of the newest recorded weights to look at.
         spread_after: meta steps after which weights that still do not spread are reported.
-        chance_after_epochs: epochs after which a train loss within 2 % of ln C is reported.
+        chance_after_epochs: epochs after which a train loss within 0.5 % of ln C is reported.
     """
 
     def __init__(self, every: int = 50, window: int = 4096, spread_after: int = 200, chance_after_epochs: int = 3):
@@ -77,10 +77,12 @@ class HealthMonitor(Callback):
             return
         if w.max() <= 1.0:
             saturated = float(((w < 0.01) | (w > 0.99)).mean())
-            if saturated > 0.9 and ((w < 0.01).any() or w.std() > 0.05):
-                self.warn("saturated", f"weights saturated: {saturated:.0%} are below 0.01 or above 0.99. A meta "
-                          "learning rate this large can invert the ranking (noisy samples up-weighted); lower "
-                          "meta_lr about 10x")
+            if saturated > 0.9:
+                where = "at 1" if (w > 0.99).all() else "at 0" if (w < 0.01).all() else "at 0 and 1"
+                self.warn("saturated", f"weights saturated {where}: {saturated:.0%} are below 0.01 or above 0.99, "
+                          "so they no longer rank the samples (and a ranking pushed to the edges can invert: noisy "
+                          "samples up-weighted). The meta learning rate is too large: lower meta_lr about 10x")
+                return
         if meta_steps >= self.spread_after and float(w.std()) < 1e-3 * max(mean, 1e-12):
             self.warn("no_spread", f"weights do not spread after {meta_steps} meta steps (std {w.std():.1e} around "
                       f"{mean:.3f}): the weighting is uniform and does nothing. Raise the meta learning rate "
@@ -90,7 +92,7 @@ class HealthMonitor(Callback):
         if classes < 2 or epochs_done < self.chance_after_epochs or not math.isfinite(loss):
             return
         chance = math.log(classes)
-        if abs(loss - chance) < 0.02 * chance:
+        if abs(loss - chance) < 0.005 * chance:
             self.warn("chance", f"the model is stuck at chance loss: train loss {loss:.4f} ≈ ln {classes} = "
                       f"{chance:.4f} after {epochs_done} epochs. Raise the learning rate, check inputs are scaled "
                       "and labels match inputs, or check the weights have not collapsed")

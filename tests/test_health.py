@@ -24,6 +24,7 @@ def _caught(fn):
     (np.full(64, 1e-6), 10, "weights collapsed"),
     (np.r_[np.full(40, 1e-4), np.full(24, 0.9999)], 10, "weights saturated"),
     (np.full(64, 0.5), 500, "do not spread after 500 meta steps"),
+    (np.full(64, 1.0), 500, "weights saturated at 1"),  # uniform because saturated: not "raise the meta lr"
 ])
 def test_weight_problems_are_warned_once_with_advice(weights, meta_steps, fragment):
     monitor = HealthMonitor()
@@ -46,6 +47,7 @@ def test_chance_loss_is_warned_after_enough_epochs():
     messages = _caught(lambda: monitor.check_loss(math.log(10) + 0.001, 10, 3))
     assert len(messages) == 1 and "stuck at chance loss" in messages[0] and "ln 10" in messages[0]
     assert _caught(lambda: monitor.check_loss(0.3, 10, 5)) == []
+    assert _caught(lambda: HealthMonitor().check_loss(0.6809, 2, 5)) == []  # 40 % flipped binary labels: near, not at
 
 
 def _trainer(batch_size, **kw):
