@@ -266,3 +266,18 @@ def test_checkpoint_size_does_not_grow_with_the_run(tmp_path):
     growth = (tmp_path / "last.pt").stat().st_size - size1
     assert growth < 6 * 150, growth  # one metrics row per epoch; the 6 * 32 weight rows live in log_dir/weights/
     assert len(np.load(tmp_path / "logs" / "weights.npz")["step"]) == 7 * 32
+
+
+def test_a_kill_between_the_renames_resumes_from_the_previous_checkpoint(tmp_path):
+    """atomic_save moves last.pt to prev.pt, then the new file to last.pt: killed in between, only prev.pt and the
+    dead writer's temporary file remain."""
+    trainer = _small_trainer(tmp_path)
+    trainer.fit(epochs=2)
+    (tmp_path / "last.pt").unlink()  # the step-8 save was killed after moving step 4's last.pt to prev.pt
+    (tmp_path / ".last.pt.999999999.tmp").write_bytes(b"complete or not, never trusted")
+    again = _small_trainer(tmp_path)
+    with pytest.warns(RuntimeWarning, match="no checkpoint at .*last.pt.*previous checkpoint .*prev.pt"):
+        again.fit(epochs=2, resume=True)
+    assert again.global_step == 8 and not list(tmp_path.glob(".*tmp"))
+    for p, q in zip(trainer.model.parameters(), again.model.parameters()):
+        assert torch.equal(p, q)  # the second epoch trained again from step 4, identically
