@@ -66,6 +66,11 @@ class JsonlLogger(Callback):
             with self.path.open("r+b") as fh:
                 fh.truncate(state["size"])
 
+    def restart(self) -> None:
+        """Empty the file: ``fit(resume=True)`` found no checkpoint, so the rows of the attempt that wrote it are
+        about to be written again."""
+        self.load_state_dict({"size": 0})
+
     def _write(self, row: Dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")

@@ -152,8 +152,35 @@ def _listing() -> str:
                         "hypergradient methods (hypergrad=...):\n  " + ", ".join(available_methods())])
 
 
+TRACEBACK_VAR = "METAREWEIGHT_TRACEBACK"
+# what a bad config or bad data raises inside an experiment: reported on one line, exit 2
+USER_ERRORS = (ConfigError, ValueError, TypeError, LookupError, OSError, ImportError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, ConfigError) else f"{type(e).__name__}: {text}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``metareweight`` command; returns the exit status."""
+    """Entry point of the ``metareweight`` command; returns the exit status (2 for a bad config or input, reported
+    as one line ``metareweight: error: ...`` without a traceback; set ``METAREWEIGHT_TRACEBACK=1`` to see it)."""
+    try:
+        return _main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get(TRACEBACK_VAR) or not isinstance(e, ConfigError) and _is_programming_error(e):
+            raise
+        hint = "" if isinstance(e, ConfigError) else f" (set {TRACEBACK_VAR}=1 for the traceback)"
+        print(f"metareweight: error: {_one_line(e)}{hint}", file=sys.stderr)
+        return 2
+
+
+def _is_programming_error(e: BaseException) -> bool:
+    """A TypeError from calling a function wrongly is a bug to show in full, not a bad input."""
+    return isinstance(e, TypeError) and ("positional argument" in str(e) or "keyword argument" in str(e))
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: List[str] = []
     if "--" in argv:
@@ -175,11 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command != "run":
         parser.print_help()
         return 0
-    try:
-        run(args.target, args.overrides, extra)
-    except ConfigError as e:
-        print(f"metareweight: error: {e}", file=sys.stderr)
-        return 2
+    run(args.target, args.overrides, extra)  # errors: see main
     return 0
 
 

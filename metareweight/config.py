@@ -2,7 +2,10 @@
 
 A schema is a dataclass. :func:`load` reads a YAML mapping, applies overrides and checks every key against the
 schema: an unknown key (with a did-you-mean), a value of the wrong type, a missing required key or a value outside
-a ``Literal`` is a :class:`ConfigError` naming the key, never a silent default.
+a ``Literal`` is a :class:`ConfigError` naming the key, never a silent default. Keys with a conventional meaning
+are range-checked whatever the schema (:data:`RANGES`: ``epochs >= 1``, ``0 <= noise <= 1``, ``meta_lr > 0``,
+``seeds`` non-empty, ...), as are the :class:`TrainerConfig` settings a config holds; an override that breaks a
+rule is blamed, not the file it overrides.
 
 Example:
     >>> from dataclasses import dataclass
@@ -20,6 +23,10 @@ Example:
     Traceback (most recent call last):
     ...
     metareweight.config.ConfigError: override 'lr=fast': config key 'lr' must be float, got str ('fast')
+    >>> load(Demo, overrides=["epochs=0"])
+    Traceback (most recent call last):
+    ...
+    metareweight.config.ConfigError: override 'epochs=0': config key 'epochs' must be >= 1, got 0
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 __all__ = ["ConfigError", "RunConfig", "TrainerConfig", "load", "build", "read_yaml", "parse_overrides",
-           "schema_from_defaults", "to_dict"]
+           "schema_from_defaults", "to_dict", "RANGES", "check_range"]
 
 T = TypeVar("T")
 
@@ -95,6 +102,47 @@ class TrainerConfig:
     def kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for ``MetaTrainer(model, optimizer, loader, objective=..., **kwargs)``."""
         return to_dict(self)
+
+
+# ---- value ranges by key name ----------------------------------------------------------------------------------
+_AT_LEAST_1 = ("epochs", "batch_size", "meta_batch_size", "hidden", "student_hidden", "teacher_hidden", "wr_hidden",
+               "ratio_hidden", "unroll_steps", "meta_interval", "passes", "meta_iterations", "teacher_epochs",
+               "wr_epochs", "rt_epochs", "n_train", "n_meta", "n_val", "n_test", "n_teacher")
+_POSITIVE = ("lr", "meta_lr", "wr_lr", "rt_lr", "temperature")
+_FRACTION = ("noise", "outlier_frac", "corrupt_frac")
+_BELOW_1 = ("momentum", "wr_dropout", "rt_input_dropout", "dropout")
+
+RANGES: Dict[str, Tuple[str, Any]] = {
+    **{k: (">= 1", lambda v: v >= 1) for k in _AT_LEAST_1},
+    **{k: ("> 0", lambda v: v > 0) for k in _POSITIVE},
+    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in _FRACTION},
+    **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in _BELOW_1},
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "warmup_epochs": (">= 0", lambda v: v >= 0),
+}
+"""Rules for keys with a conventional meaning, applied to every schema that has them: ``(description, test)``.
+A list value is checked item by item (``noise: [0.0, 0.4]``); ``seeds`` must be a non-empty list of integers >= 0."""
+
+
+def check_range(key: str, value: Any) -> None:
+    """Raise a :class:`ConfigError` if ``value`` breaks the :data:`RANGES` rule of ``key`` (or the seeds rule)."""
+    if key == "seeds":
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ConfigError("config key 'seeds' must list at least one seed, got []")
+            bad = [v for v in value if isinstance(v, int) and v < 0]
+            if bad:
+                raise ConfigError(f"config key 'seeds' must hold integers >= 0, got {bad[0]}")
+        return
+    rule = RANGES.get(key)
+    if rule is None or value is None:
+        return
+    what, ok = rule
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if v != v or not ok(v):
+            raise ConfigError(f"config key {key!r} must be {what}, got {v}")
 
 
 # ---- type checking ----------------------------------------------------------------------------------------------
@@ -194,9 +242,15 @@ def read_yaml(path: Union[str, Path], _seen: Tuple[Path, ...] = ()) -> Dict[str,
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {', '.join(str(p) for p in _seen)}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {type(raw).__name__}")
     base = raw.pop("extends", None)
@@ -235,6 +289,9 @@ def build(schema: Type[T], raw: Mapping[str, Any], source: str = "config") -> T:
                 raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, fields)}; "
                                   f"valid keys: {', '.join(sorted(fields))}")
             kwargs[key] = _check_value(key, value, hints[key])
+            check_range(key, kwargs[key])
+        if schema is not TrainerConfig:  # the trainer settings a config holds, blamed on this source
+            TrainerConfig.pick(kwargs)
         missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         if missing:

@@ -267,3 +267,73 @@ def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0
     ctx = ctx or resolve("auto")
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
                               drop_last=drop_last)
+
+
+# ---- ranks agree on the work before they start (reliability) -----------------------------------------------------
+class UnevenShardsError(RuntimeError):
+    """The ranks' loaders would run different numbers of steps (or one yields nothing); raised on every rank."""
+
+
+def _batches(loader: Any) -> int:
+    """``len(loader)``, or -1 when the loader has no length (an iterable dataset: cannot be checked up front)."""
+    if loader is None:
+        return -1
+    try:
+        return len(loader)
+    except TypeError:
+        return -1
+
+
+def check_loaders_agree(train_loader: Any, meta_loader: Any, ctx: DistributedContext) -> None:
+    """Before training: every rank's train loader must yield the same number of batches per epoch, and no rank's
+    train or meta loader may be empty. Every rank learns every rank's counts (one small collective), so a mismatch
+    raises the same :class:`UnevenShardsError` on all ranks instead of pairing one rank's collectives with
+    another's next epoch and failing later inside gloo/NCCL (or hanging). Unequal shards are refused, not joined:
+    give each rank the same number of samples (:func:`distributed_sampler` pads or, with ``drop_last=True``,
+    drops), and use ``drop_last=True`` on the DataLoader when the shard is not a multiple of its batch size.
+    Loaders without a length cannot be checked here."""
+    if not ctx.enabled:
+        return
+    counts = ctx.gather_object((_batches(train_loader), _batches(meta_loader)))
+    empty = [(r, kind) for r, c in enumerate(counts) for kind, n in zip(("train", "meta"), c) if n == 0]
+    if empty:
+        r, kind = empty[0]
+        raise UnevenShardsError(f"rank {r}'s {kind} loader yields no batches, so the ranks cannot step together "
+                                f"(batches per rank, train/meta: {counts}); give every rank a non-empty shard")
+    train = [c[0] for c in counts if c[0] >= 0]
+    if len(set(train)) > 1:
+        raise UnevenShardsError(f"the ranks' train loaders yield different numbers of batches per epoch "
+                                f"({', '.join(f'rank {r}: {c[0]}' for r, c in enumerate(counts))}); every rank "
+                                "must run the same number of steps: shard with distributed_sampler (equal shards) "
+                                "and, if a shard is not a multiple of the batch size, DataLoader(drop_last=True)")
+
+
+_padding_sampler = distributed_sampler
+
+
+def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                        ctx: Optional[DistributedContext] = None) -> DistributedSampler:
+    """A sampler that gives each rank its shard of the same seeded per-epoch permutation.
+
+    With ``DataLoader(ds, batch_size=B // world_size, sampler=distributed_sampler(ds))`` the ranks' batches at
+    step ``t`` together are exactly the batch ``t`` of a single process with ``batch_size=B`` and the same sampler
+    (``world_size=1``), which is what makes 1-process and R-process runs comparable. ``MetaTrainer`` calls
+    ``set_epoch`` for you. Keep ``len(dataset)`` divisible by ``B`` (or ``drop_last=True``) for exact equality:
+    ``DistributedSampler`` pads the last shard by repeating samples, and this function warns when it does.
+
+    Example:
+        >>> s = distributed_sampler(list(range(10)), seed=3)
+        >>> s.set_epoch(1); len(list(s))
+        10
+    """
+    import warnings
+
+    ctx = ctx or resolve("auto")
+    n = len(dataset)
+    if ctx.world_size > 1 and n % ctx.world_size:
+        extra = ctx.world_size - n % ctx.world_size
+        warnings.warn(f"distributed_sampler: {n} samples do not split evenly over {ctx.world_size} ranks; "
+                      + (f"drop_last=True drops {n % ctx.world_size} sample(s) each epoch" if drop_last else
+                         f"{extra} sample(s) are repeated to pad the last shard (they count twice per epoch; pass "
+                         "drop_last=True to drop instead)"), RuntimeWarning, stacklevel=2)
+    return _padding_sampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, ctx=ctx)

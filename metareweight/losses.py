@@ -34,11 +34,11 @@ def check_class_targets(logits: Tensor, targets: Tensor) -> None:
 
 
 def check_logits(output) -> None:
-    """Raise a ``ValueError`` if a model output reached a loss as something other than a tensor of logits."""
+    """Raise a ``TypeError`` if a model output reached a loss as something other than a tensor of logits."""
     if not isinstance(output, Tensor):
-        raise ValueError(f"the loss received a {type(output).__name__}, not a tensor of logits: the model should "
-                         "return a tensor or an object with .logits (a Hugging Face ModelOutput); for other outputs "
-                         "pass the objective a loss_fn(outputs, targets) that reads them")
+        raise TypeError(f"the model returned a {type(output).__name__}, not a logits tensor; make its forward return "
+                        "the (batch, classes) logits or an object with .logits (a Hugging Face ModelOutput; e.g. "
+                        "return out[0]), or pass the objective a loss_fn(outputs, targets) that reads what it returns")
 
 
 def mse_terms(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -69,7 +69,10 @@ def cross_entropy_terms(logits: Tensor, targets: Tensor) -> Tensor:
         >>> cross_entropy_terms(torch.zeros(2, 4), torch.tensor([0, 3])).tolist()  # doctest: +ELLIPSIS
         [1.386..., 1.386...]
     """
+    check_logits(logits)
     check_class_targets(logits, targets)
+    if targets.dtype != torch.long:  # int32/uint8 labels: cross-entropy needs int64 class indices
+        targets = targets.long()
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -79,6 +82,9 @@ class NonFiniteLossError(FloatingPointError):
 
 def ensure_finite(value: Tensor, what: str) -> Tensor:
     if not torch.isfinite(value).all():
-        raise NonFiniteLossError(f"{what} is not finite ({value.detach().flatten()[:4].tolist()}...). "
-                                 "Lower the learning rate, check the inputs for NaNs, or clip gradients.")
+        flat = value.detach().flatten()
+        bad = flat[~torch.isfinite(flat)]
+        where = "" if flat.numel() == 1 else f" ({bad.numel()} of {flat.numel()} values)"
+        raise NonFiniteLossError(f"{what} is not finite{where}: {bad[:4].tolist()}. "
+                                 "Lower the learning rate, check the inputs for NaNs or infs, or clip gradients.")
     return value

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -41,13 +40,14 @@ from .core.hypergrad import HypergradMethod
 from .core.problem import BilevelProblem, HypergradResult
 from .data.batch import Batch, as_batch
 from .data.indexed import check_index
-from .history import WeightHistory
+from .history import DEFAULT_KEEP, STREAM_DIR, WeightHistory, read_stream, save_arrays
 from .losses import cross_entropy_terms, mse_terms
 from .meta_data import MetaStream, meta_source
 from .metrics import auroc
 from .models import model_forward
-from .objectives.base import META_DATA_SOURCES, MetaObjective
-from .step import MetaStep, check_count
+from .objectives.base import MetaObjective
+from .step import MetaStep
+from .validation import validate_trainer_args
 
 SCHEDULER_INTERVALS = ("epoch", "step")
 _COUNTERS = ("global_step", "meta_steps", "epoch", "groups_seen", "_accumulated", "_meta_accumulated",
@@ -129,6 +129,11 @@ class MetaTrainer:
         logger: ``"wandb"`` (an offline :class:`~metareweight.wandb_logger.WandbLogger` in ``log_dir``) or any
             callback; JSONL is always written when ``log_dir`` is set.
         progress: show a tqdm progress bar.
+        history: how much of the weight history :attr:`weights_history` keeps in memory: ``"all"``,
+            ``"last_epoch"`` or N (the newest N steps; default 10,000). With ``log_dir`` every row is also appended
+            to ``log_dir/weights/`` as training goes and ``weights.npz`` holds the whole run, whatever the bound.
+        health: add :class:`~metareweight.health.HealthMonitor` (warnings, once each, about collapsed or saturated
+            weights, weights that do not spread, a model stuck at chance loss, a batch of one).
 
     ``trainer.stepper`` is the :class:`~metareweight.MetaStep`; its options and counters (``method``,
     ``meta_optimizer``, ``precision``, ``global_step``, ``meta_steps``, ...) are read and written through the trainer.
@@ -164,7 +169,12 @@ class MetaTrainer:
                  distributed: Union[str, bool, "dist_utils.DistributedContext"] = "auto", scheduler: Any = None,
                  meta_scheduler: Any = None, scheduler_interval: str = "epoch",
                  checkpoint_dir: Optional[Union[str, Path]] = None, checkpoint_every: Optional[int] = None,
-                 logger: Union[None, str, Callback] = None, progress: bool = True):
+                 logger: Union[None, str, Callback] = None, progress: bool = True,
+                 history: Union[str, int] = DEFAULT_KEEP, health: bool = True):
+        args = validate_trainer_args(locals())  # every check that can be made before training (one place)
+        meta_interval, unroll_steps = args["meta_interval"], args["unroll_steps"]
+        accumulate_steps, meta_accumulate_steps = args["accumulate_steps"], args["meta_accumulate_steps"]
+        checkpoint_every, grad_clip, meta_grad_clip = args["checkpoint_every"], args["grad_clip"], args["meta_grad_clip"]
         self.dist = dist_utils.resolve(distributed)
         self.stepper = MetaStep(
             model, optimizer, objective, hypergrad, meta_optimizer, hypergrad_options=hypergrad_options,
@@ -172,16 +182,6 @@ class MetaTrainer:
             grad_clip=grad_clip, meta_grad_clip=meta_grad_clip, accumulate_steps=accumulate_steps,
             meta_accumulate_steps=meta_accumulate_steps, precision=precision, collectives=self.dist,
             record=self._record)
-        check_count("meta_interval", meta_interval)
-        if objective.meta_data not in META_DATA_SOURCES:
-            raise ValueError(f"{type(objective).__name__}.meta_data must be one of {META_DATA_SOURCES}")
-        if scheduler_interval not in SCHEDULER_INTERVALS:
-            raise ValueError(f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
-        if checkpoint_every is not None and (checkpoint_dir is None or not isinstance(checkpoint_every, int)
-                                             or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be an integer >= 1 and needs checkpoint_dir, got "
-                             f"checkpoint_every={checkpoint_every!r}, checkpoint_dir={checkpoint_dir!r}")
-
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.train_loader = train_loader
         self.device = self.stepper.device
@@ -196,6 +196,9 @@ class MetaTrainer:
         self.progress = progress
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.callbacks: List[Callback] = list(callbacks)
+        if health:  # before the loggers: they stay last
+            from .health import HealthMonitor
+            self.callbacks.append(HealthMonitor())
         if self.log_dir is not None:
             self.callbacks.append(JsonlLogger(self.log_dir / "metrics.jsonl"))
         if logger is not None:
@@ -204,7 +207,10 @@ class MetaTrainer:
         self._train_position = ckpt.LoaderPosition(train_loader)
         self._epoch_sums: Dict[str, List[float]] = {}
 
-        self.weights_history = WeightHistory()
+        self.weights_history = WeightHistory(keep=history)
+        if self.log_dir is not None:
+            self.weights_history.stream_to(self.log_dir / STREAM_DIR, write=self.dist.is_main)  # rank 0 writes
+        self._checkpointer = ckpt.Checkpointer(self, _COUNTERS)
         self.epoch = 0
         self.groups_seen = 0
         self._fit_start_epoch = 0
@@ -245,33 +251,46 @@ class MetaTrainer:
                 a path continues from that checkpoint. ``epochs`` then counts from the epoch at which the
                 interrupted ``fit`` call began, so relaunching the same command finishes the same run.
         """
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        from .validation import validate_fit_args
+        epochs, max_steps = validate_fit_args(epochs, max_steps, resume)
         resumed = self._resume(resume)
         if not resumed:
             self._fit_start_epoch = self.epoch
         try:
-            if not resumed:
-                self._sync_replicas()
-            for cb in self._active_callbacks():
-                cb.on_fit_start(self)
-            while self.epoch < self._fit_start_epoch + epochs:
-                if max_steps is not None and self.global_step >= max_steps:
-                    break
-                metrics = self._fit_epoch(max_steps)
-                self.history.append(metrics)
-                for cb in self._active_callbacks():
-                    cb.on_epoch_end(self, metrics)
-                self.epoch += 1
-                self._step_schedulers()
-                if self.checkpoint_dir is not None:
-                    self.save_checkpoint()
-        finally:  # what was logged so far is written even when a step raises
-            if self.log_dir is not None and self.dist.is_main:
-                self.weights_history.save(self.log_dir / "weights.npz")
+            self._fit_epochs(epochs, max_steps, resumed)
+        finally:  # what was logged is written also when training fails
+            self._write_weights()
         for cb in self._active_callbacks():
             cb.on_fit_end(self)
         return self.history
+
+    def _fit_epochs(self, epochs: int, max_steps: Optional[int], resumed: bool) -> None:
+        dist_utils.check_loaders_agree(self.train_loader, getattr(self.meta_stream, "loader", None), self.dist)
+        if not resumed:
+            self._sync_replicas()
+        for cb in self._active_callbacks():
+            cb.on_fit_start(self)
+        while self.epoch < self._fit_start_epoch + epochs:
+            if max_steps is not None and self.global_step >= max_steps:
+                break
+            metrics = self._fit_epoch(max_steps)
+            self.history.append(metrics)
+            for cb in self._active_callbacks():
+                cb.on_epoch_end(self, metrics)
+            self.epoch += 1
+            self._step_schedulers()
+            if self.checkpoint_dir is not None and not self._checkpointer.saved_at_this_step():
+                self.save_checkpoint()  # one write per step: a save at the epoch's last step resumes into its end
+            self.weights_history.flush()
+
+    def _write_weights(self) -> None:
+        """``log_dir/weights.npz``: the whole streamed history (rank 0)."""
+        if self.log_dir is None or not self.dist.is_main or self.weights_history.total == 0:
+            return  # nothing recorded: an earlier run's weights.npz in the same log_dir stays as it is
+        self.weights_history.flush()
+        arrays = read_stream(self.log_dir / STREAM_DIR)
+        if arrays:
+            save_arrays(arrays, self.log_dir / "weights.npz")
 
     def _fit_epoch(self, max_steps: Optional[int]) -> Dict[str, float]:
         if not self._train_position.active:  # a resumed run continues its epoch in progress
@@ -353,6 +372,12 @@ class MetaTrainer:
         """Record the weights of the *global* batch (gathered from every rank when distributed)."""
         check_index(batch, self.noisy is not None)
         columns = {"index": batch.index, "weight": weights.detach().float(), **_group_columns(batch)}
+        if self.noisy is not None and batch.index is not None and "noisy" not in columns:
+            index = batch.index.detach().cpu().numpy()
+            if index.size and (index.min() < 0 or index.max() >= len(self.noisy)):
+                raise ValueError(f"a batch holds sample index {int(index.max())} but noisy= has {len(self.noisy)} "
+                                 "flags; give one flag per training sample, in dataset-index order")
+            columns["noisy"] = torch.as_tensor(self.noisy[index])
         if self.dist.enabled:
             parts = self.dist.gather_object({k: (None if v is None else v.cpu()) for k, v in columns.items()})
             columns = {k: (None if any(p.get(k) is None for p in parts) else torch.cat([p[k] for p in parts]))
@@ -375,119 +400,49 @@ class MetaTrainer:
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue this run exactly: model, optimizers, φ, schedulers, gradient scalers and
-        accumulated gradients, counters, metrics so far, the weight history, callback states and, per rank, the
-        RNG states and loader positions (a collective call when distributed)."""
-        local = {"rng": ckpt.rng_state(), "train": self._train_position.state_dict(),
-                 "meta": self.meta_stream.state_dict()}
-        history = None
-        if len(self.weights_history):
-            buf = io.BytesIO()
-            np.savez(buf, **self.weights_history.arrays())
-            history = buf.getvalue()
-        optional = {"meta_optimizer": self.meta_optimizer, "scheduler": self.scheduler,
-                    "meta_scheduler": self.meta_scheduler}
-        return {
-            "format": 1, "world_size": self.dist.world_size,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "objective": self.objective.state_dict(), "precision": self.precision.state_dict(),
-            **{k: (None if v is None else v.state_dict()) for k, v in optional.items()},
-            "grads": {"model": [p.grad for p in self.model.parameters()],
-                      "meta": [p.grad for p in self.objective.meta_parameters()]},
-            "counters": {k: getattr(self, k) for k in _COUNTERS},
-            "epoch_sums": self._epoch_sums, "history": self.history, "weights_history": history,
-            "callbacks": [(type(cb).__qualname__, cb.state_dict() if hasattr(cb, "state_dict") else None)
-                          for cb in self.callbacks],
-            "per_rank": self.dist.gather_object(local),
-        }
+        accumulated gradients, counters, metrics so far, the weight history (or, with ``log_dir``, how much of it
+        the files hold), callback states and, per rank, the RNG states and loader positions (a collective call
+        when distributed). See :class:`~metareweight.checkpoint.Checkpointer`."""
+        return self._checkpointer.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` into this trainer (built with the same model, data and options)."""
-        if not isinstance(state, dict) or state.get("format") != 1:
-            raise ValueError("not a metareweight checkpoint (expected what MetaTrainer.save_checkpoint writes)")
-        if state["world_size"] != self.dist.world_size:
-            raise ValueError(f"the checkpoint was written by {state['world_size']} process(es) but this run has "
-                             f"{self.dist.world_size}; resume with the same number of processes (loader positions "
-                             "and RNG streams are per rank)")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.objective.load_state_dict(state["objective"])
-        self.precision.load_state_dict(state["precision"])
-        for name in ("meta_optimizer", "scheduler", "meta_scheduler"):
-            mine = getattr(self, name)
-            if (mine is None) != (state[name] is None):
-                raise ValueError(f"the checkpoint {'has' if mine is None else 'lacks'} a {name}; build the trainer "
-                                 "with the same optimizers and schedulers as the run that wrote it")
-            if mine is not None:
-                mine.load_state_dict(state[name])
-        for params, grads in ((list(self.model.parameters()), state["grads"]["model"]),
-                              (self.objective.meta_parameters(), state["grads"]["meta"])):
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.to(p.device)
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self._epoch_sums = state["epoch_sums"]
-        self.history = list(state["history"])
-        self.weights_history = (WeightHistory() if state["weights_history"] is None
-                                else WeightHistory.load(io.BytesIO(state["weights_history"])))
-        saved = list(state["callbacks"])  # matched by type, in order: callbacks may be added or removed
-        for cb in self._active_callbacks():
-            match = next((i for i, (kind, _) in enumerate(saved) if kind == type(cb).__qualname__), None)
-            cb_state = None if match is None else saved.pop(match)[1]
-            if cb_state is not None:
-                cb.load_state_dict(cb_state)
-        self._refresh_functional_optimizer()
-        mine = state["per_rank"][self.dist.rank]
-        self.meta_stream.load_state_dict(mine["meta"])  # these two replay their iterators' RNG states ...
-        self._train_position.load_state_dict(mine["train"])
-        ckpt.set_rng_state(mine["rng"])  # ... so the current state is restored last
+        """Restore :meth:`state_dict` into this trainer (built with the same model, data and options). It is checked
+        first: a mismatch raises :class:`~metareweight.checkpoint.CheckpointError` and changes nothing."""
+        self._checkpointer.load_state_dict(state)
 
     def save_checkpoint(self, path: Optional[Union[str, Path]] = None) -> Optional[Path]:
-        """Write :meth:`state_dict` atomically to ``path`` (default ``checkpoint_dir/last.pt``); rank 0 writes,
-        every rank must call it. Returns the path on rank 0."""
-        if path is None and self.checkpoint_dir is None:
-            raise ValueError("save_checkpoint needs a path, or MetaTrainer(checkpoint_dir=...)")
-        previous, self._last_checkpoint_step = self._last_checkpoint_step, self.global_step  # saved with the state
-        try:
-            state = self.state_dict()
-            if not self.dist.is_main:
-                return None
-            return ckpt.atomic_save(state, Path(path) if path is not None else
-                                    self.checkpoint_dir / ckpt.CHECKPOINT_NAME)
-        except BaseException:
-            self._last_checkpoint_step = previous
-            raise
+        """Write :meth:`state_dict` atomically to ``path`` (default ``checkpoint_dir/last.pt``, the one it replaces
+        kept as ``prev.pt``); rank 0 writes, every rank must call it. Returns the path on rank 0."""
+        return self._checkpointer.save(path)
 
     def load_checkpoint(self, path: Union[str, Path]) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (every rank reads the same file)."""
-        self.load_state_dict(ckpt.load(path, map_location=self.device))
+        """Restore a checkpoint written by :meth:`save_checkpoint` (every rank reads the same file); an unreadable
+        ``last.pt`` falls back to ``prev.pt`` beside it, with a warning naming both."""
+        self._checkpointer.load(path)
 
     def _resume(self, resume: Union[bool, str, Path]) -> bool:
-        if resume is False or resume is None:
-            return False
-        if resume is True:
-            if self.checkpoint_dir is None:
-                raise ValueError("fit(resume=True) needs MetaTrainer(checkpoint_dir=...), or pass the checkpoint "
-                                 "file: fit(resume='run/last.pt')")
-            path = self.checkpoint_dir / ckpt.CHECKPOINT_NAME
-            if not path.exists():
-                return False
-        else:
-            path = Path(resume)
-        self.load_checkpoint(path)
-        return True
+        return self._checkpointer.resume(resume)
 
     def _weight_summary(self) -> Dict[str, float]:
+        """The epoch's weight statistics: mean, spread and, with noise flags (``noisy=`` or a ``noisy`` field of
+        the batches), the clean and noisy means and the weight AUROC of clean against noisy."""
         latest = self.weights_history.latest(epoch=self.epoch)
         if latest["weight"].size == 0:
             return {}
-        out = {"weight_mean": float(latest["weight"].mean()), "weight_std": float(latest["weight"].std())}
+        w = latest["weight"]
+        out = {"weight_mean": float(w.mean()), "weight_std": float(w.std())}
         flags = None
-        if self.noisy is not None and (latest["index"] >= 0).all():
-            flags = self.noisy[latest["index"]]
-        elif "noisy" in latest:
+        if "noisy" in latest and (latest["noisy"] >= 0).all():
             flags = latest["noisy"].astype(bool)
+        elif self.noisy is not None and (latest["index"] >= 0).all() and latest["index"].max() < len(self.noisy):
+            flags = self.noisy[latest["index"]]
+        elif self.noisy is not None and not getattr(self, "_warned_no_index", False):
+            self._warned_no_index = True
+            import warnings
+            warnings.warn("noisy= was given but the batches carry no sample index, so the weights cannot be matched "
+                          "to the flags (no weight_auroc); yield (inputs, targets, index) or use "
+                          "TensorIndexedDataset", RuntimeWarning, stacklevel=2)
         if flags is not None:
-            w = latest["weight"]
             out["weight_clean"] = float(w[~flags].mean()) if (~flags).any() else math.nan
             out["weight_noisy"] = float(w[flags].mean()) if flags.any() else math.nan
             out["weight_auroc"] = auroc(w, ~flags)

@@ -115,3 +115,29 @@ def test_shipped_configs_validate_against_their_experiment(name):
     for path in paths:
         assert read_yaml(path).get("experiment") == name, path
         load_config(str(path), module.FULL)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("epochs=0", "'epochs' must be >= 1, got 0"),
+    ("lr=0", "'lr' must be > 0, got 0.0"),
+    ("names=[]", None),  # no rule for an unconventional key
+    ("seeds=[]", "'seeds' must list at least one seed"),
+])
+def test_range_rules_apply_by_key_name_and_blame_the_override(tmp_path, override, match):
+    path = write(tmp_path, "epochs: 3\n")
+    if match is None:
+        load(Schema, path, [override])
+        return
+    with pytest.raises(ConfigError, match=match) as e:
+        load(Schema, path, [override])
+    assert str(e.value).startswith(f"override {override!r}")
+
+
+def test_range_rules_check_list_items_and_trainer_settings_in_any_schema(tmp_path):
+    from metareweight.config import schema_from_defaults
+
+    S = schema_from_defaults({"noise": [0.0, 0.4], "hypergrad": "unrolled", "meta_interval": 1})
+    with pytest.raises(ConfigError, match=r"override 'noise=\[0.2, 1.2\]': config key 'noise' must be in \[0, 1\]"):
+        load(S, overrides=["noise=[0.2, 1.2]"])
+    with pytest.raises(ConfigError, match=r"c.yaml: config key 'meta_interval' must be >= 1"):
+        load(S, write(tmp_path, "meta_interval: 0\n"))

@@ -72,3 +72,26 @@ def test_single_process_helpers_are_identities():
     sampler.set_epoch(2)
     assert sorted(sampler) == list(range(8))
     assert not dist.is_initialized()
+
+
+def test_ranks_that_would_step_apart_get_the_same_named_error(two_process_results):
+    """Unequal train shards and an empty meta shard on one rank: every rank raises the same UnevenShardsError
+    before any collective of training (no gloo 'Connection closed by peer', no hang)."""
+    per_rank = two_process_results["uneven"]
+    assert len(per_rank) == 2
+    for case, fragment in (("unequal_train", "rank 0: 3, rank 1: 2"), ("empty_meta", "rank 1's meta loader yields "
+                                                                                      "no batches")):
+        outcomes = [r[case] for r in per_rank]
+        assert outcomes[0] == outcomes[1] and outcomes[0][0] == "UnevenShardsError", outcomes
+        assert fragment in outcomes[0][1], outcomes[0][1]
+    for r in per_rank:
+        assert len(r["padding_warning"]) == 1 and "61 samples do not split evenly over 2 ranks" in \
+            r["padding_warning"][0] and "1 sample(s) are repeated" in r["padding_warning"][0]
+
+
+def test_a_resumed_two_process_run_with_log_dir_equals_the_uninterrupted_one(two_process_results):
+    """Rank 0 writes the weight stream, rank 1 only reads it back on resume; both end where the uninterrupted run
+    ends, and the stream holds each global row once."""
+    for rank, r in enumerate(two_process_results["resume_with_log_dir"]):
+        assert r["same_parameters"] and r["same_history"] and r["rows"] == 32, (rank, r)
+    assert two_process_results["resume_with_log_dir"][0]["npz_rows"] == 2 * 32  # 2 epochs, each global row once

@@ -285,7 +285,7 @@ def test_a_tuple_output_reaching_the_default_loss_is_a_named_error(tokenizer):
     model = bert()
     b = as_batch(next(iter(loader(tokenizer))))
     forward = lambda inputs: model(**inputs, return_dict=False)  # noqa: E731
-    with pytest.raises(ValueError, match="not a tensor of logits.*loss_fn"):
+    with pytest.raises(TypeError, match="not a logits tensor.*loss_fn"):
         MetaWeightNet(hidden=4).inner_terms(forward, b)
 
 

@@ -77,12 +77,79 @@ def gather_rows_case() -> dict:
     return {"gathered": got, "offset": offset}
 
 
+def uneven_cases() -> dict:
+    """Loaders that would make the ranks step apart: unequal train shards, an empty meta shard on rank 1, and a
+    61-sample set on 2 ranks (padded). Returns each case's error (type, message) or warning on this rank."""
+    import warnings
+
+    from metareweight.distributed import UnevenShardsError
+    ctx = resolve("auto")
+    x = torch.randn(40, 5, dtype=torch.float64)
+    ds = TensorIndexedDataset(x, (x[:, 0] > 0).long())
+    out = {}
+    for case in ("unequal_train", "empty_meta"):
+        n_train = (24, 16)[ctx.rank] if case == "unequal_train" else 16
+        n_meta = (8, 0)[ctx.rank] if case == "empty_meta" else 8
+        model = nn.Linear(5, 2).double()
+        trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              DataLoader(TensorIndexedDataset(x[:n_train], ds.y[:n_train]), batch_size=8),
+                              MetaWeightNet(hidden=4).double(), progress=False,
+                              meta_loader=DataLoader(TensorIndexedDataset(x[:n_meta], ds.y[:n_meta]),
+                                                     batch_size=4))
+        try:
+            trainer.fit(epochs=1)
+            out[case] = None
+        except UnevenShardsError as e:
+            out[case] = (type(e).__name__, str(e))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed_sampler(list(range(61)))
+    out["padding_warning"] = [str(w.message) for w in caught]
+    return out
+
+
+def resume_with_log_dir(out: Path) -> dict:
+    """A 2-epoch run with log_dir and checkpoints, interrupted after epoch 1 and resumed, against the same run
+    uninterrupted: rank 0 alone writes the weight stream; every rank reads its window back on resume."""
+    ctx = resolve("auto")
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ds = TensorIndexedDataset(x, (x[:, 0] > 0).long())
+
+    def make(root):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2).double()
+        return MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           DataLoader(ds, batch_size=4, sampler=distributed_sampler(ds, seed=1)),
+                           MetaWeightNet(hidden=4).double(), progress=False, history="last_epoch",
+                           meta_loader=DataLoader(ds, batch_size=4, sampler=distributed_sampler(ds, seed=2)),
+                           log_dir=root / "logs", checkpoint_dir=root / "ckpt")
+
+    make(out / "full").fit(epochs=2)
+    full = make(out / "full2")
+    full.fit(epochs=2)
+    make(out / "part").fit(epochs=1)
+    resumed = make(out / "part")
+    resumed.fit(epochs=2, resume=True)
+    same = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+    a, b = full.weights_history.arrays(), resumed.weights_history.arrays()
+    same_history = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    npz = None
+    if ctx.is_main:
+        import numpy as np
+        with np.load(out / "full" / "logs" / "weights.npz") as f:
+            npz = len(f["step"])
+    return {"same_parameters": same, "same_history": bool(same_history), "rows": len(resumed.weights_history),
+            "npz_rows": npz}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(sys.argv[1])
     results = {name: run(**kw) for name, kw in CASES.items()}
     results["all_gather_rows"] = gather_rows_case()
+    results["uneven"] = resolve("auto").gather_object(uneven_cases())  # every rank's outcome
+    results["resume_with_log_dir"] = resolve("auto").gather_object(resume_with_log_dir(out))
     if dist.get_rank() == 0:
         torch.save(results, out / "result.pt")
     # all ranks leave together: a rank tearing down gloo while its peer is still in flight aborts the peer

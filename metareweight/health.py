@@ -1,0 +1,132 @@
+"""Warnings about training that runs but learns nothing useful, each given once with advice.
+
+:class:`HealthMonitor` is a callback the trainer adds by default (``MetaTrainer(health=False)`` leaves it out). It
+looks at the newest recorded weights and the logged losses and warns (:class:`HealthWarning`) when
+
+- the weights **collapsed** to ~0 (the model barely trains; normalised weights then divide by a floor);
+- the weights are **saturated** at 0 or 1 (a meta learning rate too large: the ranking can invert);
+- the weights have **not spread** after ``spread_after`` meta steps (a meta learning rate too small);
+- the model is **stuck at chance loss** ln C (within 0.5 %) after ``chance_after_epochs`` epochs;
+- a train batch holds **one sample** (normalised weights of one sample are always 1: the hypergradient is 0).
+
+Example:
+    >>> import warnings
+    >>> monitor = HealthMonitor()
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     monitor.check_weights(np.full(64, 1e-6), meta_steps=10)
+    >>> [str(w.message).split(":")[0] for w in caught]
+    ['weights collapsed']
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Set
+
+import numpy as np
+
+from .callbacks import Callback
+
+__all__ = ["HealthMonitor", "HealthWarning"]
+
+
+class HealthWarning(UserWarning):
+    """Training runs, but in a way that usually means a setting is wrong; the message says which and what to do."""
+
+
+class HealthMonitor(Callback):
+    """Warn once per problem about degenerate training (see module docs).
+
+    Args:
+        every: check the weights every ``every`` steps (and at every epoch's end).
+        window: how many of the newest recorded weights to look at.
+        spread_after: meta steps after which weights that still do not spread are reported.
+        chance_after_epochs: epochs after which a train loss within 0.5 % of ln C is reported.
+    """
+
+    def __init__(self, every: int = 50, window: int = 4096, spread_after: int = 200, chance_after_epochs: int = 3):
+        self.every, self.window = every, window
+        self.spread_after, self.chance_after_epochs = spread_after, chance_after_epochs
+        self.warned: Set[str] = set()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"warned": sorted(self.warned)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.warned = set(state.get("warned", ()))
+
+    def warn(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, HealthWarning, stacklevel=3)
+
+    # ---- the checks ------------------------------------------------------------------------------------------
+    def check_weights(self, w: np.ndarray, meta_steps: int) -> None:
+        """Collapsed, saturated or unspread weights (``w``: the newest recorded weights)."""
+        w = np.asarray(w, dtype=np.float64)
+        w = w[np.isfinite(w)]
+        if w.size < 2 or (w < 0).any():  # signed "weights" (e.g. advantages) are not weights in [0, ∞)
+            return
+        mean = float(w.mean())
+        if mean < 1e-3:
+            self.warn("collapsed", f"weights collapsed: their mean is {mean:.1e}, so the model barely trains (and "
+                      "weights normalised over a batch divide by a floor). Lower the meta learning rate, check "
+                      "the meta set is drawn from the same task, or start the weighting net nearer 1")
+            return
+        if w.max() <= 1.0:
+            saturated = float(((w < 0.01) | (w > 0.99)).mean())
+            if saturated > 0.9:
+                where = "at 1" if (w > 0.99).all() else "at 0" if (w < 0.01).all() else "at 0 and 1"
+                self.warn("saturated", f"weights saturated {where}: {saturated:.0%} are below 0.01 or above 0.99, "
+                          "so they no longer rank the samples (and a ranking pushed to the edges can invert: noisy "
+                          "samples up-weighted). The meta learning rate is too large: lower meta_lr about 10x")
+                return
+        if meta_steps >= self.spread_after and float(w.std()) < 1e-3 * max(mean, 1e-12):
+            self.warn("no_spread", f"weights do not spread after {meta_steps} meta steps (std {w.std():.1e} around "
+                      f"{mean:.3f}): the weighting is uniform and does nothing. Raise the meta learning rate "
+                      "(about 10x) or the number of meta steps")
+
+    def check_loss(self, loss: float, classes: int, epochs_done: int) -> None:
+        if classes < 2 or epochs_done < self.chance_after_epochs or not math.isfinite(loss):
+            return
+        chance = math.log(classes)
+        if abs(loss - chance) < 0.005 * chance:
+            self.warn("chance", f"the model is stuck at chance loss: train loss {loss:.4f} ≈ ln {classes} = "
+                      f"{chance:.4f} after {epochs_done} epochs. Raise the learning rate, check inputs are scaled "
+                      "and labels match inputs, or check the weights have not collapsed")
+
+    def check_batch_size(self, size: int) -> None:
+        if size == 1:
+            self.warn("batch_of_one", "a train batch holds one sample: weights normalised over a batch of one are "
+                      "always 1, so the hypergradient is exactly 0 and nothing is learned. Use batch_size >= 2 "
+                      "(and drop_last=True if the last batch can hold one sample)")
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any) -> None:
+        if getattr(trainer.train_loader, "batch_size", None) == 1:
+            self.check_batch_size(1)
+
+    def _recent(self, trainer: Any) -> Dict[str, np.ndarray]:
+        history = trainer.weights_history
+        if hasattr(history, "tail"):
+            return history.tail(self.window)
+        return {k: v[-self.window:] for k, v in history.arrays().items()}
+
+    def on_step_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        step = trainer.global_step
+        if step % self.every:
+            return
+        recent = self._recent(trainer)
+        if len(recent["step"]):
+            self.check_weights(recent["weight"], trainer.meta_steps)
+
+    def on_epoch_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        recent = self._recent(trainer)
+        if len(recent["step"]):
+            self.check_weights(recent["weight"], trainer.meta_steps)
+            target = recent.get("target")
+            if target is not None and len(target) and "train_loss" in metrics:
+                self.check_loss(float(metrics["train_loss"]), int(target.max()) + 1,
+                                trainer.epoch + 1 - getattr(trainer, "_fit_start_epoch", 0))

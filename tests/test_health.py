@@ -1,0 +1,76 @@
+"""Health warnings: degenerate training is reported once, with advice; healthy training is not."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset
+from metareweight.health import HealthMonitor, HealthWarning
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if issubclass(w.category, HealthWarning)]
+
+
+@pytest.mark.parametrize("weights,meta_steps,fragment", [
+    (np.full(64, 1e-6), 10, "weights collapsed"),
+    (np.r_[np.full(40, 1e-4), np.full(24, 0.9999)], 10, "weights saturated"),
+    (np.full(64, 0.5), 500, "do not spread after 500 meta steps"),
+    (np.full(64, 1.0), 500, "weights saturated at 1"),  # uniform because saturated: not "raise the meta lr"
+])
+def test_weight_problems_are_warned_once_with_advice(weights, meta_steps, fragment):
+    monitor = HealthMonitor()
+    messages = _caught(lambda: [monitor.check_weights(weights, meta_steps) for _ in range(3)])
+    assert len(messages) == 1 and fragment in messages[0]
+    assert "meta learning rate" in messages[0]
+
+
+def test_healthy_weights_and_early_uniform_weights_are_not_warned():
+    monitor = HealthMonitor()
+    rng = np.random.default_rng(0)
+    assert _caught(lambda: monitor.check_weights(rng.uniform(0.2, 0.8, 64), 1000)) == []
+    assert _caught(lambda: monitor.check_weights(np.full(64, 0.5), 10)) == []  # too early to judge
+    assert _caught(lambda: monitor.check_weights(np.linspace(-1, 1, 64), 10)) == []  # signed: not weights
+
+
+def test_chance_loss_is_warned_after_enough_epochs():
+    monitor = HealthMonitor(chance_after_epochs=3)
+    assert _caught(lambda: monitor.check_loss(math.log(10) + 0.001, 10, 2)) == []
+    messages = _caught(lambda: monitor.check_loss(math.log(10) + 0.001, 10, 3))
+    assert len(messages) == 1 and "stuck at chance loss" in messages[0] and "ln 10" in messages[0]
+    assert _caught(lambda: monitor.check_loss(0.3, 10, 5)) == []
+    assert _caught(lambda: HealthMonitor().check_loss(0.6809, 2, 5)) == []  # 40 % flipped binary labels: near, not at
+
+
+def _trainer(batch_size, **kw):
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    ds = TensorIndexedDataset(x, (x[:, 0] > 0).long())
+    model = nn.Linear(4, 2)
+    return MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(ds, batch_size=batch_size),
+                       MetaWeightNet(hidden=4), meta_loader=DataLoader(ds, batch_size=8), progress=False, **kw)
+
+
+def test_a_batch_of_one_is_warned_by_the_trainer_and_health_false_is_quiet():
+    messages = _caught(lambda: _trainer(1).fit(epochs=1, max_steps=2))
+    assert any("hypergradient is exactly 0" in m for m in messages)
+    assert _caught(lambda: _trainer(1, health=False).fit(epochs=1, max_steps=2)) == []
+
+
+def test_a_healthy_run_is_not_warned_and_the_state_survives_a_checkpoint(tmp_path):
+    trainer = _trainer(8, checkpoint_dir=tmp_path)
+    assert _caught(lambda: trainer.fit(epochs=3)) == []
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, HealthMonitor))
+    monitor.warned.add("chance")
+    trainer.save_checkpoint()
+    again = _trainer(8, checkpoint_dir=tmp_path)
+    again.load_checkpoint(tmp_path / "last.pt")
+    assert next(cb for cb in again.callbacks if isinstance(cb, HealthMonitor)).warned == {"chance"}
