@@ -21,6 +21,7 @@ from .objectives import (DomainWeights, KDLoss, LSTMPolicy, MetaObjective, MetaW
                          ResetOptimizerState, SelfTaughtRescaler, SourceTaskWeighting, StepAggregationLoss,
                          TrilateralKD, teacher_class_means)
 from .trainer import MetaTrainer
+from .tensorboard_logger import TensorBoardLogger
 from .wandb_logger import WandbLogger
 
 __version__ = "0.1.0"
@@ -37,5 +38,5 @@ __all__ = [
     "Batch", "as_batch", "IndexedDataset", "TensorIndexedDataset", "symmetric_noise", "pair_noise",
     "long_tailed_indices", "WeightHistory", "auroc", "cross_entropy_terms", "NonFiniteLossError",
     # logging and scale
-    "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "distributed_sampler",
+    "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "TensorBoardLogger", "distributed_sampler",
 ]

@@ -142,8 +142,9 @@ class MetaTrainer:
         checkpoint_dir: where :meth:`save_checkpoint` writes ``last.pt`` (rank 0, atomically): every
             ``checkpoint_every`` real steps and at the end of every epoch. ``fit(resume=True)`` continues from it.
         checkpoint_every: real steps between mid-epoch checkpoints (None: only at epoch ends).
-        logger: ``"wandb"`` (an offline :class:`~metareweight.wandb_logger.WandbLogger` in ``log_dir``) or any
-            callback; JSONL is always written when ``log_dir`` is set.
+        logger: ``"wandb"`` (an offline :class:`~metareweight.wandb_logger.WandbLogger` in ``log_dir``),
+            ``"tensorboard"`` (a :class:`~metareweight.tensorboard_logger.TensorBoardLogger` writing to ``log_dir``,
+            or ``runs/`` without one) or any callback; JSONL is always written when ``log_dir`` is set.
         progress: show a tqdm progress bar.
     """
 
@@ -239,12 +240,16 @@ class MetaTrainer:
 
     # ---- set-up helpers -------------------------------------------------------------------------------------
     def _make_logger(self, logger: Union[str, Callback]) -> Callback:
+        """``"wandb"`` (offline), ``"tensorboard"`` (event files in ``log_dir``, else ``runs/``) or a Callback."""
         if logger == "wandb":
             from .wandb_logger import WandbLogger
             return WandbLogger(dir=self.log_dir or ".")
+        if logger == "tensorboard":
+            from .tensorboard_logger import TensorBoardLogger
+            return TensorBoardLogger(self.log_dir or "runs")
         if isinstance(logger, str) or not hasattr(logger, "on_step_end"):
-            raise ValueError(f"logger must be 'wandb' or a Callback, got {logger!r} (JSONL logging is switched on "
-                             "by log_dir)")
+            raise ValueError(f"logger must be 'wandb', 'tensorboard' or a Callback, got {logger!r} (JSONL logging "
+                             "is switched on by log_dir)")
         return logger
 
     def _active_callbacks(self) -> List[Callback]:
