@@ -248,8 +248,8 @@ class MetaTrainer:
             from .tensorboard_logger import TensorBoardLogger
             return TensorBoardLogger(self.log_dir or "runs")
         if isinstance(logger, str) or not hasattr(logger, "on_step_end"):
-            raise ValueError(f"logger must be 'wandb', 'tensorboard' or a Callback, got {logger!r} (JSONL logging "
-                             "is switched on by log_dir)")
+            raise ValueError(f"logger must be 'wandb' or a Callback (or 'tensorboard'), got {logger!r} (JSONL "
+                             "logging is switched on by log_dir)")
         return logger
 
     def _active_callbacks(self) -> List[Callback]:

@@ -20,6 +20,26 @@ from .base import MetaObjective
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+META_LR_BUDGET = 0.1
+
+
+def suggest_meta_lr(meta_steps: int, budget: float = META_LR_BUDGET) -> float:
+    """The weight net's Adam learning rate for a run of ``meta_steps`` meta steps: ``budget / meta_steps``.
+
+    Adam moves each weight-net parameter by about ``meta_lr`` per step whatever the hypergradient's scale, so what
+    decides whether the weights separate is the total distance ``meta_lr × meta_steps``, not ``meta_lr`` alone.
+    ``meta_steps`` is ``epochs × batches per epoch / meta_interval``.
+
+    Example:
+        >>> suggest_meta_lr(meta_steps=30 * 20)   # 30 epochs of 20 batches
+        0.0001666...
+    """
+    if meta_steps < 1:
+        raise ValueError(f"meta_steps must be >= 1, got {meta_steps}")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    return budget / meta_steps
+
 
 class MetaWeightNet(MetaObjective):
     """Loss → weight MLP with a clean meta set.
