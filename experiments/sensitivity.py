@@ -334,7 +334,7 @@ def main(argv=None) -> Dict:
     for phase in cfg["phases"]:
         getattr(study, phase)()
     summary = summarise(study.rows)
-    for phase in cfg["phases"]:
+    for phase in [ph for ph in cfg["phases"] if any(s["phase"] == ph for s in summary)]:
         print(f"\n{phase}: means over seeds ({cfg['noise']:.0%} symmetric noise)")
         print(render(summary, phase))
         if phase in ("grid", "confirm"):
