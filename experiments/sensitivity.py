@@ -117,7 +117,11 @@ def load_dataset(name: str, max_samples: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def standardise(s: NoisySplit) -> NoisySplit:
-    mu, sd = s.x_train.mean(0), s.x_train.std(0).clamp_min(1e-6)
+    """Centre and scale each feature by the training split's mean and sd. The sd is floored at a tenth of the median
+    feature's: a (near-)constant training column (a digits corner pixel) would otherwise blow a rare non-zero value
+    in the meta or test set up to thousands."""
+    mu, sd = s.x_train.mean(0), s.x_train.std(0)
+    sd = sd.clamp_min(max(0.1 * float(sd.median()), 1e-6))
     s.x_train, s.x_meta, s.x_test = ((t - mu) / sd for t in (s.x_train, s.x_meta, s.x_test))
     return s
 
