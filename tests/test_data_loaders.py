@@ -51,7 +51,8 @@ def test_a_missing_package_fails_with_one_line_naming_it(call, hidden, names, tm
     monkeypatch.setattr(text, "_MINILM", None)
     if hidden:
         real = importlib.util.find_spec
-        monkeypatch.setitem(sys.modules, hidden, None)  # an import of it fails
+        for name in [hidden, *(m for m in sys.modules if m.startswith(hidden + "."))]:
+            monkeypatch.setitem(sys.modules, name, None)  # an import of it (or of its already loaded parts) fails
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else real(name, *a))
     with pytest.raises(MissingDataError) as e:
         eval(call, vars(data))
