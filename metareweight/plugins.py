@@ -100,7 +100,8 @@ def objective_class(name: str) -> type:
     from . import objectives  # noqa: F401 - registers the bundled objectives
     from .objectives.base import MetaObjective
 
-    found = {c.__name__: c for c in _subclasses(MetaObjective)}
+    found = {c.__name__: c for c in _subclasses(MetaObjective)
+             if getattr(sys.modules.get(c.__module__), c.__name__, None) is c}  # defined at a loaded module's top level
     if name not in found:
         hint = difflib.get_close_matches(str(name), found, n=1)
         raise ConfigError(f"unknown objective {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
