@@ -27,6 +27,7 @@ from .objectives import (DomainWeights, KDLoss, LearningToReweight, LSTMPolicy, 
                          TrilateralKD, teacher_class_means)
 from .step import MetaStep, StepResult
 from .trainer import MetaTrainer
+from .tensorboard_logger import TensorBoardLogger
 from .wandb_logger import WandbLogger
 
 __version__ = "0.1.0"
@@ -46,5 +47,5 @@ __all__ = [
     # models: how inputs reach the model and logits come back (Hugging Face models included)
     "model_forward", "math_attention", "ModelOutputError", "ModelInputError",
     # logging and scale
-    "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "distributed_sampler",
+    "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "TensorBoardLogger", "distributed_sampler",
 ]

@@ -3,6 +3,7 @@
     metareweight run configs/mwnet_quick.yaml epochs=1             # experiments/mwnet.py --config ... --set epochs=1
     metareweight run configs/classic.yaml seeds=[0] -- --out r.json  # arguments after -- go to the script as they are
     metareweight run mwnet -- --quick                              # an experiment by name, without a config
+    metareweight run --plugin my_pkg.mine configs/mine.yaml        # your own objective/method/experiment first
     metareweight list                                              # experiments, objectives, hypergradient methods
 
 The experiment is the longest ``_``-separated prefix that names a script of the config's ``experiment:`` key, or of
@@ -116,13 +117,25 @@ def _load_main(name: str, root: Path):
     return module.main
 
 
-def run(target: str, overrides: Sequence[str] = (), extra: Sequence[str] = ()):
-    """Run an experiment (a config file or a name) in this process; returns what its ``main`` returns."""
-    root = experiments_dir()
-    known = discover_experiments(root)
+def run(target: str, overrides: Sequence[str] = (), extra: Sequence[str] = (), plugins: Sequence[str] = ()):
+    """Run an experiment (a config file or a name) in this process; returns what its ``main`` returns.
+
+    ``plugins`` are modules to import first (:mod:`metareweight.plugins`); a config's ``plugins:`` key adds more."""
+    from .plugins import load_plugins, plugin_experiments
+
+    load_plugins(plugins)
     is_config = target.endswith((".yaml", ".yml")) or Path(target).is_file()
+    raw = read_yaml(target) if is_config else {}  # imports the config's plugins
+    try:
+        root = experiments_dir()
+        known = discover_experiments(root)
+    except ConfigError:
+        if not plugin_experiments():
+            raise
+        root, known = None, {}
+    known.update({k: "(plugin)" for k in plugin_experiments()})
     if is_config:
-        name = experiment_for(target, read_yaml(target), list(known))
+        name = experiment_for(target, raw, list(known))
         argv = ["--config", target] + (["--set", *overrides] if overrides else [])
     else:
         if target not in known:
@@ -132,7 +145,8 @@ def run(target: str, overrides: Sequence[str] = (), extra: Sequence[str] = ()):
             raise ConfigError(f"key=value overrides need a config file; pass the script's own arguments after "
                               f"'--' instead: metareweight run {target} -- ARGS")
         name, argv = target, []
-    return _load_main(name, root)([*argv, *extra])
+    main = plugin_experiments().get(name) or _load_main(name, root)
+    return main([*argv, *extra])
 
 
 def _listing() -> str:
@@ -194,6 +208,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p_run.add_argument("target", help="configs/NAME.yaml, or an experiment name")
     p_run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied in order")
+    p_run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="import a module of your own objectives, hypergradient methods or experiments first "
+                            "(repeatable; also the config key 'plugins')")
     sub.add_parser("list", help="list experiments, objectives and hypergradient methods")
     args = parser.parse_args(argv)
     if args.command == "list":
@@ -202,7 +219,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     if args.command != "run":
         parser.print_help()
         return 0
-    run(args.target, args.overrides, extra)  # errors: see main
+    run(args.target, args.overrides, extra, plugins=args.plugin)  # errors: see main
     return 0
 
 

@@ -232,7 +232,8 @@ def read_yaml(path: Union[str, Path], _seen: Tuple[Path, ...] = ()) -> Dict[str,
     """A YAML file that must hold a mapping (an empty file is an empty mapping).
 
     ``extends: other.yaml`` (relative to this file) reads that config first and lays this one over it, so a
-    quick variant names only what it changes.
+    quick variant names only what it changes. ``plugins: [my_pkg.module, ...]`` imports those modules (see
+    :mod:`metareweight.plugins`) and is not passed on.
     """
     import yaml
 
@@ -253,6 +254,8 @@ def read_yaml(path: Union[str, Path], _seen: Tuple[Path, ...] = ()) -> Dict[str,
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {type(raw).__name__}")
+    from .plugins import take_plugins
+    raw = take_plugins(raw, str(path))  # `plugins: [my_pkg.module]` imports the user's modules (metareweight.plugins)
     base = raw.pop("extends", None)
     if base is None:
         return raw

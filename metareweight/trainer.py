@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -46,6 +47,7 @@ from .meta_data import MetaStream, meta_source
 from .metrics import auroc
 from .models import model_forward
 from .objectives.base import MetaObjective
+from .progress import EpochLine, is_tty
 from .step import MetaStep
 from .validation import validate_trainer_args
 
@@ -126,9 +128,11 @@ class MetaTrainer:
         callbacks: extra :class:`~metareweight.callbacks.Callback` objects.
         log_dir: if given, metrics go to ``log_dir/metrics.jsonl`` and weights to ``log_dir/weights.npz`` (also
             when ``fit`` raises).
-        logger: ``"wandb"`` (an offline :class:`~metareweight.wandb_logger.WandbLogger` in ``log_dir``) or any
-            callback; JSONL is always written when ``log_dir`` is set.
-        progress: show a tqdm progress bar.
+        logger: ``"wandb"`` (an offline :class:`~metareweight.wandb_logger.WandbLogger` in ``log_dir``),
+            ``"tensorboard"`` (a :class:`~metareweight.tensorboard_logger.TensorBoardLogger` writing to ``log_dir``,
+            or ``runs/`` without one) or any callback; JSONL is always written when ``log_dir`` is set.
+        progress: show progress: a tqdm bar on a terminal, one line per epoch on stderr otherwise (a pipe or
+            a log file stays small).
         history: how much of the weight history :attr:`weights_history` keeps in memory: ``"all"``,
             ``"last_epoch"`` or N (the newest N steps; default 10,000). With ``log_dir`` every row is also appended
             to ``log_dir/weights/`` as training goes and ``weights.npz`` holds the whole run, whatever the bound.
@@ -219,12 +223,16 @@ class MetaTrainer:
 
     # ---- set-up helpers -------------------------------------------------------------------------------------
     def _make_logger(self, logger: Union[str, Callback]) -> Callback:
+        """``"wandb"`` (offline), ``"tensorboard"`` (event files in ``log_dir``, else ``runs/``) or a Callback."""
         if logger == "wandb":
             from .wandb_logger import WandbLogger
             return WandbLogger(dir=self.log_dir or ".")
+        if logger == "tensorboard":
+            from .tensorboard_logger import TensorBoardLogger
+            return TensorBoardLogger(self.log_dir or "runs")
         if isinstance(logger, str) or not hasattr(logger, "on_step_end"):
-            raise ValueError(f"logger must be 'wandb' or a Callback, got {logger!r} (JSONL logging is switched on "
-                             "by log_dir)")
+            raise ValueError(f"logger must be 'wandb' or a Callback (or 'tensorboard'), got {logger!r} (JSONL "
+                             "logging is switched on by log_dir)")
         return logger
 
     def _active_callbacks(self) -> List[Callback]:
@@ -387,12 +395,15 @@ class MetaTrainer:
         self.weights_history.record(self.global_step, self.epoch, index, weight, **groups)
 
     def _progress_bar(self) -> Any:
+        """A tqdm bar on a terminal; where stderr is not a TTY (a pipe, a log file, CI), one line per epoch."""
         if not self.progress or not self.dist.is_main:
             return None
         try:
             total = len(self.train_loader)  # type: ignore[arg-type]
         except TypeError:
             total = None
+        if not is_tty(sys.stderr):
+            return EpochLine(f"epoch {self.epoch}", total, self._train_position.consumed)
         from tqdm.auto import tqdm
         return tqdm(total=total, initial=self._train_position.consumed, desc=f"epoch {self.epoch}", leave=False,
                     dynamic_ncols=True)

@@ -248,3 +248,33 @@ def test_plots_return_figures_with_expected_content(tmp_path, history):
     np.testing.assert_allclose([seg[1][1] - seg[0][1] for seg in segments], 2 * np.sqrt(2) / np.sqrt(5))
     path = save_figure(fig, tmp_path / "sub" / "binned.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainer_noise_flags_reach_the_analysis(tmp_path):
+    """`MetaTrainer(noisy=flags, log_dir=d)` then `group_stats(load_run(d), "noisy")`: the trainer's own flags are
+    a column of weights.npz (or, passed to load_run, one is built from them); a missing column names the fix."""
+    from torch.utils.data import DataLoader
+
+    from metareweight import MetaTrainer, MetaWeightNet, TensorIndexedDataset
+
+    torch.manual_seed(0)
+    flags = (torch.arange(40) % 5 == 0).numpy()
+    ds = TensorIndexedDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))  # no noisy field in the batches
+    model = torch.nn.Linear(4, 3)
+    trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds, batch_size=8),
+                          objective=MetaWeightNet(hidden=4), meta_loader=DataLoader(ds, batch_size=8),
+                          noisy=flags, progress=False, log_dir=tmp_path)
+    trainer.fit(epochs=2)
+    explicit = group_stats(load_run(tmp_path, noisy=flags), "noisy")
+    assert explicit.groups.tolist() == [False, True] and explicit.count.tolist() == [[32, 8], [32, 8]]
+    np.testing.assert_allclose(explicit.of(False)["mean"], [h["weight_clean"] for h in trainer.history], rtol=1e-5)
+    assert weight_roc(load_run(tmp_path, noisy=flags), "noisy", positive=0).auc == pytest.approx(
+        trainer.history[-1]["weight_auroc"])
+    run = load_run(tmp_path)
+    if "noisy" in run.history.arrays():  # the trainer writes its flags as a column
+        np.testing.assert_allclose(group_stats(run, "noisy").mean, explicit.mean)
+    else:
+        with pytest.raises(KeyError, match=r"columns: \[.*'weight'\].*load_run\(log_dir, noisy=flags\)"):
+            group_stats(run, "noisy")
+    with pytest.raises(ValueError, match="one entry per dataset sample"):
+        group_stats(load_run(tmp_path, noisy=flags[:10]), "noisy")

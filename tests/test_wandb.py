@@ -92,4 +92,4 @@ def test_bad_logger_and_mode_are_named():
     model = nn.Linear(4, 2)
     with pytest.raises(ValueError, match="logger must be 'wandb' or a Callback"):
         MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [], MetaWeightNet(), meta_loader=[],
-                    logger="tensorboard")
+                    logger="mlflow")  # a logger this library does not have

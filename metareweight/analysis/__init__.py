@@ -5,6 +5,7 @@ Typical use on a ``log_dir`` written by :class:`~metareweight.MetaTrainer`::
     from metareweight.analysis import load_run, group_stats, weight_roc, plot_group_means
     run = load_run("runs/mwnet")
     stats = group_stats(run, "noisy")            # mean weight of clean vs flipped samples per epoch
+    # (the noisy= flags given to the trainer; or load_run("runs/mwnet", noisy=flags) to supply them)
     weight_roc(run, "noisy", positive=0).auc     # how well the last epoch's weights pick out clean samples
     plot_group_means(stats, labels={0: "clean", 1: "flipped"}).savefig("weights.png")
 

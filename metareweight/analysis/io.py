@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
@@ -32,11 +32,16 @@ WEIGHTS_FILE = "weights.npz"
 
 @dataclass
 class Run:
-    """A run's logged metrics rows and weight history (``None`` where the run wrote no ``weights.npz``)."""
+    """A run's logged metrics rows and weight history (``None`` where the run wrote no ``weights.npz``).
+
+    ``flags`` are per-sample arrays indexed by dataset index (such as the ``noisy=`` flags given to the trainer),
+    served as extra weight-history columns: ``load_run(d, noisy=flags)`` then ``group_stats(run, "noisy")``.
+    """
 
     path: Path
     rows: List[Dict]
     history: Optional[WeightHistory]
+    flags: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def events(self, event: str) -> List[Dict]:
         """The rows of one kind: ``"step"`` or ``"epoch"``."""
@@ -53,8 +58,12 @@ class Run:
         return xs, ys
 
 
-def load_run(path: Union[str, Path]) -> Run:
-    """Read ``path/metrics.jsonl`` and ``path/weights.npz``; at least one of them must exist."""
+def load_run(path: Union[str, Path], **flags) -> Run:
+    """Read ``path/metrics.jsonl`` and ``path/weights.npz``; at least one of them must exist.
+
+    ``flags`` (e.g. ``noisy=flipped``) are per-sample arrays indexed by dataset index, added as weight-history
+    columns; one of the same name as a column the trainer wrote replaces it. A trainer given ``noisy=`` writes that
+    column itself (see :class:`Run`)."""
     path = Path(path)
     metrics, weights = path / METRICS_FILE, path / WEIGHTS_FILE
     if not metrics.exists() and not weights.exists():
@@ -62,7 +71,17 @@ def load_run(path: Union[str, Path]) -> Run:
                                 "given to MetaTrainer")
     rows = read_jsonl(metrics) if metrics.exists() else []
     history = WeightHistory.load(weights) if weights.exists() else None
-    return Run(path=path, rows=rows, history=history)
+    return Run(path=path, rows=rows, history=history,
+               flags={k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for k, v in flags.items()})
+
+
+def _flag_column(name: str, values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    if values.ndim != 1:
+        raise ValueError(f"flag {name!r} must be one value per sample (1-d), got shape {values.shape}")
+    if len(index) and (index.min() < 0 or index.max() >= len(values)):
+        raise ValueError(f"flag {name!r} has {len(values)} entries but the weight history holds sample indices "
+                         f"{index.min()}..{index.max()}; pass one entry per dataset sample (the trainer's noisy=)")
+    return values[index]
 
 
 def as_arrays(source: Union[Run, WeightHistory, Mapping[str, np.ndarray]]) -> Dict[str, np.ndarray]:
@@ -73,7 +92,10 @@ def as_arrays(source: Union[Run, WeightHistory, Mapping[str, np.ndarray]]) -> Di
     if isinstance(source, Run):
         if source.history is None:
             raise ValueError(f"the run in {source.path} has no {WEIGHTS_FILE}")
-        return source.history.arrays()
+        a = source.history.arrays()
+        if source.flags:
+            a = {**a, **{k: _flag_column(k, v, a["index"]) for k, v in source.flags.items()}}
+        return a
     if isinstance(source, Mapping):
         a = {k: np.asarray(v) for k, v in source.items()}
         missing = [c for c in CORE_COLUMNS if c not in a]

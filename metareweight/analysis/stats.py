@@ -39,7 +39,9 @@ PERIODS = ("epoch", "step")
 def _column(a: Dict[str, np.ndarray], by: Groups) -> np.ndarray:
     if isinstance(by, str):
         if by not in a:
-            raise KeyError(f"the weight history has no column {by!r}; columns: {sorted(a)}")
+            raise KeyError(f"the weight history has no column {by!r}; columns: {sorted(a)}. Pass per-sample flags "
+                           f"indexed by dataset index instead: load_run(log_dir, {by}=flags), or the array itself "
+                           "in place of the column name")
         return a[by]
     values = np.asarray(by)
     idx = a["index"]

@@ -59,8 +59,14 @@ def split_with_noise(x: np.ndarray, y: np.ndarray, *, noise: float, noise_kind: 
 
 
 def load_digits_arrays():
-    """scikit-learn's bundled 8×8 digits (1,797 samples, 10 classes), features scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's bundled 8×8 digits as ``(x float32 (1797, 64) in [0, 1], y int64)``, 10 classes
+    (``pip install scikit-learn``)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        from .text import MissingDataError
+        raise MissingDataError("the digits data ship with scikit-learn: pip install scikit-learn "
+                               "(or pip install 'metareweight[experiments]')") from None
 
     d = load_digits()
     return d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
@@ -68,7 +74,13 @@ def load_digits_arrays():
 
 def noisy_digits(noise: float = 0.4, seed: int = 0, meta_per_class: int = 10, noise_kind: str = "symmetric"
                  ) -> NoisySplit:
-    """Digits with label noise on the train split, a small clean meta set and a clean test set."""
+    """Digits with label noise on the train split, a small clean meta set and a clean test set (a :class:`NoisySplit`).
+
+    Example:
+        >>> s = noisy_digits(noise=0.4, seed=0)
+        >>> s.x_train.shape, s.x_meta.shape[0], round(float(s.noisy.float().mean()), 2)
+        (torch.Size([1247, 64]), 100, 0.4)
+    """
     x, y = load_digits_arrays()
     return split_with_noise(x, y, noise=noise, noise_kind=noise_kind, meta_per_class=meta_per_class, seed=seed)
 

