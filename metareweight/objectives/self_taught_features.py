@@ -215,8 +215,11 @@ class StatsMemory:
         self._batch_size = 0
 
     def __len__(self) -> int:
-        chunks = list(self._past.values()) + (list(self._last[1].values()) if self._last else [])
-        return sum(int(c["label"].shape[0]) for c in chunks)
+        """How many samples are remembered (at most ``window · B`` per class)."""
+        counts: Dict[int, int] = {c: int(v["label"].shape[0]) for c, v in self._past.items()}
+        for c, v in (self._last[1].items() if self._last else ()):
+            counts[c] = counts.get(c, 0) + int(v["label"].shape[0])
+        return sum(min(n, self._capacity()) for n in counts.values())
 
     def _capacity(self) -> int:
         return self.window * self._batch_size
