@@ -77,10 +77,10 @@ Choices that differ from, or pin down, the original code (``storm.py``/``modelin
   step without writing it back, so its inner Adam is always at step 1 (a sign-like update: about
   ``lr · sign(g)``). ``restart_inner_optimizer=True`` with ``callbacks=objective.trainer_callbacks()`` (or
   ``callbacks=[ResetOptimizerState()]`` directly) reproduces that. Compare against plain training with the same
-  optimizer: a restarted Adam memorises flipped labels less than a persistent one, so a baseline with the
-  persistent Adam understates plain training under the original's optimizer (with ``adam_preconditioner="fixed"``:
-  differentiating Adam's ``sqrt(v)`` at ``v = 0``, i.e. for a parameter whose gradient is exactly 0 on a fresh
-  state, gives NaN; the same holds for sparse inputs such as TF-IDF, where unseen words have ``v = 0``).
+  optimizer (``no_rescaling_restart`` in ``experiments/self_taught.py``): a restarted Adam memorises flipped labels
+  less than a persistent one, so a baseline with the persistent Adam overstates the gain. The restart works with
+  ``adam_preconditioner="differentiable"`` (what the original's ``higher`` Adam differentiates): ``sqrt(v)`` has
+  a zero derivative at ``v = 0``, e.g. for TF-IDF words absent from a batch.
 - **Features are not detached** (the original computes them without gradient; ``detach_features=True``): the
   hypergradient then is the exact derivative of the bilevel objective, including the path θ' → features → Ω on
   the meta batch.
