@@ -274,10 +274,11 @@ def storm_features(losses: Tensor, logits: Tensor, targets: Tensor, *, by_class:
             remembers under ``key``) instead of over the batch alone.
     """
     cur = sample_stats(losses, logits, targets)
-    if memory is None:
-        pool, pos = cur, torch.arange(targets.shape[0], device=targets.device)
-    else:
+    pick = lambda v: v  # noqa: E731  (no memory: the pool is the batch; no indexing, so gradients sum as before)
+    pool = cur
+    if memory is not None:
         pool, pos = memory.pool(cur, key, by_class=by_class)
+        pick = lambda v: v[pos]  # noqa: E731
     groups = pool["label"].clone() if by_class else torch.zeros_like(pool["label"])
     if by_agreement:
         groups = 2 * groups + pool["agree"].long()
@@ -287,12 +288,12 @@ def storm_features(losses: Tensor, logits: Tensor, targets: Tensor, *, by_class:
     for name in ("mu_l", "sd_l", "mu_p", "sd_p"):
         gm, gs = group_stats(pool[name], groups, k)
         means[name] = gm
-        feats += [pool[name][pos], gm[pos], gs[pos]]
+        feats += [pick(pool[name]), pick(gm), pick(gs)]
     kl = gaussian_kl(pool["mu_l"], pool["sd_l"], means["mu_l"], means["sd_l"])
     ovl = normal_overlap(pool["mu_l"], pool["sd_l"].clamp_min(EPS), means["mu_l"], means["sd_l"].clamp_min(EPS))
     for v in (kl, ovl):
         gm, gs = group_stats(v, groups, k)
-        feats += [v[pos], gm[pos], gs[pos]]
+        feats += [pick(v), pick(gm), pick(gs)]
     feats.append(cur["agree"].to(losses.dtype))
     return torch.stack(feats, 1)
 
