@@ -185,6 +185,7 @@ class StatsMemory:
     A batch is identified by ``key`` (e.g. its sample indices): a second call with the same key as the previous
     call *replaces* that batch instead of adding it again, so evaluating the same batch twice (the trainer's
     no-grad record pass, finite-difference checks) neither double-counts it nor pushes older samples out.
+    The memory is not part of a checkpoint: a run resumed mid-epoch continues that epoch with an empty memory.
 
     Example:
         >>> mem = StatsMemory(window=1)
