@@ -13,13 +13,17 @@ clean validation, ``n_test`` clean test samples; one fixed split, noise and init
 Symmetric label noise on the training split only. Methods (rows): ``no_rescaling``, ``storm`` and the ablations
 ``no_meta_loss_rescaling``, ``loss_only``, ``no_class_separation``, ``no_meta_learning``, plus ``clean_val``
 (meta-learning on a clean validation set, no meta loss rescaling) and ``storm_batch_bn`` (STORM with the original
-code's BatchNorm over the whole batch for every class's rescaler, ``bn_scope="batch"``).
+code's BatchNorm over the whole batch for every class's rescaler, ``bn_scope="batch"``), ``storm_original``
+(``SelfTaughtRescaler(preset="original")``: everything as the authors' code, its restarted inner Adam included) and
+``no_rescaling_restart`` (plain training with that optimizer: Adam's state cleared after every step, so that a gain
+of ``storm_original`` over plain training cannot come from a different optimizer).
 
     python -m experiments.self_taught --quick --out results/self_taught_quick.json
     python -m experiments.self_taught --config configs/self_taught.yaml --out results/self_taught.json --plots docs/img
 
-JSON: a list of rows, one per (dataset, noise): ``dataset``, ``noise``, ``acc_<method>`` (mean over seeds),
-``acc_<method>_sd``, ``weight_auroc`` (STORM, last epoch), ``gap_<method>`` (mean weight clean − flipped, last
+JSON: a list of rows, one per (dataset, noise): ``dataset``, ``noise``, ``acc_<method>`` (mean over seeds, last
+epoch), ``acc_<method>_sd``, ``acc_best_<method>`` (mean over seeds of the best epoch's test accuracy, an upper
+bound: the epoch is chosen on the test set; per seed ``acc_epochs``), ``weight_auroc`` (STORM, last epoch), ``gap_<method>`` (mean weight clean − flipped, last
 epoch), ``gap_first_storm`` (first epoch), ``auroc_<method>`` and ``per_seed``; with ``ceiling: true`` (default)
 and label noise, ``loss_auroc_storm`` and ``oracle_auroc_storm``: how well the trained model's own loss ranking and
 an oracle fitted with the true flip flags on the rescaler's features separate flipped samples (see
@@ -41,9 +45,13 @@ from torch.utils.data import DataLoader
 from experiments.common import (accuracy, add_config_args, config_from_args, mean_sd, mlp, save_png, sd,
                                 seed_everything, table, train_plain, write_json)
 from metareweight import MetaTrainer, SelfTaughtRescaler, TensorIndexedDataset, auroc, symmetric_noise
+from metareweight.callbacks import Callback
 
 METHODS = ("no_rescaling", "storm", "no_meta_loss_rescaling", "loss_only", "no_class_separation",
-           "no_meta_learning", "clean_val", "storm_batch_bn")
+           "no_meta_learning", "clean_val", "storm_batch_bn", "storm_original", "no_rescaling_restart")
+# plain training (no rescaler): with the persistent Adam, and with the original STORM code's effective optimizer, an
+# Adam restarted at step 1 after every step (what SelfTaughtRescaler(preset="original") trains with)
+PLAIN = {"no_rescaling": False, "no_rescaling_restart": True}
 # objective options per method (the rest is SelfTaughtRescaler's defaults)
 VARIANTS = {
     "storm": {},
@@ -53,6 +61,7 @@ VARIANTS = {
     "no_meta_learning": {"meta_learning": False},
     "clean_val": {"meta_data": "loader", "meta_loss_rescaling": False},
     "storm_batch_bn": {"bn_scope": "batch"},  # the original code: every class's rescaler normalised over the batch
+    "storm_original": {"preset": "original"},  # everything as the original code (restarted Adam included)
 }
 DATASETS = ("rotten_tomatoes", "womens")
 
@@ -132,9 +141,15 @@ def run_method(method: str, name: str, data: Dict, y_noisy: torch.Tensor, flippe
     g = torch.Generator().manual_seed(seed)
     train = TensorIndexedDataset(data["x_train"], y_noisy, noisy=torch.as_tensor(flipped))
     loader = DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, generator=g, drop_last=True)
-    if method == "no_rescaling":
-        train_plain(model, opt, loader, per_dataset(cfg, name, "epochs"))
-        return {"acc": accuracy(model, data["x_test"], data["y_test"])}
+    test_acc = lambda: accuracy(model, data["x_test"], data["y_test"])  # noqa: E731
+    if method in PLAIN:
+        if PLAIN[method]:
+            opt.register_step_post_hook(lambda o, *_: o.state.clear())
+        accs = []
+        for _ in range(per_dataset(cfg, name, "epochs")):
+            train_plain(model, opt, loader, 1)
+            accs.append(test_acc())
+        return {"acc": accs[-1], "acc_epochs": accs}
     objective = SelfTaughtRescaler(
         data["num_classes"], passes=cfg["passes"], meta_lr=cfg["meta_lr"],
         input_dropout=cfg["rt_input_dropout"] if name == "rotten_tomatoes" else 0.0, singleton="neutral",
@@ -143,10 +158,12 @@ def run_method(method: str, name: str, data: Dict, y_noisy: torch.Tensor, flippe
     if objective.meta_data == "loader":
         val = TensorIndexedDataset(data["x_val"], data["y_val"])
         meta_loader = DataLoader(val, batch_size=cfg["batch_size"], shuffle=True, generator=g, drop_last=True)
+    per_epoch = EpochTestAccuracy(test_acc)
     trainer = MetaTrainer(model, opt, loader, objective=objective, meta_loader=meta_loader, real_step="lookahead",
-                          adam_preconditioner=cfg["adam_preconditioner"], noisy=flipped, progress=False)
+                          adam_preconditioner=cfg["adam_preconditioner"], noisy=flipped, progress=False,
+                          callbacks=[*objective.trainer_callbacks(), per_epoch])
     history = trainer.fit(epochs=per_dataset(cfg, name, "epochs"))
-    out = {"acc": accuracy(model, data["x_test"], data["y_test"]),
+    out = {"acc": test_acc(), "acc_epochs": per_epoch.accs,
            "auroc": [h.get("weight_auroc", float("nan")) for h in history],
            "gap": [h.get("weight_clean", np.nan) - h.get("weight_noisy", np.nan) for h in history]}
     if cfg["ceiling"] and method == "storm" and flipped.any() and not flipped.all():
@@ -157,6 +174,16 @@ def run_method(method: str, name: str, data: Dict, y_noisy: torch.Tensor, flippe
             last = trainer.weights_history.latest(epoch=e)
             out["weights"].append((last["weight"], flipped[last["index"]]))
     return out
+
+
+class EpochTestAccuracy(Callback):
+    """Records ``measure()`` (test accuracy) after every epoch, for best-epoch numbers; uses no random numbers."""
+
+    def __init__(self, measure):
+        self.measure, self.accs = measure, []
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.accs.append(self.measure())
 
 
 def separation_ceiling(objective: SelfTaughtRescaler, model: nn.Module, train: TensorIndexedDataset,
@@ -217,7 +244,8 @@ def run_setting(name: str, noise: float, seeds: List[int], cfg: Dict, keep_weigh
         accs = [s[m]["acc"] for s in row["per_seed"]]
         row[f"acc_{m}"] = float(np.mean(accs))
         row[f"acc_{m}_sd"] = sd(accs)
-        if m != "no_rescaling":
+        row[f"acc_best_{m}"] = float(np.mean([max(s[m]["acc_epochs"]) for s in row["per_seed"]]))
+        if m not in PLAIN:
             row[f"auroc_{m}"] = nan_mean([s[m]["auroc"][-1] for s in row["per_seed"]])
             row[f"gap_{m}"] = nan_mean([s[m]["gap"][-1] for s in row["per_seed"]])
     if "storm" in cfg["methods"]:

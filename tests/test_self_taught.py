@@ -125,6 +125,7 @@ def _problem(dropout=True, unroll=1, **kw):
     (True, 1, {"bn_scope": "batch"}),
     (True, 1, {"class_separation": False, "features": "loss"}),
     (True, 1, {"meta_loss_rescaling": False}),
+    (True, 1, {"preset": "original", "detach_features": False}),  # memories, whole-batch BN, N(0, 0.02) init
 ])
 def test_hypergradient_matches_float64_finite_difference(dropout, unroll, kw):
     problem, _ = _problem(dropout, unroll, **kw)
@@ -244,3 +245,148 @@ def test_bad_options(kw, msg):
 def test_wrong_number_of_classes():
     with pytest.raises(ValueError, match="outputs 3 classes but the rescaler was built for num_classes=2"):
         SelfTaughtRescaler(2).inner_terms(_model(), Batch(torch.randn(4, 6), torch.tensor([0, 1, 0, 1])))
+
+
+# ---- presets, initialisation and the statistics memory (issue 22) --------------------------------------------------
+def test_presets_set_their_options_and_explicit_arguments_win():
+    lib, orig = SelfTaughtRescaler(2), SelfTaughtRescaler(2, preset="original")
+    assert (lib.preset, lib.bn_scope, lib.stats_window, lib.init, lib.detach_features,
+            lib.restart_inner_optimizer) == ("library", "class", 0, "torch", False, False)
+    assert (orig.preset, orig.bn_scope, orig.stats_window, orig.init, orig.detach_features,
+            orig.restart_inner_optimizer) == ("original", "batch", 1, "original", True, True)
+    assert lib.memories == {} and sorted(orig.memories) == ["meta", "train"]
+    assert orig.memories["train"] is not orig.memories["meta"] and orig.memories["train"].window == 1
+    assert lib.trainer_callbacks() == [] and isinstance(orig.trainer_callbacks()[0], ResetOptimizerState)
+    mixed = SelfTaughtRescaler(2, preset="original", bn_scope="class", stats_window=0, init="torch",
+                               detach_features=False, restart_inner_optimizer=False)
+    assert (mixed.bn_scope, mixed.stats_window, mixed.init, mixed.detach_features, mixed.trainer_callbacks(),
+            mixed.memories) == ("class", 0, "torch", False, [], {})
+    assert SelfTaughtRescaler(2, stats_window=2).memories["meta"].window == 2  # the library preset with a memory
+
+
+@pytest.mark.parametrize("kw,msg", [({"preset": "paper"}, "preset must be one of"),
+                                    ({"stats_window": -1}, "stats_window"), ({"stats_window": 1.5}, "stats_window"),
+                                    ({"init": "xavier"}, "init must be one of")])
+def test_bad_preset_options(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SelfTaughtRescaler(2, **kw)
+
+
+def test_original_initialisation_is_normal_002_with_zero_biases():
+    torch.manual_seed(0)
+    lin = [m for m in SelfTaughtRescaler(3, preset="original", features="full").modules() if isinstance(m, nn.Linear)]
+    w = torch.cat([m.weight.detach().reshape(-1) for m in lin])
+    assert len(lin) == 6 and all(not m.bias.any() for m in lin)
+    assert float(w.std()) == pytest.approx(0.02, rel=0.1) and abs(float(w.mean())) < 0.003
+    torch.manual_seed(0)
+    default = torch.cat([m.weight.detach().reshape(-1) for m in SelfTaughtRescaler(3).modules() if isinstance(m, nn.Linear)])
+    assert float(default.std()) > 5 * float(w.std())  # PyTorch's default for 19 inputs: about 6.6x larger
+
+
+def test_detached_features_leave_only_the_direct_path_to_the_model():
+    torch.manual_seed(0)
+    model = _model()
+    batch = Batch(torch.randn(12, 6), torch.arange(12) % 3)
+    for detach, expect in ((True, 0.0), (False, None)):
+        obj = SelfTaughtRescaler(3, detach_features=detach)
+        torch.manual_seed(1)
+        w = obj.inner_terms(model, batch).weights
+        g = torch.autograd.grad(w.sum(), list(model.parameters()), allow_unused=True)
+        total = sum(float(x.abs().sum()) for x in g if x is not None)
+        assert (total == 0.0) if expect == 0.0 else (total > 0)
+
+
+def _memory_reference(chunks, window):
+    """Port of the original ``Filter`` (window in batches of B) for the features of the last chunk: per class the
+    last window·B samples of that class over all chunks, then ``_reference_features``' group statistics."""
+    B = len(chunks[-1][2])
+    per = [np.concatenate([c[k] for c in chunks]) for k in range(5)]  # mu_l, sd_l, mu_p, sd_p, agree
+    y_all = np.concatenate([c[5] for c in chunks])
+    owner = np.concatenate([np.full(len(c[5]), i) for i, c in enumerate(chunks)])
+    keep = np.zeros(len(y_all), bool)
+    for c in np.unique(y_all):
+        keep[np.nonzero(y_all == c)[0][-window * B:]] = True
+    mu_l, sd_l, mu_p, sd_p, agree = per
+
+    def kl(pm, ps, qm, qs):
+        return 0.0 if ps == 0 or qs == 0 else math.log(qs / ps) + (ps ** 2 + (pm - qm) ** 2) / (2 * qs ** 2) - 0.5
+
+    def gstats(x, members):
+        v = np.asarray([x[j] for j in members])
+        return v.mean(), (v.std(ddof=1) if len(v) > 1 else 1e-8)
+
+    mem = np.nonzero(keep)[0]
+    group = {i: [j for j in mem if y_all[j] == y_all[i] and agree[j] == agree[i]] for i in mem}
+    kls, ovls = np.zeros(len(y_all)), np.zeros(len(y_all))
+    for i in mem:
+        gm_mu, gm_sd = gstats(mu_l, group[i])[0], gstats(sd_l, group[i])[0]
+        kls[i] = kl(mu_l[i], sd_l[i], gm_mu, gm_sd)
+        ovls[i] = NormalDist(mu_l[i], max(sd_l[i], 1e-8)).overlap(NormalDist(gm_mu, max(gm_sd, 1e-8)))
+    rows = []
+    for i in np.nonzero(owner == len(chunks) - 1)[0]:
+        row = []
+        for x in (mu_l, sd_l, mu_p, sd_p, kls, ovls):
+            row += [x[i], *gstats(x, group[i])]
+        rows.append(row + [float(agree[i])])
+    return np.asarray(rows)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_statistics_memory_spans_batches_like_the_original_filter(window):
+    from metareweight.objectives.self_taught_features import StatsMemory, sample_stats
+    torch.manual_seed(window)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.4), nn.Linear(6, 2)).double()
+    mem, chunks = StatsMemory(window), []
+    for step in range(4):  # B = 12, two classes: with window 1 a class's memory reaches into the previous batch
+        x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 2, (12,))
+        losses, logits = dropout_passes(model, x, y, passes=3)
+        ours = storm_features(losses, logits, y, memory=mem, key=step).detach().numpy()
+        st = {k: v.detach().numpy() for k, v in sample_stats(losses, logits, y).items()}
+        chunks.append([st["mu_l"], st["sd_l"], st["mu_p"], st["sd_p"], st["agree"], st["label"]])
+        np.testing.assert_allclose(ours, _memory_reference(chunks, window), rtol=1e-9, atol=1e-12)
+    assert len(mem) == sum(min(window * 12, sum((c[5] == k).sum() for c in chunks)) for k in (0, 1))
+    # ... and differs from the current batch alone
+    assert not np.allclose(ours, storm_features(losses, logits, y).detach().numpy())
+    # the same batch again replaces itself instead of being counted twice
+    again = storm_features(losses, logits, y, memory=mem, key=3).detach().numpy()
+    np.testing.assert_allclose(again, ours, rtol=1e-12)
+
+
+def test_train_and_meta_batches_keep_separate_memories_and_epoch_end_empties_them():
+    torch.manual_seed(0)
+    obj = SelfTaughtRescaler(3, preset="original")
+    model = _model()
+    train = Batch(torch.randn(12, 6), torch.arange(12) % 3, index=torch.arange(12))
+    meta = Batch(torch.randn(12, 6), torch.arange(12) % 3, index=torch.arange(12, 24))
+    obj.inner_terms(model, train)
+    assert (len(obj.memories["train"]), len(obj.memories["meta"])) == (12, 0)
+    obj.outer_loss(model, meta)
+    obj.outer_loss(model, meta)  # a repeated evaluation of the same meta batch is not counted twice
+    assert (len(obj.memories["train"]), len(obj.memories["meta"])) == (12, 12)
+    obj.on_epoch_end(None, 0)
+    assert (len(obj.memories["train"]), len(obj.memories["meta"])) == (0, 0)
+
+
+def test_trainer_with_the_original_preset_fills_and_empties_the_memory_each_epoch():
+    from metareweight.callbacks import Callback
+
+    class Watch(Callback):
+        sizes = []
+
+        def on_step_end(self, trainer, metrics):
+            self.sizes.append(len(obj.memories["train"]))
+
+        def on_epoch_end(self, trainer, metrics):
+            self.sizes.append(("end", len(obj.memories["train"]), len(obj.memories["meta"])))
+
+    torch.manual_seed(0)
+    obj, model = SelfTaughtRescaler(3, preset="original"), _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trainer = MetaTrainer(model, opt, _noisy_loader(), objective=obj, real_step="lookahead", progress=False,
+                          callbacks=[*obj.trainer_callbacks(), Watch()])
+    hist = trainer.fit(epochs=2)
+    sizes = Watch.sizes
+    # 4 steps of 16 samples per epoch: the memory grows past one batch within the epoch, is empty at its end
+    assert sizes[0] == 16 and sizes[0] < sizes[1] < sizes[2] <= sizes[3] <= 3 * 16, sizes
+    assert sizes[4] == ("end", 0, 0) and sizes[9] == ("end", 0, 0)
+    assert len(opt.state) == 0 and all(np.isfinite(h["meta_loss"]) for h in hist)

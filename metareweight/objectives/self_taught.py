@@ -15,6 +15,44 @@ part through ``θ'`` and the direct part ``∂L_out/∂ω``; any exact method (`
 ``hypergrad="fast"`` the trainer asks the method for the virtual parameters it commits (``Fast(lookahead=True)``;
 pass that instance if you build the method yourself).
 
+Presets. ``preset="library"`` (the default, also ``preset=None``) and ``preset="original"`` set five options
+together; an option passed explicitly overrides its preset value (``SelfTaughtRescaler(2, preset="original",
+bn_scope="class")`` is the original with per-class BatchNorm):
+
+=========================== ====================== ============================================================
+option                      ``"library"``          ``"original"`` (what ``storm.py``/``modeling.py`` do)
+=========================== ====================== ============================================================
+``bn_scope``                ``"class"``            ``"batch"``: every rescaler normalised over the whole batch
+``stats_window``            ``0``: current batch   ``1``: per class the last ``B`` samples across batches
+``init``                    ``"torch"``            ``"original"``: weights N(0, 0.02), biases 0
+``detach_features``         ``False``              ``True``: features computed without gradient
+``restart_inner_optimizer`` ``False``              ``True``: the inner Adam restarts at step 1 every step
+=========================== ====================== ============================================================
+
+``restart_inner_optimizer`` is carried out by the trainer, not by the objective: pass
+``callbacks=objective.trainer_callbacks()`` to :class:`~metareweight.MetaTrainer` (it holds a
+:class:`ResetOptimizerState` when the option is on). Each deviation of the library preset, and why:
+
+- **Statistics memory** (``stats_window``). The original computes the group statistics (see
+  :mod:`~metareweight.objectives.self_taught_features`) over a per-class memory of the last ``stats_window · B``
+  samples of each label class (``B`` the batch size; default ``stats_window=1``), reset at the start of every
+  epoch, with a separate memory for the meta batches. ``stats_window=1`` is therefore *not* "the current batch":
+  for ``C`` balanced classes a class's memory holds about the last ``C`` batches' samples of that class, and the
+  statistics of earlier batches come from older parameters. The library default (``stats_window=0``) takes them
+  over the current batch only, so that every feature is a function of the current parameters (the hypergradient
+  through ``θ'`` is then exact for the meta batch's group statistics too). ``stats_window=k >= 1`` gives the
+  original's memory (:class:`~metareweight.objectives.self_taught_features.StatsMemory`; training batches
+  (``inner_terms``) and meta batches (``outer_loss``) have separate memories, both emptied by
+  :meth:`SelfTaughtRescaler.on_epoch_end`). The original's unlimited window (``--stats_window 0``) is not offered.
+- **Initialisation** (``init``). The original initialises the rescalers like the rest of its Hugging Face model:
+  linear weights N(0, 0.02), biases 0, about 6.6× smaller than PyTorch's default for 19 inputs. Behind the
+  scale-invariant BatchNorms the same Adam learning rate then turns the rescaler far faster (a relative change
+  of its weights 6.6× larger per step). The library keeps PyTorch's default, with which the paper's rescaler
+  learning rate 1e-2 barely moves the rescaler in ~100 steps (``experiments/self_taught.py`` uses 0.1).
+- **Detached features** (``detach_features``): see "Features are not detached" below.
+- **Restarted inner optimizer** (``restart_inner_optimizer``): see "Inner optimizer state" below.
+- **BatchNorm scope** (``bn_scope``): see below.
+
 Choices that differ from, or pin down, the original code (``storm.py``/``modeling.py``):
 
 - **BatchNorm scope.** ``bn_scope="class"`` (default; the paper's wording) runs rescaler ``c`` on the samples
@@ -38,12 +76,16 @@ Choices that differ from, or pin down, the original code (``storm.py``/``modelin
   ``"batch"`` when label classes are imbalanced.
 - **Inner optimizer state.** The trainer keeps the optimizer's state (Adam moments) across steps and writes the
   virtual step's state back. The original code re-creates a differentiable Adam from the stored state on every
-  step without writing it back, so its inner Adam is always at step 1 (a sign-like update). Pass
-  ``callbacks=[ResetOptimizerState()]`` to the trainer to reproduce that (with ``adam_preconditioner="fixed"``:
-  differentiating Adam's ``sqrt(v)`` at ``v = 0``, i.e. for a parameter whose gradient is exactly 0 on a fresh
-  state, gives NaN; the same holds for sparse inputs such as TF-IDF, where unseen words have ``v = 0``).
-- **Features are not detached** (the original computes them without gradient): the hypergradient then is the
-  exact derivative of the bilevel objective, including the path θ' → features → Ω on the meta batch.
+  step without writing it back, so its inner Adam is always at step 1 (a sign-like update: about
+  ``lr · sign(g)``). ``restart_inner_optimizer=True`` with ``callbacks=objective.trainer_callbacks()`` (or
+  ``callbacks=[ResetOptimizerState()]`` directly) reproduces that. Compare against plain training with the same
+  optimizer (``no_rescaling_restart`` in ``experiments/self_taught.py``): a restarted Adam memorises flipped labels
+  less than a persistent one, so a baseline with the persistent Adam overstates the gain. The restart works with
+  ``adam_preconditioner="differentiable"`` (what the original's ``higher`` Adam differentiates): ``sqrt(v)`` has
+  a zero derivative at ``v = 0``, e.g. for TF-IDF words absent from a batch.
+- **Features are not detached** (the original computes them without gradient; ``detach_features=True``): the
+  hypergradient then is the exact derivative of the bilevel objective, including the path θ' → features → Ω on
+  the meta batch.
 - BatchNorm keeps no running statistics (``track_running_stats=False``): the rescaler always standardises over the
   batch it sees, which is what the original does in training, and weights do not depend on the module's mode.
 
@@ -78,10 +120,47 @@ from ..core.problem import Forward, WeightedTerms
 from ..data.batch import Batch
 from ..losses import check_class_targets, cross_entropy_terms
 from .base import META_DATA_SOURCES, MetaContext, MetaObjective
-from .self_taught_features import compute_features, dropout_passes, feature_dim
+from .self_taught_features import StatsMemory, compute_features, dropout_passes, feature_dim
 
 BN_SCOPES = ("class", "batch")
 SINGLETON_POLICIES = ("error", "neutral")
+INITS = ("torch", "original")
+ORIGINAL_INIT_STD = 0.02  # Hugging Face's initializer_range, which modeling.py's post_init applies to the rescalers
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "library": {"bn_scope": "class", "stats_window": 0, "init": "torch", "detach_features": False,
+                "restart_inner_optimizer": False},
+    "original": {"bn_scope": "batch", "stats_window": 1, "init": "original", "detach_features": True,
+                 "restart_inner_optimizer": True},
+}
+
+
+def resolve_preset(preset: Optional[str], **explicit: Any) -> Dict[str, Any]:
+    """The preset's option values, with every option passed explicitly (not ``None``) taking precedence.
+
+    Example:
+        >>> resolve_preset("original", bn_scope="class", stats_window=None, init=None, detach_features=None,
+        ...                restart_inner_optimizer=None)["bn_scope"]
+        'class'
+    """
+    name = preset or "library"
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)} (or None for 'library'), got {preset!r}")
+    unknown = sorted(set(explicit) - set(PRESETS[name]))
+    if unknown:
+        raise ValueError(f"not preset options: {unknown}")
+    return {k: (explicit[k] if explicit.get(k) is not None else v) for k, v in PRESETS[name].items()}
+
+
+def batch_key(batch: Batch) -> Any:
+    """What identifies a batch to the statistics memory: its sample indices, else its labels and a checksum of
+    its inputs (not the tensor's address, which a later batch may reuse)."""
+    if batch.index is not None:
+        return ("index", tuple(batch.index.reshape(-1).tolist()))
+    x = batch.inputs
+    labels = tuple(batch.targets.reshape(-1).tolist())
+    if torch.is_tensor(x):
+        return ("content", tuple(x.shape), float(x.detach().double().sum()), labels)
+    return ("object", id(x), labels)
 
 
 class RescalerNet(nn.Sequential):
@@ -116,18 +195,38 @@ class SelfTaughtRescaler(MetaObjective):
         meta_data: ``"train"`` (meta batches from the noisy training set; the method) or ``"loader"``.
         input_dropout: dropout applied to the inputs of passes ``1..G-1`` (for models without dropout, as the
             original does for TF-IDF features).
-        bn_scope: ``"class"`` (default) or ``"batch"`` (the original code; see module docs).
+        bn_scope: ``"class"`` (the library preset) or ``"batch"`` (the original code; see module docs).
         singleton: with ``bn_scope="class"``, a class with a single sample in a batch is an error (``"error"``)
             or gets the neutral weight 0.5 without gradient (``"neutral"``; for rare classes).
         meta_lr: Adam learning rate of the rescalers (1e-2 in the paper).
         loss_fn: per-sample loss ``(logits, targets) -> (batch,)``; cross-entropy by default.
+        preset: ``"library"`` (default; also ``None``) or ``"original"``: the values of the five options below
+            that are not passed explicitly (module docs: what each preset sets and why).
+        stats_window: group statistics over the current batch (``0``) or over a per-class memory of the last
+            ``stats_window · B`` samples of each class, reset every epoch (``>= 1``; the original's ``1``).
+        init: rescaler initialisation, ``"torch"`` (PyTorch's default) or ``"original"`` (N(0, 0.02), biases 0).
+        detach_features: compute the features without gradient (the original) or keep it (the library).
+        restart_inner_optimizer: whether :meth:`trainer_callbacks` holds a :class:`ResetOptimizerState`.
+
+    Example:
+        >>> obj = SelfTaughtRescaler(2, preset="original", bn_scope="class")
+        >>> obj.bn_scope, obj.stats_window, obj.init, obj.detach_features, obj.restart_inner_optimizer
+        ('class', 1, 'original', True, True)
+        >>> [type(cb).__name__ for cb in obj.trainer_callbacks()]
+        ['ResetOptimizerState']
     """
 
     def __init__(self, num_classes: int, passes: int = 3, features: str = "full", class_separation: bool = True,
                  meta_loss_rescaling: bool = True, meta_learning: bool = True, meta_data: str = "train",
-                 input_dropout: float = 0.0, bn_scope: str = "class", singleton: str = "error", meta_lr: float = 1e-2,
-                 meta_weight_decay: float = 0.0, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
+                 input_dropout: float = 0.0, bn_scope: Optional[str] = None, singleton: str = "error",
+                 meta_lr: float = 1e-2, meta_weight_decay: float = 0.0,
+                 loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, preset: Optional[str] = None,
+                 stats_window: Optional[int] = None, init: Optional[str] = None,
+                 detach_features: Optional[bool] = None, restart_inner_optimizer: Optional[bool] = None):
         super().__init__()
+        chosen = resolve_preset(preset, bn_scope=bn_scope, stats_window=stats_window, init=init,
+                                detach_features=detach_features, restart_inner_optimizer=restart_inner_optimizer)
+        bn_scope, stats_window, init = chosen["bn_scope"], chosen["stats_window"], chosen["init"]
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not isinstance(passes, int) or passes < 1:
@@ -140,6 +239,19 @@ class SelfTaughtRescaler(MetaObjective):
             raise ValueError(f"singleton must be one of {SINGLETON_POLICIES}, got {singleton!r}")
         if meta_lr < 0:
             raise ValueError(f"meta_lr must be >= 0, got {meta_lr}")
+        if isinstance(stats_window, bool) or not isinstance(stats_window, int) or stats_window < 0:
+            raise ValueError(f"stats_window must be an integer >= 0 (0: the current batch; k: the last k batches' "
+                             f"worth of samples per class), got {stats_window!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.preset = preset or "library"
+        self.stats_window = stats_window
+        self.init = init
+        self.detach_features = bool(chosen["detach_features"])
+        self.restart_inner_optimizer = bool(chosen["restart_inner_optimizer"])
+        # group-statistics memories of training (inner) and meta (outer) batches; emptied by on_epoch_end
+        self.memories = ({"train": StatsMemory(stats_window), "meta": StatsMemory(stats_window)}
+                         if stats_window else {})
         self.num_classes = num_classes
         self.passes = passes
         self.features = features
@@ -155,6 +267,11 @@ class SelfTaughtRescaler(MetaObjective):
         self.meta_weight_decay = meta_weight_decay
         self.loss_fn = loss_fn or cross_entropy_terms
         self.rescalers = nn.ModuleList(RescalerNet(self.d) for _ in range(num_classes if class_separation else 1))
+        if init == "original":
+            for layer in self.rescalers.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, 0.0, ORIGINAL_INIT_STD)
+                    nn.init.zeros_(layer.bias)
         if not meta_learning:
             self.rescalers.requires_grad_(False)
 
@@ -163,15 +280,22 @@ class SelfTaughtRescaler(MetaObjective):
     def uses_hypergradient(self) -> bool:  # type: ignore[override]
         return self.meta_learning
 
-    def features_of(self, forward: Forward, batch: Batch):
-        """``(features (B, d), loss terms of pass 0 (B,))`` of a batch under the bound ``forward``."""
+    def features_of(self, forward: Forward, batch: Batch, memory: str = "train"):
+        """``(features (B, d), loss terms of pass 0 (B,))`` of a batch under the bound ``forward``.
+
+        ``memory`` names the statistics memory the batch's group statistics use and join (``"train"`` or
+        ``"meta"``; only with ``stats_window >= 1``)."""
         losses, logits = dropout_passes(forward, batch.inputs, batch.targets, self.passes, self.input_dropout,
                                         self.loss_fn)
         check_class_targets(logits[0], batch.targets)
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"the model outputs {logits.shape[-1]} classes but the rescaler was built for "
                              f"num_classes={self.num_classes}")
-        feats = compute_features(self.features, losses, logits, batch.targets, by_class=self.class_separation)
+        if self.memories and memory not in self.memories:
+            raise ValueError(f"memory must be one of {sorted(self.memories)}, got {memory!r}")
+        f_losses, f_logits = (losses.detach(), logits.detach()) if self.detach_features else (losses, logits)
+        feats = compute_features(self.features, f_losses, f_logits, batch.targets, by_class=self.class_separation,
+                                 memory=self.memories.get(memory), key=batch_key(batch))
         return feats, losses[0]
 
     def rescale(self, feats: Tensor, targets: Tensor) -> Tensor:
@@ -205,20 +329,37 @@ class SelfTaughtRescaler(MetaObjective):
             raise ValueError(f"the rescaler's BatchNorm needs at least 2 samples, but {what} has {n}. Use a larger "
                              "batch (DataLoader(drop_last=True) avoids a final batch of 1).")
 
-    def weights(self, forward: Forward, batch: Batch):
-        feats, terms = self.features_of(forward, batch)
+    def weights(self, forward: Forward, batch: Batch, memory: str = "train"):
+        feats, terms = self.features_of(forward, batch, memory)
         return self.rescale(feats, batch.targets), terms
 
     # ---- the two losses -------------------------------------------------------------------------------------
     def inner_terms(self, forward: Forward, batch: Batch) -> WeightedTerms:
-        w, terms = self.weights(forward, batch)
+        w, terms = self.weights(forward, batch, "train")
         return WeightedTerms(terms, w.to(terms.dtype), report=w)
 
     def outer_loss(self, forward: Forward, batch: Batch) -> Tensor:
         if not self.meta_loss_rescaling:
             return self.loss_fn(forward(batch.inputs), batch.targets).sum()
-        w, terms = self.weights(forward, batch)
+        w, terms = self.weights(forward, batch, "meta")
         return (w.to(terms.dtype) * terms).sum()
+
+    # ---- the statistics memory and the trainer-side part of a preset ----------------------------------------
+    def reset_memory(self) -> None:
+        """Empty the training and meta statistics memories (no-op with ``stats_window=0``)."""
+        for mem in self.memories.values():
+            mem.reset()
+
+    def on_epoch_end(self, context: MetaContext, epoch: int) -> Optional[Dict[str, float]]:
+        """Empty the statistics memories: each epoch starts with none, as in the original code."""
+        self.reset_memory()
+        return None
+
+    def trainer_callbacks(self) -> List[Callback]:
+        """The trainer callbacks this configuration needs: ``[ResetOptimizerState()]`` with
+        ``restart_inner_optimizer`` (the original preset), else ``[]``. Pass them as
+        ``MetaTrainer(..., callbacks=objective.trainer_callbacks())``."""
+        return [ResetOptimizerState()] if self.restart_inner_optimizer else []
 
     # ---- "w/o meta learning": plain weighted steps with the fixed rescaler ------------------------------------
     def meta_step(self, context: MetaContext, batches: List[Batch], meta_batch: Batch) -> Dict[str, float]:
@@ -246,4 +387,5 @@ class ResetOptimizerState(Callback):
         trainer.optimizer.state.clear()
 
 
-__all__ = ["SelfTaughtRescaler", "RescalerNet", "ResetOptimizerState", "BN_SCOPES", "SINGLETON_POLICIES"]
+__all__ = ["SelfTaughtRescaler", "RescalerNet", "ResetOptimizerState", "BN_SCOPES", "SINGLETON_POLICIES", "PRESETS",
+           "INITS", "resolve_preset"]

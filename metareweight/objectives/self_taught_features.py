@@ -10,13 +10,17 @@ Tab. 1, in the order of the original code)::
 - ``μ``/``σ``: mean and (unbiased) std over the ``G`` passes (``σ = 0`` when ``G = 1``);
 - ``CAT``: agreement, 1 when the majority vote of the passes predicts the label (a tie is broken by pass 0);
 - ``gm``/``gs``: mean and (unbiased) std over the sample's *group*: the samples of the memory with the same
-  label class and the same agreement category. The memory is the current batch (the paper's ``m_size = B``,
-  the code's ``stats_window=1``). A group of one sample has ``gs = 1e-8``, as in the original code;
+  label class and the same agreement category. Without a :class:`StatsMemory` the memory is the current batch.
+  With one (the original code's ``Filter``) it is, per label class, the last ``stats_window · B`` samples of that
+  class seen since the memory was last reset, the current batch included (``B``: the batch size), so with the
+  original's default ``stats_window=1`` it spans the previous batch(es) too: about ``C`` batches' worth for
+  ``C`` balanced classes. A group of one sample has ``gs = 1e-8``, as in the original code;
 - ``KL = KL(N(μℓ, σℓ) ‖ N(gm(μℓ), gm(σℓ)))`` (0 when a std is 0) and ``OVL`` the overlap coefficient of the same
   two Gaussians (stds floored at ``1e-8``, as :meth:`statistics.NormalDist.overlap` needs).
 
-Nothing is detached: the features are differentiable functions of the model's outputs (the agreement flag and the
-group split are piecewise constant), so hypergradients through ``θ'`` see them exactly. The "loss only" ablation
+Nothing of the current batch is detached: the features are differentiable functions of the model's outputs (the
+agreement flag and the group split are piecewise constant), so hypergradients through ``θ'`` see them exactly; the
+statistics of earlier batches held in a :class:`StatsMemory` are constants. The "loss only" ablation
 uses ``[ℓ_i, CAT_i]``.
 
 Example:
@@ -33,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -162,36 +166,136 @@ def dropout_passes(forward: Callable[[Tensor], Tensor], inputs, targets: Tensor,
     return losses, logits
 
 
+def sample_stats(losses: Tensor, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+    """Each sample's own statistics over the passes: ``mu_l``, ``sd_l``, ``mu_p``, ``sd_p`` (``(batch,)``), the
+    agreement flag ``agree`` (bool) and its ``label``; what a :class:`StatsMemory` keeps."""
+    probs = torch.softmax(logits, -1).amax(-1)
+    return {"mu_l": losses.mean(0), "sd_l": pass_std(losses), "mu_p": probs.mean(0), "sd_p": pass_std(probs),
+            "agree": agreement(logits, targets), "label": targets}
+
+
+class StatsMemory:
+    """The samples the group statistics are taken over, kept across batches (the original code's ``Filter``).
+
+    Per label class (one pool for all samples when ``by_class=False``) it holds the :func:`sample_stats` of the
+    last ``window · B`` samples of that class, ``B`` the largest batch seen; :meth:`pool` adds the current batch
+    to them. Statistics of earlier batches are stored detached. Call :meth:`reset` at the end of each epoch (the
+    original builds a fresh memory per epoch), and keep separate memories for training and meta batches.
+
+    A batch is identified by ``key`` (e.g. its sample indices): a second call with the same key as the previous
+    call *replaces* that batch instead of adding it again, so evaluating the same batch twice (the trainer's
+    no-grad record pass, finite-difference checks) neither double-counts it nor pushes older samples out.
+    The memory is not part of a checkpoint: a run resumed mid-epoch continues that epoch with an empty memory.
+
+    Example:
+        >>> mem = StatsMemory(window=1)
+        >>> y = torch.tensor([0, 1, 0, 1])
+        >>> stats = {"mu_l": torch.ones(4), "label": y}
+        >>> pool, pos = mem.pool(stats, key="batch 1")
+        >>> len(pool["mu_l"]), len(mem)
+        (4, 4)
+        >>> pool, pos = mem.pool({"mu_l": torch.zeros(4), "label": y}, key="batch 2")
+        >>> pool["mu_l"].tolist()  # per class the last B = 4 samples: 2 from batch 1, then 2 from batch 2
+        [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+        >>> pool["mu_l"][pos].tolist()  # where the current batch's samples sit in the pool
+        [0.0, 0.0, 0.0, 0.0]
+        >>> mem.reset(); len(mem)
+        0
+    """
+
+    def __init__(self, window: int = 1):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"the statistics memory window (in batches) must be an integer >= 1, got {window!r}")
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sample (the original code starts each epoch with an empty memory)."""
+        self._past: Dict[int, Dict[str, Tensor]] = {}
+        self._last: Optional[Tuple[Hashable, Dict[int, Dict[str, Tensor]]]] = None
+        self._batch_size = 0
+
+    def __len__(self) -> int:
+        """How many samples are remembered (at most ``window · B`` per class)."""
+        counts: Dict[int, int] = {c: int(v["label"].shape[0]) for c, v in self._past.items()}
+        for c, v in (self._last[1].items() if self._last else ()):
+            counts[c] = counts.get(c, 0) + int(v["label"].shape[0])
+        return sum(min(n, self._capacity()) for n in counts.values())
+
+    def _capacity(self) -> int:
+        return self.window * self._batch_size
+
+    def _commit(self, chunk: Dict[int, Dict[str, Tensor]]) -> None:
+        cap = self._capacity()
+        for c, new in chunk.items():
+            old = self._past.get(c)
+            merged = new if old is None else {k: torch.cat([old[k], new[k].to(old[k])]) for k in new}
+            self._past[c] = {k: v[-cap:] for k, v in merged.items()}
+
+    def pool(self, stats: Dict[str, Tensor], key: Hashable, by_class: bool = True) -> Tuple[Dict[str, Tensor], Tensor]:
+        """``(pool, positions)``: each statistic over the remembered samples of the current batch's classes plus
+        the current batch, and the positions of the current batch's samples in it (in batch order). The current
+        batch's values are used as given (with their gradient); it is remembered (detached) for later calls."""
+        labels = stats["label"]
+        n = int(labels.shape[0])
+        self._batch_size = max(self._batch_size, n)
+        if self._last is not None and self._last[0] != key:
+            self._commit(self._last[1])
+        cap = self._capacity()
+        classes = labels if by_class else torch.zeros_like(labels)
+        parts: Dict[str, list] = {k: [] for k in stats}
+        positions = torch.empty(n, dtype=torch.long, device=labels.device)
+        offset = 0
+        current: Dict[int, Dict[str, Tensor]] = {}
+        for c in torch.unique(classes).tolist():
+            idx = (classes == c).nonzero().squeeze(1)
+            old = self._past.get(c)
+            keep = 0 if old is None else max(0, min(int(old["label"].shape[0]), cap - idx.numel()))
+            for k, v in stats.items():
+                if keep:
+                    parts[k].append(old[k][old[k].shape[0] - keep:].to(v))
+                parts[k].append(v[idx])
+            positions[idx] = offset + keep + torch.arange(idx.numel(), device=labels.device)
+            offset += keep + idx.numel()
+            current[c] = {k: v[idx].detach() for k, v in stats.items()}
+        self._last = (key, current)
+        return {k: torch.cat(v) for k, v in parts.items()}, positions
+
+
 def storm_features(losses: Tensor, logits: Tensor, targets: Tensor, *, by_class: bool = True,
-                   by_agreement: bool = True) -> Tensor:
+                   by_agreement: bool = True, memory: Optional[StatsMemory] = None,
+                   key: Hashable = None) -> Tensor:
     """The 19 features of :data:`FEATURE_NAMES`, shape ``(batch, 19)``, from :func:`dropout_passes` outputs.
 
     Args:
         by_class: split the group statistics by label class (off for the "w/o class separation" ablation,
             as the original code does).
         by_agreement: split them by agreement category too.
+        memory: take the group statistics over this :class:`StatsMemory` plus the batch (which it then
+            remembers under ``key``) instead of over the batch alone.
     """
-    agree = agreement(logits, targets)
-    probs = torch.softmax(logits, -1).amax(-1)
-    mu_l, sd_l = losses.mean(0), pass_std(losses)
-    mu_p, sd_p = probs.mean(0), pass_std(probs)
-    groups = torch.zeros_like(targets)
-    if by_class:
-        groups = targets.clone()
+    cur = sample_stats(losses, logits, targets)
+    pick = lambda v: v  # noqa: E731  (no memory: the pool is the batch; no indexing, so gradients sum as before)
+    pool = cur
+    if memory is not None:
+        pool, pos = memory.pool(cur, key, by_class=by_class)
+        pick = lambda v: v[pos]  # noqa: E731
+    groups = pool["label"].clone() if by_class else torch.zeros_like(pool["label"])
     if by_agreement:
-        groups = 2 * groups + agree.long()
+        groups = 2 * groups + pool["agree"].long()
     k = int(groups.max()) + 1
     feats = []
-    stats = {}
-    for name, v in (("mu_l", mu_l), ("sd_l", sd_l), ("mu_p", mu_p), ("sd_p", sd_p)):
-        gm, gs = group_stats(v, groups, k)
-        stats[name] = gm
-        feats += [v, gm, gs]
-    kl = gaussian_kl(mu_l, sd_l, stats["mu_l"], stats["sd_l"])
-    ovl = normal_overlap(mu_l, sd_l.clamp_min(EPS), stats["mu_l"], stats["sd_l"].clamp_min(EPS))
+    means = {}
+    for name in ("mu_l", "sd_l", "mu_p", "sd_p"):
+        gm, gs = group_stats(pool[name], groups, k)
+        means[name] = gm
+        feats += [pick(pool[name]), pick(gm), pick(gs)]
+    kl = gaussian_kl(pool["mu_l"], pool["sd_l"], means["mu_l"], means["sd_l"])
+    ovl = normal_overlap(pool["mu_l"], pool["sd_l"].clamp_min(EPS), means["mu_l"], means["sd_l"].clamp_min(EPS))
     for v in (kl, ovl):
-        feats += [v, *group_stats(v, groups, k)]
-    feats.append(agree.to(losses.dtype))
+        gm, gs = group_stats(v, groups, k)
+        feats += [pick(v), pick(gm), pick(gs)]
+    feats.append(cur["agree"].to(losses.dtype))
     return torch.stack(feats, 1)
 
 
@@ -201,10 +305,13 @@ def loss_only_features(losses: Tensor, logits: Tensor, targets: Tensor) -> Tenso
 
 
 def compute_features(kind: str, losses: Tensor, logits: Tensor, targets: Tensor, *, by_class: bool = True,
-                     by_agreement: bool = True) -> Tensor:
-    """Dispatch on the feature set name (``"full"`` or ``"loss"``)."""
+                     by_agreement: bool = True, memory: Optional[StatsMemory] = None,
+                     key: Hashable = None) -> Tensor:
+    """Dispatch on the feature set name (``"full"`` or ``"loss"``; the latter has no group statistics, so it
+    ignores ``memory``)."""
     if kind == "full":
-        return storm_features(losses, logits, targets, by_class=by_class, by_agreement=by_agreement)
+        return storm_features(losses, logits, targets, by_class=by_class, by_agreement=by_agreement,
+                              memory=memory, key=key)
     if kind == "loss":
         return loss_only_features(losses, logits, targets)
     raise ValueError(f"unknown feature set {kind!r}; choose one of {sorted(FEATURE_SETS)}")
@@ -216,6 +323,7 @@ def feature_dim(kind: str) -> int:
     return len(FEATURE_SETS[kind])
 
 
-__all__ = ["FEATURE_NAMES", "LOSS_ONLY_NAMES", "FEATURE_SETS", "dropout_passes", "storm_features",
+__all__ = ["FEATURE_NAMES", "LOSS_ONLY_NAMES", "FEATURE_SETS", "dropout_passes", "storm_features", "sample_stats",
+           "StatsMemory",
            "loss_only_features", "compute_features", "feature_dim", "gaussian_kl", "normal_overlap", "agreement",
            "group_stats", "pass_std", "safe_sqrt"]
