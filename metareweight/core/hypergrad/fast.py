@@ -327,7 +327,9 @@ class Fast(HypergradMethod):
                             .clamp_min(1e-30)) for a, b in zip(ours, true))
         err = _agree_max(err, ctx)  # every rank must take the same path
         self._verified.add(model)
-        if err <= 1e-3:
+        # under autocast autograd's own weight gradients are rounded to bf16/fp16 (ours accumulate in float32)
+        low = any(c.output.dtype in (torch.bfloat16, torch.float16) for c in train.calls)
+        if err <= (5e-2 if low else 1e-3):
             return False
         self._coupled.add(model)
         _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
@@ -654,9 +656,12 @@ def _padding_has_no_derivative(module, args, output):
 def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> Tensor:
     """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
     (dropout masks) so that it differentiates the same function."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     cpu, cuda = rng
+    # the math attention kernel: the fused ones (flash, CPU and GPU) have no forward-mode derivative
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda is not None else []), \
-            torch.no_grad(), fwAD.dual_level():
+            torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
