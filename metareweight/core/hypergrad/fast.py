@@ -397,8 +397,14 @@ class Fast(HypergradMethod):
                     g_step[n] = None  # W'(0) below; the update itself enters as a low-rank correction
                 else:
                     g_step[n] = _param_grad(n, w, tcalls, deltas, memo)
-            scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in g_step.items()}, state)
-            new_theta, new_state = opt.step(theta_d, g_step, state)
+            fused = {} if self.lookahead else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+                                               for n, g in g_step.items() if g is not None
+                                               and opt.hypers[n].kind == "adam" and opt.preconditioner == "fixed"}
+            rest = {n: g for n, g in g_step.items() if n not in fused}
+            scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in rest.items()}, state)
+            new_theta, new_state = opt.step(theta_d, rest, state)
+            for n, (new, p) in fused.items():  # (the optimizer state after the step is only needed for lookahead)
+                new_theta[n], scale[n] = new, p
             for n in plan.lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
             grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], ctx) for n in sorted(plan.gram)}
@@ -616,6 +622,28 @@ class _LowRankUpdate(torch.autograd.Function):
 def _cat(parts: List[Tensor]) -> Tensor:
     """``torch.cat`` without the copy when there is a single part."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
+    """``(θ', P)`` of one Adam/AdamW step with the preconditioner held fixed, in a few in-place passes (the
+    functional optimizer's ``step`` + ``linear_scale`` allocate a tensor per operation, which on a 30k-token embedding
+    cost more than the matrix products): ``P = (lr/bc1)(1−β1)/denom`` and
+    ``θ' = θ·(1 − lr·wd) − P ⊙ (β1/(1−β1)·m + g)`` (decoupled decay; L2 decay is added to ``g``). Equal to
+    ``FunctionalOptimizer.step`` and ``linear_scale`` (the Adam tests of ``tests/test_fast.py`` compare them)."""
+    t = float(st.get("step", 0.0)) + 1
+    bc1, bc2 = 1 - h.beta1 ** t, 1 - h.beta2 ** t
+    if h.weight_decay and not h.decoupled:
+        g = g + h.weight_decay * p
+    P = torch.mul(g, g).mul_(1 - h.beta2)
+    if "exp_avg_sq" in st:
+        P.add_(st["exp_avg_sq"], alpha=h.beta2)
+    if h.amsgrad and "max_exp_avg_sq" in st:
+        torch.maximum(P, st["max_exp_avg_sq"], out=P)
+    P.sqrt_().div_(bc2 ** 0.5).add_(h.eps).reciprocal_().mul_(h.lr / bc1 * (1 - h.beta1))
+    new = p * (1 - h.lr * h.weight_decay) if h.weight_decay and h.decoupled else p.clone()
+    if "exp_avg" in st:
+        new.addcmul_(st["exp_avg"], P, value=-h.beta1 / (1 - h.beta1))
+    return new.addcmul_(g, P, value=-1.0), P
 
 
 def _zero_gradient_step(h, p: Tensor, st) -> Tensor:
