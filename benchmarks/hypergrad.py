@@ -63,6 +63,7 @@ ARCHS = ["mlp256", "mlp1024", "mlp4096", "cnn", "resnet", "resnet_bn", "minilm_a
          "minilm_frozen"]
 PEERS_RUN_ON = ("mlp", "cnn", "resnet")  # higher / TorchOpt: the SGD models
 BERT_BATCH, BERT_TOKENS, CNN_BATCH = 16, 64, 64
+DEVICE = torch.device("cpu")  # --device cuda: models, batches and the weight net on the GPU, wall time synchronised
 METHODS = ["plain", "unrolled", "fast", "finite_difference", "higher", "torchopt", "fast_k5", "unrolled_k5"]
 BATCH = 128
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
@@ -185,11 +186,11 @@ def _weighted_real_step(model, opt, objective, batch):
 
 def make_runner(method: str, arch: str) -> Callable[[], None]:
     """A closure that performs one training step of ``method`` on its own copy of the model."""
-    model = make_model(arch)
+    model = make_model(arch).to(DEVICE)
     opt = make_optimizer(arch, model)
-    train, meta = make_batches(arch)
+    train, meta = ([b.to(DEVICE) for b in bs] for bs in make_batches(arch))
     train_it, meta_it = itertools.cycle(train), itertools.cycle(meta)
-    objective = MetaWeightNet(hidden=100)
+    objective = MetaWeightNet(hidden=100).to(DEVICE)
     phi = objective.meta_parameters()
 
     if method == "plain":
@@ -286,10 +287,14 @@ def interleaved(arch: str, methods: List[str], reps: int, warmup: int,
 
 
 def time_arch(arch: str, methods: List[str], reps: int, steps: int, warmup: int) -> Dict[str, Dict[str, float]]:
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+
     def measure(run):
+        sync()
         c0, w0 = time.process_time(), time.perf_counter()
         for _ in range(steps):
             run()
+        sync()
         return (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
 
     rec = interleaved(arch, methods, reps, warmup, measure)
@@ -428,6 +433,8 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU read the wall-time ratios; the memory "
+                                                     "measurement is CPU RSS and is skipped there)")
     ap.add_argument("--adam-gap", action="store_true", help="only measure fixed vs differentiable Adam hypergradients")
     ap.add_argument("--breakdown", action="store_true",
                     help="only split each method's step into matrix products and the rest (torch.profiler)")
@@ -443,6 +450,10 @@ def main(argv=None):
         args.out.write_text(json.dumps({"adam_fixed_vs_differentiable": adam_gap()}, indent=2))
         return print(args.out.read_text())
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        args.no_memory = True
     torch.set_num_threads(1)
     archs = args.archs or (["mlp256"] if args.quick else ARCHS)
     methods = args.methods or METHODS
@@ -462,7 +473,8 @@ def main(argv=None):
     result = {"settings": {"batch": BATCH, "meta_batch": BATCH, "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, "
                            f"weight_decay={WD})", "cnn32_batch": CNN_BATCH,
                            "bert_batch": f"{BERT_BATCH} x {BERT_TOKENS} tokens", "weight_net": "MetaWeightNet(hidden=100)", "threads": 1,
-                           "reps": reps, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)},
+                           "reps": reps, "device": (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"),
+                           "command": " ".join([os.path.basename(sys.executable)] + sys.argv)},
               "env": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
                       "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
               "not_run": {"betty": "python_requires <3.11 (this is Python %s): cannot be installed"
