@@ -120,19 +120,28 @@ def test_layer_and_rms_norm_have_closed_forms(kind, opt):
 
 
 class Attention(nn.Module):
-    """``nn.MultiheadAttention`` (self-attention with a key padding mask) between a token embedding and a head."""
+    """``nn.MultiheadAttention`` (self-attention with a key padding mask, optionally a causal ``attn_mask``) between a
+    token embedding and a head."""
 
-    def __init__(self):
+    def __init__(self, batch_first=True, need_weights=False, causal=False):
         super().__init__()
         self.emb = nn.Embedding(20, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
         self.norm = nn.LayerNorm(8)
         self.head = nn.Linear(8, 3)
+        self.batch_first, self.need_weights, self.causal = batch_first, need_weights, causal
 
     def forward(self, idx):
         h = self.emb(idx)
-        a, _ = self.attn(h, h, h, key_padding_mask=idx == 0, need_weights=False)
-        return self.head(self.norm(h + a).mean(1))
+        x = h if self.batch_first else h.transpose(0, 1)
+        T = idx.shape[1]
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1) if self.causal else None
+        a, w = self.attn(x, x, x, key_padding_mask=idx == 0, need_weights=self.need_weights, attn_mask=mask)
+        a = a if self.batch_first else a.transpose(0, 1)
+        out = self.norm(h + a).mean(1)
+        if w is not None:  # the averaged attention weights feed the output too
+            out = out + w.mean((1, 2)).unsqueeze(1)
+        return self.head(out)
 
 
 def token_batch(n, seed):
@@ -142,16 +151,33 @@ def token_batch(n, seed):
     return Batch(idx, torch.randint(0, 3, (n,), generator=g))
 
 
-def test_multihead_attention_projections_are_exact(fresh_announcements):
-    problem = _problem(Attention(), token_batch, "momentum")
+@pytest.mark.parametrize("batch_first,need_weights,causal", [(True, False, False), (False, True, True)])
+def test_multihead_attention_projections_take_closed_forms(batch_first, need_weights, causal, fresh_announcements):
+    problem = _problem(Attention(batch_first, need_weights, causal), token_batch, "momentum")
+    method = Fast(gram="never")
+    grads, announced = _fast_warnings(lambda: method(problem).grads)
+    assert announced == [] and set(method.last_paths.values()) == {"direct"}, method.last_paths
+    assert {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight"} <= set(method.last_paths)
+    with sdpa_kernel(SDPBackend.MATH):  # the CPU flash kernel has no double backward (unrolled needs it)
+        _assert_close(grads, Unrolled()(problem).grads)
+        _assert_close(Fast(gram="always")(problem).grads, Unrolled()(problem).grads)
+    assert type(problem.model.attn).forward is nn.MultiheadAttention.forward  # the capture left the module alone
+    assert "forward" not in vars(problem.model.attn)
+
+
+def test_cross_attention_falls_back_to_the_jvp_path_announced(fresh_announcements):
+    class Cross(Attention):
+        def forward(self, idx):
+            h = self.emb(idx)
+            a, _ = self.attn(h, h.flip(1), h.flip(1), need_weights=False)
+            return self.head(self.norm(h + a).mean(1))
+
+    problem = _problem(Cross(), token_batch, "momentum")
     method = Fast()
     grads, announced = _fast_warnings(lambda: method(problem).grads)
-    routes = method.last_paths
-    jvp = sorted(n for n, r in routes.items() if r == "jvp")
-    if jvp:  # the projections run inside F.multi_head_attention_forward: announced as the exact JVP fallback
-        assert len(announced) == 1 and "no closed form" in announced[0] and all(n in announced[0] for n in jvp)
-    assert routes["emb.weight"] == "direct" and routes["norm.weight"] == "direct"
-    with sdpa_kernel(SDPBackend.MATH):  # the CPU flash kernel has no double backward (unrolled needs it)
+    assert len(announced) == 1 and "no closed form" in announced[0] and "attn.in_proj_weight" in announced[0]
+    assert method.last_paths["attn.in_proj_weight"] == "jvp" and method.last_paths["emb.weight"] == "direct"
+    with sdpa_kernel(SDPBackend.MATH):
         _assert_close(grads, Unrolled()(problem).grads)
 
 

@@ -114,38 +114,67 @@ def capture_calls(model: nn.Module, transform: Transform, names: Optional[Mappin
     handles = []
     lookup = names or {}
 
+    def record(module: nn.Module, rule: LayerRule, a: Tensor, output: Tensor) -> Tensor:
+        """Record one call (``a``: the rule's captured activation); returns the output to use downstream."""
+        w, b = rule.weight(module), rule.bias(module)
+        wn, bn = (None if t is None else lookup.get(id(t)) for t in (w, b))
+        if (names is not None and wn is None and bn is None) or (only is not None and wn not in only):
+            return output  # (looked up per call: functional_call substitutes the parameters only during the forward)
+        call = LayerCall(module, rule, a, output, wn, bn)
+        if rule.broadcast and batch_size and batch_size > 1 and a.dim() and a.shape[0] == 1 \
+                and output.dim() and output.shape[0] == 1:
+            call.input = a.expand(batch_size, *a.shape[1:])
+            call.output = output.expand(batch_size, *output.shape[1:])
+        replaced = transform(module, call)
+        if replaced is not None:
+            call.output = replaced
+        calls.append(call)
+        return call.output
+
     def hook(module, args, output):
         rule = rule_for(module)
         if rule is None or not torch.is_tensor(output):
             return None
         w, b = rule.weight(module), rule.bias(module)
-        wn, bn = (None if t is None else lookup.get(id(t)) for t in (w, b))
-        if (names is not None and wn is None and bn is None) or (only is not None and wn not in only):
-            return None  # (looked up per call: functional_call substitutes the parameters only during the forward)
+        if names is not None and not any(t is not None and id(t) in lookup for t in (w, b)):
+            return None
         a = rule.capture(module, args, output)
         if a is None:
             return None
-        call = LayerCall(module, rule, a, output, wn, bn)
-        new = None
-        if rule.broadcast and batch_size and batch_size > 1 and a.dim() and a.shape[0] == 1 \
-                and output.dim() and output.shape[0] == 1:
-            call.input = a.expand(batch_size, *a.shape[1:])
-            new = call.output = output.expand(batch_size, *output.shape[1:])
-        replaced = transform(module, call)
-        if replaced is not None:
-            new = call.output = replaced
-        calls.append(call)
-        return new
+        new = record(module, rule, a, output)
+        return None if new is output else new
 
+    overridden = []
     if only is None or only:
         for m in model.modules():
-            if rule_for(m) is not None:
+            rule = rule_for(m)
+            if rule is None:
+                continue
+            if getattr(rule, "composite", False):  # the rule runs the forward itself (restored on exit)
+                overridden.append((m, m.__dict__.get("forward")))
+                m.forward = _composite_forward(m, rule, record)
+            else:
                 handles.append(m.register_forward_hook(hook))
     try:
         yield calls
     finally:
         for h in handles:
             h.remove()
+        for m, own in reversed(overridden):
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def _composite_forward(module: nn.Module, rule: LayerRule, record):
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        out = rule.forward(module, record, *args, **kwargs)
+        return original(*args, **kwargs) if out is NotImplemented else out
+
+    return forward
 
 
 def leaf_uses(roots: Sequence[Tensor], leaves: Mapping[int, str]) -> Dict[str, int]:

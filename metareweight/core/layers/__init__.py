@@ -1,7 +1,7 @@
 """Closed-form layer rules for the fast hypergradient, one file per layer type, registered by module type.
 
 Built in: ``Linear`` (direct and Gram forms), ``Conv1d/2d/3d``, ``Embedding`` (incl. lookups broadcast over the
-batch), ``LayerNorm``, ``RMSNorm``. Add your own with :func:`register_layer_rule` (see :mod:`.base`).
+batch), ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections (self-attention). Add your own with :func:`register_layer_rule` (see :mod:`.base`).
 
 Example:
     >>> import torch
@@ -9,6 +9,7 @@ Example:
     ('layer_norm', True)
 """
 
+from .attention import InProjectionRule, MultiheadAttentionRule
 from .base import LayerRule, register_layer_rule, rule_for
 from .conv import ConvRule
 from .embedding import EmbeddingRule
@@ -17,4 +18,4 @@ from .linear import LinearRule
 from .rms_norm import RMSNormRule
 
 __all__ = ["LayerRule", "register_layer_rule", "rule_for", "LinearRule", "ConvRule", "EmbeddingRule",
-           "ElementwiseAffineRule", "LayerNormRule", "RMSNormRule"]
+           "ElementwiseAffineRule", "LayerNormRule", "RMSNormRule", "MultiheadAttentionRule", "InProjectionRule"]

@@ -54,6 +54,7 @@ class LayerRule:
     kind: str = "custom"
     gram: bool = False
     broadcast: bool = False
+    composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
 
     # ---- which modules and parameters -------------------------------------------------------------------
     def applies(self, module: nn.Module) -> bool:

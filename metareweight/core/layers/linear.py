@@ -21,7 +21,7 @@ class LinearRule(LayerRule):
         return (delta @ u).reshape(a.shape[0], -1).sum(1)
 
     def weight_grad(self, module, a, delta):
-        out_f, in_f = module.weight.shape
+        out_f, in_f = self.weight(module).shape
         return delta.reshape(-1, out_f).T @ a.reshape(-1, in_f)
 
     def bias_grad(self, module, a, delta):
