@@ -23,7 +23,7 @@ class ConvRule(LayerRule):
         return u.reshape(-1, *([1] * (like.dim() - 2)))
 
     def bias_dot(self, module, a, delta, u):
-        return (delta.movedim(1, -1) @ u).reshape(a.shape[0], -1).sum(1)
+        return delta.sum(tuple(range(2, delta.dim()))) @ u.to(delta.dtype)  # spatial sums first: no transposed copy
 
     def weight_grad(self, module, a, delta):
         w = module.weight
@@ -35,7 +35,7 @@ class ConvRule(LayerRule):
         return super().weight_grad(module, a, delta)  # padding="same" or a non-zero padding mode
 
     def bias_grad(self, module, a, delta):
-        return delta.movedim(1, -1).reshape(-1, delta.shape[1]).sum(0)
+        return delta.sum((0, *range(2, delta.dim())))
 
 
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
