@@ -9,7 +9,8 @@ One call runs these phases (:meth:`Fast.__call__`):
 
 1. **capture** — the train forward with hooks on every layer that has a closed-form rule
    (:mod:`metareweight.core.layers`: ``Linear`` over any leading dims, ``Conv1d/2d/3d``, ``Embedding`` incl. lookups
-   broadcast over the batch, ``LayerNorm``, ``RMSNorm``, user-registered rules), recording ``(a_i, z_i)``;
+   broadcast over the batch, ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections, user-registered
+   rules: :func:`metareweight.register_layer_rule`), recording ``(a_i, z_i)``;
 2. **classify** — each trainable parameter takes the *direct* closed form (all its uses are captured, batched calls),
    or the exact forward-mode *JVP* fallback (no rule, or used outside its layer; announced once); a model whose
    samples interact (BatchNorm with batch statistics, announced; or a coupling found by the first-call check that
@@ -402,9 +403,12 @@ class Fast(HypergradMethod):
                                                and opt.hypers[n].kind == "adam" and opt.preconditioner == "fixed"}
             rest = {n: g for n, g in g_step.items() if n not in fused}
             scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in rest.items()}, state)
-            new_theta, new_state = opt.step(theta_d, rest, state)
+            sgd = {} if self.lookahead else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+                                             for n, g in rest.items() if g is not None and opt.hypers[n].kind == "sgd"}
+            new_theta, new_state = opt.step(theta_d, {n: g for n, g in rest.items() if n not in sgd}, state)
             for n, (new, p) in fused.items():  # (the optimizer state after the step is only needed for lookahead)
                 new_theta[n], scale[n] = new, p
+            new_theta.update(sgd)
             for n in plan.lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
             grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], ctx) for n in sorted(plan.gram)}
@@ -644,6 +648,19 @@ def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
     if "exp_avg" in st:
         new.addcmul_(st["exp_avg"], P, value=-h.beta1 / (1 - h.beta1))
     return new.addcmul_(g, P, value=-1.0), P
+
+
+def _sgd_step(h, p: Tensor, g: Tensor, st) -> Tensor:
+    """``θ'`` of one SGD step (momentum, dampening, nesterov, L2 weight decay) with two or three allocations instead
+    of the functional optimizer's five; equal to ``FunctionalOptimizer.step`` (``tests/test_fast.py`` compares the
+    hypergradients with ``unrolled`` and a central difference for each variant)."""
+    if h.weight_decay:
+        g = torch.add(g, p, alpha=h.weight_decay)
+    if h.momentum:
+        buf = st.get("momentum_buffer")
+        d = g if buf is None else torch.mul(buf, h.momentum).add_(g, alpha=1 - h.dampening)
+        g = torch.add(g, d, alpha=h.momentum) if h.nesterov else d
+    return torch.add(p, g, alpha=-h.lr)
 
 
 def _zero_gradient_step(h, p: Tensor, st) -> Tensor:
