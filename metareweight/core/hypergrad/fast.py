@@ -398,13 +398,15 @@ class Fast(HypergradMethod):
                     g_step[n] = None  # W'(0) below; the update itself enters as a low-rank correction
                 else:
                     g_step[n] = _param_grad(n, w, tcalls, deltas, memo)
-            fused = {} if self.lookahead else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
-                                               for n, g in g_step.items() if g is not None
-                                               and opt.hypers[n].kind == "adam" and opt.preconditioner == "fixed"}
+            # in-place steps unless the state is needed (lookahead) or the optimizer's step is its own (data-parallel)
+            own = self.lookahead or ctx is not None or type(opt).step is not FunctionalOptimizer.step
+            fused = {} if own else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+                                    for n, g in g_step.items() if g is not None
+                                    and opt.hypers[n].kind == "adam" and opt.preconditioner == "fixed"}
             rest = {n: g for n, g in g_step.items() if n not in fused}
             scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in rest.items()}, state)
-            sgd = {} if self.lookahead else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
-                                             for n, g in rest.items() if g is not None and opt.hypers[n].kind == "sgd"}
+            sgd = {} if own else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+                                  for n, g in rest.items() if g is not None and opt.hypers[n].kind == "sgd"}
             new_theta, new_state = opt.step(theta_d, {n: g for n, g in rest.items() if n not in sgd}, state)
             for n, (new, p) in fused.items():  # (the optimizer state after the step is only needed for lookahead)
                 new_theta[n], scale[n] = new, p
