@@ -1,14 +1,24 @@
 """Step time and added peak memory of one Meta-Weight-Net training step, as multiples of plain training.
 
 Configurations: plain training (forward, mean cross-entropy, backward, SGD step: the floor); this library's
-``MetaTrainer`` with ``unrolled``, ``fast`` and ``finite_difference`` (one meta step per train step) and ``fast`` /
+``MetaStep`` (what each ``MetaTrainer`` step runs, weights recorded) with ``unrolled``, ``fast`` and ``finite_difference`` (one meta step per train step) and ``fast`` /
 ``unrolled`` with ``meta_interval=5``; the peers higher (``innerloop_ctx``) and TorchOpt (``MetaSGD``) running the same
 step (virtual SGD step on the weighted loss, meta-gradient of the clean meta loss into the weight net, Adam on it,
 then the real re-weighted step). Betty is not run: it declares ``python_requires <3.11`` and cannot be installed here.
 
 Models: MLP 64→H→H→10 for H = 256/1024/4096 and a small CNN (two 3×3 convs, 32 and 64 channels) on 8×8 digits
 (sklearn's bundled copy, 40 % symmetric label noise); train and meta batches of 128; SGD(lr 0.1, momentum 0.9, weight
-decay 5e-4); ``torch.set_num_threads(1)``.
+decay 5e-4); ``torch.set_num_threads(1)``. Architectures users train (random init, random data: step time does not
+depend on the values):
+
+- ``resnet`` / ``resnet_bn``: a ResNet-style CNN on 3×32×32 inputs (3×3 stem, two residual blocks at 16 channels, a
+  strided block to 32, global average pool, Linear), batch 64, without / with BatchNorm (train mode);
+- ``minilm_adamw`` / ``minilm_sgd`` / ``minilm_lora`` / ``minilm_frozen``: a BERT with all-MiniLM-L6-v2's shapes
+  (``transformers.BertConfig(hidden 384, 6 layers, 12 heads, intermediate 1536, vocab 30522)``, eager attention, no
+  dropout), 16 sequences × 64 tokens (some padded) for train and meta batches, 2 classes: full fine-tuning with
+  AdamW(lr 2e-5, weight decay 0.01; ``adam_preconditioner="fixed"``) and with SGD(lr 0.01, momentum 0.9); LoRA r=8 on
+  query/value (peft) with AdamW(lr 1e-3); a frozen encoder (and pooler) with only the classifier trained by AdamW.
+  The peers higher and TorchOpt run the SGD models only (MLPs, CNNs).
 
 Time: every configuration of a model lives in one process and is timed in interleaved blocks (the order rotates
 each repetition); each block's time is divided by the plain block of the same repetition and the median of these
@@ -46,17 +56,83 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metareweight import MetaTrainer, MetaWeightNet  # noqa: E402
+from metareweight import MetaStep, MetaWeightNet, WeightHistory  # noqa: E402
 from metareweight.data import Batch  # noqa: E402
 
-ARCHS = ["mlp256", "mlp1024", "mlp4096", "cnn"]
+ARCHS = ["mlp256", "mlp1024", "mlp4096", "cnn", "resnet", "resnet_bn", "minilm_adamw", "minilm_sgd", "minilm_lora",
+         "minilm_frozen"]
+PEERS_RUN_ON = ("mlp", "cnn", "resnet")  # higher / TorchOpt: the SGD models
+BERT_BATCH, BERT_TOKENS, CNN_BATCH = 16, 64, 64
+DEVICE = torch.device("cpu")  # --device cuda: models, batches and the weight net on the GPU, wall time synchronised
 METHODS = ["plain", "unrolled", "fast", "finite_difference", "higher", "torchopt", "fast_k5", "unrolled_k5"]
 BATCH = 128
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 
 
+class ResNetCNN(nn.Module):
+    """A ResNet-style CNN for 3×32×32 inputs: stem, two residual blocks at 16 channels, one strided to 32."""
+
+    def __init__(self, batch_norm: bool, classes: int = 10):
+        super().__init__()
+        norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
+
+        def conv(i, o, stride=1):
+            return nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=not batch_norm)
+
+        self.stem = nn.Sequential(conv(3, 16), norm(16), nn.ReLU())
+        self.blocks = nn.ModuleList([nn.Sequential(conv(16, 16), norm(16), nn.ReLU(), conv(16, 16), norm(16))
+                                     for _ in range(2)])
+        self.down = nn.Sequential(conv(16, 32, 2), norm(32), nn.ReLU(), conv(32, 32), norm(32))
+        self.skip = nn.Conv2d(16, 32, 1, stride=2)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = torch.relu(h + block(h))
+        h = torch.relu(self.skip(h) + self.down(h))
+        return self.head(h.mean((2, 3)))
+
+
+class BertClassifier(nn.Module):
+    """``BertForSequenceClassification`` called the HF way on ``(B, L, 2)`` inputs (token ids, attention mask)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        import transformers
+        cfg = transformers.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                      intermediate_size=1536, vocab_size=30522, num_labels=2,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                      attn_implementation="eager")
+        bert = transformers.BertForSequenceClassification(cfg)
+        if mode == "lora":
+            import peft
+            bert = peft.get_peft_model(bert, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                             target_modules=["query", "value"]))
+        elif mode == "frozen":
+            for name, p in bert.named_parameters():
+                p.requires_grad_(name.startswith("classifier"))
+        self.bert = bert
+
+    def forward(self, x):
+        return self.bert(input_ids=x[..., 0], attention_mask=x[..., 1]).logits
+
+
+def make_optimizer(arch: str, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if arch == "minilm_sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    if arch.startswith("minilm"):
+        return torch.optim.AdamW(params, lr=1e-3 if arch == "minilm_lora" else 2e-5, weight_decay=0.01)
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+
 def make_model(arch: str) -> nn.Module:
     torch.manual_seed(0)
+    if arch.startswith("minilm"):
+        return BertClassifier(arch.split("_")[1])
+    if arch.startswith("resnet"):
+        return ResNetCNN(batch_norm=arch == "resnet_bn")
     if arch == "cnn":
         return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
                              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
@@ -65,14 +141,29 @@ def make_model(arch: str) -> nn.Module:
 
 
 def make_batches(arch: str, count: int = 8):
-    """Train batches (40 % symmetric noise) and clean meta batches from sklearn's digits."""
+    """Train batches (40 % symmetric noise) and clean meta batches from sklearn's digits; random images / tokens for
+    the ResNet and the BERT."""
+    g = torch.Generator().manual_seed(0)
+    if arch.startswith("minilm"):
+        def draw_tokens():
+            mask = torch.ones(BERT_BATCH, BERT_TOKENS, dtype=torch.long)
+            for i, n in enumerate(torch.randint(BERT_TOKENS // 2, BERT_TOKENS + 1, (BERT_BATCH,), generator=g)):
+                mask[i, int(n):] = 0
+            ids = torch.randint(1000, 30522, (BERT_BATCH, BERT_TOKENS), generator=g) * mask
+            return Batch(torch.stack([ids, mask], -1), torch.randint(0, 2, (BERT_BATCH,), generator=g),
+                         torch.arange(BERT_BATCH))
+        return [draw_tokens() for _ in range(count)], [draw_tokens() for _ in range(count)]
+    if arch.startswith("resnet"):
+        def draw_images():
+            return Batch(torch.randn(CNN_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (CNN_BATCH,), generator=g),
+                         torch.arange(CNN_BATCH))
+        return [draw_images() for _ in range(count)], [draw_images() for _ in range(count)]
     from sklearn.datasets import load_digits
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
     if arch == "cnn":
         x = x.reshape(-1, 1, 8, 8)
-    g = torch.Generator().manual_seed(0)
     noisy = y.clone()
     flip = torch.rand(len(y), generator=g) < 0.4
     noisy[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
@@ -95,11 +186,11 @@ def _weighted_real_step(model, opt, objective, batch):
 
 def make_runner(method: str, arch: str) -> Callable[[], None]:
     """A closure that performs one training step of ``method`` on its own copy of the model."""
-    model = make_model(arch)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    train, meta = make_batches(arch)
+    model = make_model(arch).to(DEVICE)
+    opt = make_optimizer(arch, model)
+    train, meta = ([b.to(DEVICE) for b in bs] for bs in make_batches(arch))
     train_it, meta_it = itertools.cycle(train), itertools.cycle(meta)
-    objective = MetaWeightNet(hidden=100)
+    objective = MetaWeightNet(hidden=100).to(DEVICE)
     phi = objective.meta_parameters()
 
     if method == "plain":
@@ -112,9 +203,17 @@ def make_runner(method: str, arch: str) -> Callable[[], None]:
 
     if method in ("unrolled", "fast", "finite_difference", "fast_k5", "unrolled_k5"):
         name, _, k = method.partition("_k")
-        trainer = MetaTrainer(model, opt, train, objective=objective, meta_loader=meta, hypergrad=name,
-                              meta_interval=int(k or 1), progress=False)
-        return lambda: trainer._run_group([next(train_it)])
+        history, steps, interval = WeightHistory(), itertools.count(), int(k or 1)
+        stepper = MetaStep(model, opt, objective, name, adam_preconditioner="fixed",
+                           record=lambda b, w: history.record(stepper.global_step, 0, b.index, w))
+
+        def step():  # what MetaTrainer does per step: a meta step every `interval` steps, the weights recorded
+            b = next(train_it)
+            if next(steps) % interval == 0:
+                stepper.step([b], next(meta_it))
+            else:
+                stepper.plain_step([b])
+        return step
 
     meta_opt = objective.make_meta_optimizer()
 
@@ -157,6 +256,11 @@ def make_runner(method: str, arch: str) -> Callable[[], None]:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
+def methods_for(arch: str, methods: List[str]) -> List[str]:
+    """The peers (higher, TorchOpt) run the same SGD step as the library: only on the SGD models."""
+    return [m for m in methods if m not in ("higher", "torchopt") or arch.startswith(PEERS_RUN_ON)]
+
+
 def available(methods: List[str]) -> Dict[str, str]:
     """Methods whose peer library is missing, with the reason."""
     missing = {}
@@ -191,10 +295,14 @@ def interleaved(arch: str, methods: List[str], reps: int, warmup: int,
 
 
 def time_arch(arch: str, methods: List[str], reps: int, steps: int, warmup: int) -> Dict[str, Dict[str, float]]:
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+
     def measure(run):
+        sync()
         c0, w0 = time.process_time(), time.perf_counter()
         for _ in range(steps):
             run()
+        sync()
         return (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
 
     rec = interleaved(arch, methods, reps, warmup, measure)
@@ -315,6 +423,11 @@ def targets(result) -> Dict[str, object]:
     wide5 = [a for a in wide if "fast_k5" in t[a]]
     if wide5:
         out["fast meta_interval=5 <= 1.3x plain"] = {a: round(t[a]["fast_k5"]["ratio_cpu"], 2) for a in wide5}
+    goals = {"minilm_adamw": 2.5, "minilm_sgd": 2.5, "minilm_lora": 1.8, "minilm_frozen": 1.5, "resnet": 2.5,
+             "resnet_bn": 3.0}
+    for arch, goal in goals.items():
+        if arch in t and "fast" in t[arch]:
+            out[f"fast <= {goal}x plain on {arch}"] = round(t[arch]["fast"]["ratio_cpu"], 2)
     if "mlp4096" in mem and "fast" in mem["mlp4096"]:
         out["fast added peak memory <= 1.5x plain's at width 4096"] = round(mem["mlp4096"]["fast"]["ratio"], 2)
     return out
@@ -328,6 +441,8 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU read the wall-time ratios; the memory "
+                                                     "measurement is CPU RSS and is skipped there)")
     ap.add_argument("--adam-gap", action="store_true", help="only measure fixed vs differentiable Adam hypergradients")
     ap.add_argument("--breakdown", action="store_true",
                     help="only split each method's step into matrix products and the rest (torch.profiler)")
@@ -343,6 +458,10 @@ def main(argv=None):
         args.out.write_text(json.dumps({"adam_fixed_vs_differentiable": adam_gap()}, indent=2))
         return print(args.out.read_text())
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        args.no_memory = True
     torch.set_num_threads(1)
     archs = args.archs or (["mlp256"] if args.quick else ARCHS)
     methods = args.methods or METHODS
@@ -360,29 +479,33 @@ def main(argv=None):
                       f"rest x{r['other_ratio']:.2f} ({r['other_ms']:.1f} ms)  matmul share {r['matmul_share']:.0%}")
         return None
     result = {"settings": {"batch": BATCH, "meta_batch": BATCH, "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, "
-                           f"weight_decay={WD})", "weight_net": "MetaWeightNet(hidden=100)", "threads": 1,
-                           "reps": reps, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)},
+                           f"weight_decay={WD})", "cnn32_batch": CNN_BATCH,
+                           "bert_batch": f"{BERT_BATCH} x {BERT_TOKENS} tokens", "weight_net": "MetaWeightNet(hidden=100)", "threads": 1,
+                           "reps": reps, "device": (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"),
+                           "command": " ".join([os.path.basename(sys.executable)] + sys.argv)},
               "env": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
                       "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
               "not_run": {"betty": "python_requires <3.11 (this is Python %s): cannot be installed"
                                    % platform.python_version(), **skipped},
               "time": {}, "memory": {}}
     for arch in archs:
-        wide = arch in ("mlp4096",)
+        wide = arch in ("mlp4096",) or arch.startswith(("minilm", "resnet"))
         steps = 5 if (wide or args.quick) else 10  # a multiple of 5 so meta_interval=5 averages whole cycles
+        warmup = 2 if args.quick or arch.startswith("minilm") else 5
         print(f"[time] {arch} ...", flush=True)
-        result["time"][arch] = time_arch(arch, methods, reps, steps, warmup=2 if args.quick else 5)
+        arch_methods = methods_for(arch, methods)
+        result["time"][arch] = time_arch(arch, arch_methods, reps, steps, warmup=warmup)
         if not args.no_memory:
             print(f"[memory] {arch} ...", flush=True)
-            mem_methods = ["plain", "fast"] if args.quick else methods
-            result["memory"][arch] = memory_arch(arch, [m for m in methods if m in mem_methods], steps=5)
+            mem_methods = ["plain", "fast"] if args.quick else arch_methods
+            result["memory"][arch] = memory_arch(arch, [m for m in arch_methods if m in mem_methods], steps=5)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result["targets"] = targets(result)
         args.out.write_text(json.dumps(result, indent=2))
     for arch, rows in result["time"].items():
         for m, r in rows.items():
             mem = result["memory"].get(arch, {}).get(m, {})
-            print(f"{arch:8s} {m:18s} time x{r['ratio_cpu']:.2f} (wall x{r['ratio_wall']:.2f}, {r['ms_cpu']:.1f} ms)"
+            print(f"{arch:13s} {m:18s} time x{r['ratio_cpu']:.2f} (wall x{r['ratio_wall']:.2f}, {r['ms_cpu']:.1f} ms)"
                   + (f"  added peak {mem['added_mib']:.0f} MiB (x{mem['ratio']:.2f})" if mem else ""))
     print(json.dumps(result["targets"], indent=1))
 

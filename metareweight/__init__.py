@@ -13,6 +13,7 @@ from .callbacks import Callback, JsonlLogger, read_jsonl
 from .core import (BilevelProblem, FiniteDifference, FunctionalOptimizer, HypergradMethod, HypergradResult, Neumann,
                    Unrolled, WeightedTerms, available_methods, get_hypergradient)
 from .core.hypergrad import Fast
+from .core.layers import LayerRule, register_layer_rule
 from .data import (Batch, IndexedDataset, MissingIndexWarning, TensorIndexedDataset, as_batch, long_tailed_indices,
                    pair_noise, symmetric_noise, with_index)
 from .distributed import distributed_sampler
@@ -40,6 +41,7 @@ __all__ = [
     # the bilevel core and its hypergradient methods
     "BilevelProblem", "WeightedTerms", "HypergradResult", "HypergradMethod", "FunctionalOptimizer",
     "Unrolled", "Fast", "FiniteDifference", "Neumann", "available_methods", "get_hypergradient", "Collectives",
+    "LayerRule", "register_layer_rule",
     # data, noise and analysis
     "Batch", "as_batch", "IndexedDataset", "TensorIndexedDataset", "symmetric_noise", "pair_noise",
     "long_tailed_indices", "WeightHistory", "auroc", "cross_entropy_terms", "NonFiniteLossError",

@@ -47,10 +47,9 @@ Example (single process: every helper is the identity):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -76,10 +75,6 @@ class DistributedContext(Collectives):
     @property
     def enabled(self) -> bool:  # type: ignore[override]
         return self.world_size > 1
-
-    @property
-    def local(self) -> bool:  # type: ignore[override]
-        return super().local or _LEGACY_LOCAL[0] > 0
 
     def _all_reduce_mean_(self, tensors: List[Tensor]) -> None:
         for bucket in _buckets(tensors):
@@ -163,23 +158,6 @@ def global_mean(t: Tensor, collectives: Optional[Collectives] = None) -> Tensor:
     single-process direction of the global batch.
     """
     return t if collectives is None else collectives.differentiable_mean([t])[0]
-
-
-# ---- transitional: core/hypergrad/fast.py still enters reduction_scope(DistributedContext()) around its forward-mode
-# pass; until it calls problem.collectives.suspended() instead, that keeps every context's reductions local there.
-_LEGACY_LOCAL = [0]
-
-
-@contextlib.contextmanager
-def reduction_scope(ctx: DistributedContext) -> Iterator[None]:
-    """Deprecated: with a single-process ``ctx``, make every context's reductions local inside the block (what
-    :meth:`Collectives.suspended` does for one context); with an enabled one, nothing."""
-    local = not ctx.enabled
-    _LEGACY_LOCAL[0] += local
-    try:
-        yield
-    finally:
-        _LEGACY_LOCAL[0] -= local
 
 
 # ---- coalesced collectives (functions of a context, kept for callers of the earlier API) ---------------------------

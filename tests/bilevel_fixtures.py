@@ -147,6 +147,7 @@ class Centered(nn.Module):
 MODELS = {
     "mlp": mlp, "cnn": SmallCNN, "embedding": EmbeddingModel, "tied": TiedModel, "seq": SeqModel,
     "shared": SharedModel, "layernorm": lambda: norm_mlp(nn.LayerNorm(7)),
+    "groupnorm": lambda: norm_mlp(nn.GroupNorm(1, 7)), "rmsnorm": lambda: norm_mlp(nn.RMSNorm(7)),
     "batchnorm": lambda: norm_mlp(nn.BatchNorm1d(7)), "centered": lambda: norm_mlp(Centered()),
 }
 

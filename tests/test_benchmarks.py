@@ -53,3 +53,18 @@ def test_hypergrad_benchmark_quick_runs(tmp_path):
     path = tmp_path / "bench.json"
     bench.main(["--quick", "--no-memory", "--out", str(path)])
     assert path.exists()
+
+
+@pytest.mark.parametrize("arch", ["resnet", "resnet_bn"])
+def test_resnet_runners_take_a_step(arch):
+    for method in ("plain", "fast", "fast_k5"):
+        bench.make_runner(method, arch)()
+
+
+@pytest.mark.slow  # builds four 22 M-parameter BERTs
+@pytest.mark.parametrize("arch", ["minilm_adamw", "minilm_sgd", "minilm_lora", "minilm_frozen"])
+def test_minilm_runners_take_a_step(arch):
+    pytest.importorskip("transformers")
+    if arch == "minilm_lora":
+        pytest.importorskip("peft")
+    bench.make_runner("fast", arch)()

@@ -17,6 +17,9 @@ LAYERS = {
     "conv2d_reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (5, 2, 6, 6)),
     "conv3d": (lambda: nn.Conv3d(2, 3, 2, bias=False), (5, 2, 4, 4, 4)),
     "embedding": (lambda: nn.Embedding(7, 4, padding_idx=0), None),
+    "layer_norm": (lambda: nn.LayerNorm(6), (5, 3, 6)),
+    "layer_norm_2d_shape": (lambda: nn.LayerNorm((3, 6)), (5, 3, 6)),
+    "rms_norm": (lambda: nn.RMSNorm(6, eps=1e-5), (5, 3, 6)),
 }
 
 

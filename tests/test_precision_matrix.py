@@ -11,7 +11,8 @@ from metareweight.validation import REFUSED_PRECISION
 
 from test_precision import _flat, _trainer
 
-TOLERANCE = {"unrolled": 2e-2, "neumann": 2e-2}  # relative L2 error vs float32; measured <= 0.93 % (seeds 0-3)
+TOLERANCE = {"unrolled": 2e-2, "neumann": 2e-2,  # relative L2 error vs float32; measured <= 0.93 % (seeds 0-3)
+             "fast": 3e-2}  # measured 0.32, 0.37, 0.43 and 2.18 % on seeds 1, 2, 3 and 0 (unrolled there: 0.93 %)
 
 
 @pytest.mark.parametrize("method", available_methods())

@@ -1,15 +1,17 @@
-"""Per-layer activations and output gradients, captured with forward hooks, for layers linear in their weight.
+"""Per-layer activations and output gradients, captured with forward hooks, for layers with a closed-form rule.
 
-For a layer ``z = op(a, W) + b`` that is linear in ``W`` (``Linear``, ``Conv1d/2d/3d``, ``Embedding``), the gradient of
-any per-sample loss is ``∇_W ℓ_i = op_a*(δ_i)`` (the adjoint of ``W ↦ op(a_i, W)`` applied to ``δ_i = ∂ℓ_i/∂z_i``), so
+For a layer ``z = op(a, W) + b`` that is linear in ``W`` (the rules of :mod:`metareweight.core.layers`: ``Linear``
+with any leading dims, ``Conv1d/2d/3d``, ``Embedding``, ``LayerNorm``, ``RMSNorm`` and any user-registered rule), the
+gradient of any per-sample loss is ``∇_W ℓ_i = op_a*(δ_i)`` (the adjoint of ``W ↦ op(a_i, W)`` applied to
+``δ_i = ∂ℓ_i/∂z_i``), so
 
     ∇_W ℓ_i · U = ⟨δ_i, op(a_i, U)⟩          (one forward of the layer with weight U, no per-sample gradient)
     Σ_i w_i ∇_W ℓ_i = op_a*(w ⊙ δ)           (the ordinary weight gradient with re-weighted output gradients)
 
-:class:`LayerCall` holds one call's ``(a, z)`` and implements these forms; :func:`capture_calls` records every call of
-the supported layers during a forward (a module called twice gives two calls: weight sharing); :func:`leaf_uses`
-counts how often each parameter enters an autograd graph, so a parameter also used outside its layer (and hence not
-covered by the captured calls) can be detected.
+:class:`LayerCall` holds one call's ``(a, z)`` and its rule; :func:`capture_calls` records every call of the hooked
+layers during a forward (a module called twice gives two calls: weight sharing); :func:`leaf_uses` counts how often
+each parameter enters an autograd graph, so a parameter also used outside its layer (and hence not covered by the
+captured calls) can be detected.
 
 Example:
     >>> import torch
@@ -24,144 +26,155 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Callable, Collection, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# exact types only: a subclass may override forward, and then the closed forms would not describe it
-CLOSED_FORM_TYPES = (nn.Linear, nn.Embedding) + _CONV
+from .layers import LayerRule, rule_for
 
 
 def closed_form_kind(module: nn.Module) -> Optional[str]:
-    """``"linear"``, ``"conv"`` or ``"embedding"`` if the module's weight gradient has a closed form, else None."""
-    t = type(module)
-    if t is nn.Linear:
-        return "linear"
-    if t in _CONV:
-        return "conv"
-    if t is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse:
-        return "embedding"  # max_norm edits the weight in place; scale_grad_by_freq couples samples
-    return None
+    """The ``kind`` of the rule registered for the module (``"linear"``, ``"conv"``, ...), or None."""
+    rule = rule_for(module)
+    return None if rule is None else rule.kind
 
 
 @dataclass
 class LayerCall:
-    """One call of a supported layer: its input ``a``, output ``z`` and the names of its parameters."""
+    """One call of a layer with a rule: its captured activation ``a`` (``input``), output ``z`` and the names of
+    its parameters. The closed forms are the rule's, applied to this call."""
 
     module: nn.Module
-    kind: str
+    rule: LayerRule
     input: Tensor
     output: Tensor
     weight: Optional[str]
     bias: Optional[str]
 
     @property
+    def kind(self) -> str:
+        return self.rule.kind
+
+    @property
     def samples(self) -> int:
         return self.input.shape[0] if self.input.dim() else 0
 
     def batched(self) -> bool:
-        """Whether dim 0 of the input can index samples (Conv needs the batched layout)."""
-        if self.kind == "conv":
-            return self.input.dim() == self.module.weight.dim()
-        return self.input.dim() >= (1 if self.kind == "embedding" else 2)
+        """Whether dim 0 of the activation can index samples."""
+        return self.input.dim() > 0 and self.rule.batched(self.module, self.input)
 
-    # ---- the layer's bias-free linear map and its adjoint ---------------------------------------------------
     def op(self, weight: Tensor) -> Tensor:
-        a = self.input
-        if self.kind == "linear":
-            return F.linear(a, weight)
-        if self.kind == "conv":
-            return self.module._conv_forward(a, weight, None)
-        return F.embedding(a, weight, self.module.padding_idx)
-
-    def _mask(self, delta: Tensor) -> Tensor:
-        """Zero the output gradient where an Embedding reads its padding row (that row gets no gradient)."""
-        if self.kind == "embedding" and self.module.padding_idx is not None:
-            return delta * (self.input != self.module.padding_idx).unsqueeze(-1).to(delta.dtype)
-        return delta
+        """The layer's bias-free output for weight ``weight`` (linear in it)."""
+        return self.rule.op(self.module, self.input, weight)
 
     def per_sample_dot(self, delta: Tensor, out: Tensor) -> Tensor:
         """``(B,)``: ``⟨δ_i, out_i⟩`` summed over every non-batch dimension."""
-        return (self._mask(delta) * out).reshape(self.samples, -1).sum(1)
+        return self.rule.per_sample_dot(self.module, self.input, delta, out)
 
     def bias_dot(self, delta: Tensor, u: Tensor) -> Tensor:
         """``(B,)``: ``∇_b ℓ_i · u``."""
-        d = delta.movedim(1, -1) if self.kind == "conv" else delta
-        return (d @ u).reshape(self.samples, -1).sum(1)
+        return self.rule.bias_dot(self.module, self.input, delta, u)
 
     def weight_grad(self, delta: Tensor) -> Tensor:
         """``Σ_i ∇_W`` for output gradients ``delta`` (already weighted per sample)."""
-        w = self.module.weight
-        if self.kind == "linear":
-            return delta.reshape(-1, w.shape[0]).T @ self.input.reshape(-1, w.shape[1])
-        if self.kind == "embedding":
-            out = torch.zeros(w.shape, dtype=delta.dtype, device=delta.device)
-            return out.index_add_(0, self.input.reshape(-1), self._mask(delta).reshape(-1, w.shape[1]))
-        m = self.module
-        if m.padding_mode == "zeros" and not isinstance(m.padding, str) and w.dtype == delta.dtype == self.input.dtype:
-            # the convolution's weight backward alone (autograd through op() would first redo the forward)
-            return torch.ops.aten.convolution_backward(
-                delta, self.input, w.detach(), None, m.stride, m.padding, m.dilation, False, [0] * len(m.stride),
-                m.groups, [False, True, False])[1]
-        leaf = w.detach().requires_grad_()  # padding="same" or a non-zero padding mode: through the module's forward
-        with torch.enable_grad():
-            return torch.autograd.grad(self.op(leaf), leaf, delta)[0]
+        return self.rule.weight_grad(self.module, self.input, delta)
 
     def bias_grad(self, delta: Tensor) -> Tensor:
-        d = delta.movedim(1, -1) if self.kind == "conv" else delta
-        return d.reshape(-1, d.shape[-1]).sum(0)
+        return self.rule.bias_grad(self.module, self.input, delta)
 
     def rows(self, tensor: Tensor) -> Tensor:
-        """A Linear call's input or output as ``(rows, features)``, rows ordered sample-major."""
-        return tensor.reshape(-1, tensor.shape[-1])
+        """(Gram rules) the call's activation or output as ``(rows, features)``, rows ordered sample-major."""
+        return self.rule.rows(self.module, tensor)
 
     def detach(self) -> "LayerCall":
-        return LayerCall(self.module, self.kind, self.input.detach(), self.output.detach(), self.weight, self.bias)
+        return LayerCall(self.module, self.rule, self.input.detach(), self.output.detach(), self.weight, self.bias)
 
 
 Transform = Callable[[nn.Module, LayerCall], Optional[Tensor]]
 
 
 @contextlib.contextmanager
-def capture_calls(model: nn.Module, transform: Transform, names: Optional[Mapping[int, str]] = None
+def capture_calls(model: nn.Module, transform: Transform, names: Optional[Mapping[int, str]] = None, *,
+                  batch_size: Optional[int] = None, only: Optional[Collection[str]] = None
                   ) -> Iterator[List[LayerCall]]:
-    """Record each call of a supported layer inside ``model`` while the context is open.
+    """Record each call of a layer with a rule inside ``model`` while the context is open.
 
     Args:
         model: the module whose sub-modules are hooked (hooks are removed on exit).
         transform: ``transform(module, call)`` may return a replacement output (used for a low-rank weight update);
             the recorded ``call.output`` is what the layer finally returns.
         names: ``id(tensor) -> parameter name`` of the tensors substituted for the parameters (``functional_call``);
-            a call whose weight is not among them is recorded with ``weight=None``.
+            with it, only calls with a named weight or bias are recorded, and a call's unnamed parameters are None.
+        batch_size: the number of samples; a call of a ``broadcast`` rule with batch size 1 (a lookup shared by
+            every sample) has its activation and output expanded to it, so each sample gets its own gradient.
+        only: record only the calls whose weight name is in this collection.
     """
     calls: List[LayerCall] = []
     handles = []
+    lookup = names or {}
+
+    def record(module: nn.Module, rule: LayerRule, a: Tensor, output: Tensor) -> Tensor:
+        """Record one call (``a``: the rule's captured activation); returns the output to use downstream."""
+        w, b = rule.weight(module), rule.bias(module)
+        wn, bn = (None if t is None else lookup.get(id(t)) for t in (w, b))
+        if (names is not None and wn is None and bn is None) or (only is not None and wn not in only):
+            return output  # (looked up per call: functional_call substitutes the parameters only during the forward)
+        call = LayerCall(module, rule, a, output, wn, bn)
+        if rule.broadcast and batch_size and batch_size > 1 and a.dim() and a.shape[0] == 1 \
+                and output.dim() and output.shape[0] == 1:
+            call.input = a.expand(batch_size, *a.shape[1:])
+            call.output = output.expand(batch_size, *output.shape[1:])
+        replaced = transform(module, call)
+        if replaced is not None:
+            call.output = replaced
+        calls.append(call)
+        return call.output
 
     def hook(module, args, output):
-        kind = closed_form_kind(module)
-        if not args or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
+        rule = rule_for(module)
+        if rule is None or not torch.is_tensor(output):
             return None
-        lookup = names or {}
-        bias = getattr(module, "bias", None)
-        call = LayerCall(module, kind, args[0], output, lookup.get(id(module.weight)),
-                         None if bias is None else lookup.get(id(bias)))
-        new = transform(module, call)
-        if new is not None:
-            call.output = new
-        calls.append(call)
-        return new
+        w, b = rule.weight(module), rule.bias(module)
+        if names is not None and not any(t is not None and id(t) in lookup for t in (w, b)):
+            return None
+        a = rule.capture(module, args, output)
+        if a is None:
+            return None
+        new = record(module, rule, a, output)
+        return None if new is output else new
 
-    for m in model.modules():
-        if closed_form_kind(m) is not None:
-            handles.append(m.register_forward_hook(hook))
+    overridden = []
+    if only is None or only:
+        for m in model.modules():
+            rule = rule_for(m)
+            if rule is None:
+                continue
+            if getattr(rule, "composite", False):  # the rule runs the forward itself (restored on exit)
+                overridden.append((m, m.__dict__.get("forward")))
+                m.forward = _composite_forward(m, rule, record)
+            else:
+                handles.append(m.register_forward_hook(hook))
     try:
         yield calls
     finally:
         for h in handles:
             h.remove()
+        for m, own in reversed(overridden):
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def _composite_forward(module: nn.Module, rule: LayerRule, record):
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        out = rule.forward(module, record, *args, **kwargs)
+        return original(*args, **kwargs) if out is NotImplemented else out
+
+    return forward
 
 
 def leaf_uses(roots: Sequence[Tensor], leaves: Mapping[int, str]) -> Dict[str, int]:

@@ -38,7 +38,7 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None) -> Optio
 
     Args:
         weights: each sample's latest raw weight in (0, 1), e.g.
-            ``trainer.weights_history.latest(epoch=trainer.epoch - 1)["weight"]``.
+            the ``"weight"`` column of the weight history's ``latest(epoch=...)``.
         noisy: optional flags of the same samples (True = corrupted); enables the inverted-ranking check.
         meta_lr: the weight net's learning rate, quoted in the advice.
 

@@ -5,24 +5,34 @@ included; exact for SGD with momentum/nesterov/weight decay and for Adam/AdamW w
 
     dL_out/dφ = ∂L_out/∂φ|θ'  −  Σ_ik c_ik ∂w_ik/∂φ,      c_ik = ∇ℓ_ik(θ)ᵀ P ∇_θ' L_out(θ')
 
-The scalars ``c_ik`` come from forward hooks on layers linear in their weight (``Linear`` with any leading dims,
-``Conv1d/2d/3d``, ``Embedding``; see :mod:`metareweight.core.capture`): with ``U = P ⊙ ∇_W L_out``,
-``c_i = ⟨δ_i, op(a_i, U)⟩`` (*direct* form). When ``P`` is a scalar (the SGD family) and the layer is a ``Linear``,
-``∇_W L_out = Σ_j δ'_j a'_jᵀ`` is low rank, so ``c_i = P Σ_j (δ_i·δ'_j)(a_i·a'_j)`` (*Gram* form), and the meta
-forward runs at ``W'(0)`` plus the low-rank correction ``−P (a' Aᵀ)(w ⊙ Δ)`` without materialising ``W'``. The
-cheaper form is chosen per layer from the shapes.
+One call runs these phases (:meth:`Fast.__call__`):
 
-Other parameters (no closed form, or used outside their layer, detected by counting autograd edges) get their part
-of ``c_ik`` from one forward-mode JVP along ``P ∇L_out`` (exact; announced once). Models whose samples interact
-(BatchNorm using batch statistics, or any coupling found by the first-call check that Σ r_i δ_i a_iᵀ equals the true
-gradient for random r) take that JVP path for every parameter: still exact, never a per-sample shortcut.
+1. **capture** — the train forward with hooks on every layer that has a closed-form rule
+   (:mod:`metareweight.core.layers`: ``Linear`` over any leading dims, ``Conv1d/2d/3d``, ``Embedding`` incl. lookups
+   broadcast over the batch, ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections, user-registered
+   rules: :func:`metareweight.register_layer_rule`), recording ``(a_i, z_i)``;
+2. **classify** — each trainable parameter takes the *direct* closed form (all its uses are captured, batched calls),
+   or the exact forward-mode *JVP* fallback (no rule, or used outside its layer; announced once); a model whose
+   samples interact (BatchNorm with batch statistics, announced; or a coupling found by the first-call check that
+   ``Σ r_i ∇ℓ_i`` from the captures equals autograd's for random ``r``) takes the JVP path for every parameter;
+3. **δ** — the output gradients ``δ_ik = ∂ℓ_ik/∂z_i`` of the captured calls, one backward per term ``k``;
+4. **virtual step** — ``θ'`` from ``Σ w_ik ∇ℓ_ik`` replayed from the captures. A Linear weight on the *Gram* route
+   (``P`` a scalar, i.e. the SGD family, and fewer meta rows than features) stays at ``W'(0)``; its update enters
+   the meta forward as the low-rank correction ``−P (a' Aᵀ)(w ⊙ Δ)`` without materialising ``W'``;
+5. **meta forward** — ``L_out(θ')`` and its gradients: ``∇_θ' L_out`` for direct/JVP parameters, the meta output
+   gradients ``δ'`` for Gram layers;
+6. **c_ik** — direct form ``c_i = ⟨δ_i, op(a_i, U)⟩`` with ``U = P ⊙ ∇_W L_out``; Gram form
+   ``c_i = P Σ_j (δ_i·δ'_j)(a_i·a'_j)``; JVP ``∇ℓ_ik · (P ∇L_out)`` for the fallback parameters;
+7. **combine** — ``∂L_out/∂φ − ∂(Σ w_ik c_ik)/∂φ``.
 
 ``unroll_steps > 1`` is refused (use ``unrolled``), as is Adam with the differentiable preconditioner. In a
 data-parallel run (the synchronised optimizer of :mod:`metareweight.distributed`) the virtual step is the global
 one: the direct form averages ``∇_θ' L_out`` across ranks, and the Gram form gathers every rank's train rows
-``(A, Δ, w)`` for its low-rank correction and sums its per-row coefficients over the ranks' meta rows. The first
-JVP in a process loads torch's forward-mode decompositions (a few seconds).
-``real_step="lookahead"`` needs ``Fast(lookahead=True)``, which materialises the virtual parameters.
+``(A, Δ, w)`` for its low-rank correction and sums its per-row coefficients over the ranks' meta rows (every
+collective goes through the private functions at the end of this file). The first JVP in a process loads torch's
+forward-mode decompositions (a few seconds). ``real_step="lookahead"`` needs ``Fast(lookahead=True)``, which
+materialises the virtual parameters. Under mixed precision (bf16/fp16 autocast) the captures and output gradients
+are kept in the parameters' dtype, so the contractions run in float32.
 
 After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
 from the stored model outputs with the updated φ) from the captured ``(a_i, δ_i)``, while the parameters are unchanged;
@@ -38,7 +48,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -113,6 +123,56 @@ class _Capture:
 
 
 @dataclass
+class _TrainPass:
+    """Phase 1: the train forward at θ with its captured layer calls."""
+
+    theta: Dict[str, Tensor]
+    trainable: List[str]
+    calls: List[LayerCall]
+    terms: Tensor
+    weights: Tensor
+    uses: Dict[str, int]  # autograd edges from the terms into each trainable parameter
+    recorder: _Recorder
+    buffers: Dict[str, Tensor]
+    rng: Tuple[Tensor, Optional[List[Tensor]]]
+
+
+@dataclass
+class _Plan:
+    """Phase 2: the route of every used trainable parameter."""
+
+    used: List[str]
+    closed: Set[str]  # direct (or Gram) closed form
+    fallback: List[str]  # forward-mode JVP
+    coupled: bool
+    gram: Set[str] = field(default_factory=set)
+    lowrank: Set[str] = field(default_factory=set)  # Gram weights whose W' is not materialised
+
+    def route(self, name: str) -> str:
+        return "gram" if name in self.gram else "direct" if name in self.closed else "jvp"
+
+
+@dataclass
+class _Step:
+    """Phase 4: the virtual step."""
+
+    new_theta: Dict[str, Tensor]
+    new_state: dict
+    scale: Dict[str, Tensor]
+    grams: Dict[str, "_GramLayer"]
+
+
+@dataclass
+class _MetaPass:
+    """Phase 5: the meta loss at θ' and its gradients."""
+
+    outer: Tensor
+    gram_calls: List[Tuple[LayerCall, Optional[Tensor]]]  # Gram layers' meta calls and their output gradients
+    v: Dict[str, Optional[Tensor]]  # ∇_θ' L_out of the other parameters
+    direct: List[Tensor]  # ∂L_out/∂φ at fixed θ'
+
+
+@dataclass
 class Fast(HypergradMethod):
     """Exact one-step hypergradient from per-layer captures (see the module docs).
 
@@ -140,6 +200,11 @@ class Fast(HypergradMethod):
         self._verified = weakref.WeakSet()
         self._coupled = weakref.WeakSet()
 
+    @property
+    def returns_lookahead(self) -> bool:
+        """Whether results carry the virtual parameters (``real_step="lookahead"`` can commit them)."""
+        return self.lookahead
+
     # ---- entry point ----------------------------------------------------------------------------------------
     def __call__(self, problem: BilevelProblem) -> HypergradResult:
         if len(problem.train_batches) != 1:
@@ -152,10 +217,25 @@ class Fast(HypergradMethod):
             raise ValueError("hypergrad='fast' needs Adam's preconditioner held fixed: use "
                              "MetaTrainer(adam_preconditioner='fixed') or FunctionalOptimizer(preconditioner='fixed')")
         self._capture = None
-        try:
-            return self._run(problem, allow_gram=self.gram != "never")
-        except _MetaIncomplete:
-            return self._run(problem, allow_gram=False)
+        ctx = _collectives(problem)
+        train = self._capture_train(problem)
+        plan = self._classify(problem, train)
+        check = self._coupling_probe(problem, train, plan)
+        deltas, tcalls = self._output_grads(train, plan, keep_graph=check is not None or bool(plan.fallback))
+        if check is not None and self._samples_interact(problem.model, train, plan, check, tcalls, deltas, ctx):
+            plan = _Plan(plan.used, set(), list(plan.used), True)
+            tcalls, deltas = [], []
+        g_fallback = self._fallback_grads(train, plan)
+        self._choose_gram(problem, train, plan, tcalls, ctx)
+        step = self._virtual_step(problem, train, plan, tcalls, deltas, g_fallback, ctx)
+        meta = self._meta_pass(problem, train, plan, step, ctx)
+        c = self._coefficients(problem, train, plan, tcalls, deltas, step, meta)
+        grads = self._combine(problem, train.weights, c, meta.direct)
+
+        self.last_paths = {n: plan.route(n) for n in plan.used}
+        self._keep_for_replay(problem, train, plan, tcalls, deltas)
+        lookahead = (detach_params(step.new_theta), detach_state(step.new_state)) if self.lookahead else None
+        return HypergradResult(grads, float(meta.outer.detach()), lookahead)
 
     def replay(self, batch: Batch) -> Optional[Tuple[WeightedTerms, Dict[str, Tensor]]]:
         """The real step's ``(terms with current weights, Σ_ik w_ik ∇ℓ_ik by parameter name)`` for the batch of the
@@ -187,154 +267,203 @@ class Fast(HypergradMethod):
                         grads[n] = grads[n] + g(d) if n in grads else g(d)
         return wt, grads
 
-    # ---- the computation ------------------------------------------------------------------------------------
-    def _run(self, problem: BilevelProblem, allow_gram: bool) -> HypergradResult:
-        model, opt, batch = problem.model, problem.optimizer, problem.train_batches[0]
-        ctx = _data_parallel(opt)
+    # ---- 1. capture ----------------------------------------------------------------------------------------
+    def _capture_train(self, problem: BilevelProblem) -> _TrainPass:
+        model, batch = problem.model, problem.train_batches[0]
         theta = problem.leaf_params()
         trainable = problem.trainable(theta)
         ids = {id(theta[n]): n for n in trainable}
-        coupled = couples_samples(model) or model in self._coupled
         rng = _rng_state(theta)
         buffers = {k: v.clone() for k, v in problem.buffers.items()}
         recorder = _Recorder(bind(model, theta, buffers))
-        with capture_calls(model, lambda m, c: None, ids) as calls:
+        with capture_calls(model, lambda m, c: None, ids, batch_size=batch.size) as calls:
             wt = problem.inner(recorder, batch)
-        terms, weights = wt.terms, wt.weights
-        ensure_finite(terms.detach(), "the inner loss terms")
-        B, K = terms.shape
+        ensure_finite(wt.terms.detach(), "the inner loss terms")
+        return _TrainPass(theta, trainable, calls, wt.terms, wt.weights, leaf_uses([wt.terms], ids), recorder,
+                          buffers, rng)
 
-        uses = leaf_uses([terms], ids)
-        by_param: Dict[str, List[LayerCall]] = {}
-        for c in calls:
-            for n in {c.weight, c.bias} - {None}:
-                by_param.setdefault(n, []).append(c)
+    # ---- 2. classify ---------------------------------------------------------------------------------------
+    def _classify(self, problem: BilevelProblem, train: _TrainPass) -> _Plan:
+        model = problem.model
+        B = train.terms.shape[0]
+        used = [n for n in train.trainable if train.uses[n]]
+        batch_norm = couples_samples(model)
+        coupled = batch_norm or model in self._coupled
+        if batch_norm and self.closed_forms:
+            _announce(f"hypergrad='fast': {type(model).__name__} normalises with batch statistics (BatchNorm in "
+                      "train mode), so its samples interact; every parameter's part of the hypergradient comes from "
+                      "a forward-mode JVP (exact, slower). Put BatchNorm in eval mode or use GroupNorm/LayerNorm "
+                      "for the per-sample closed forms")
         closed: Set[str] = set()
         if self.closed_forms and not coupled:
-            closed = {n for n in trainable if uses[n] and len(by_param.get(n, ())) == uses[n]
+            by_param = _calls_by_param(train.calls)
+            closed = {n for n in used if len(by_param.get(n, ())) == train.uses[n]
                       and all(c.batched() and c.samples == B for c in by_param[n])}
-        used = [n for n in trainable if uses[n]]
         fallback = [n for n in used if n not in closed]
         if fallback and self.closed_forms and not coupled:
             _announce(f"hypergrad='fast': no closed form for {fallback} (layer type, or used outside its layer); "
-                      "their part of the hypergradient comes from a forward-mode JVP (exact, slower)")
-        tcalls = [c for c in calls if c.weight in closed or c.bias in closed]
+                      "their part of the hypergradient comes from a forward-mode JVP (exact, slower); "
+                      "metareweight.register_layer_rule adds a rule for a layer type")
+        return _Plan(used, closed, fallback, coupled)
 
-        g_fallback = {}
-        if fallback:
-            gs = torch.autograd.grad(terms, [theta[n] for n in fallback], grad_outputs=weights.detach(),
-                                     retain_graph=True, allow_unused=True)
-            g_fallback = {n: g for n, g in zip(fallback, gs)}
-        check = None
-        if closed and self.verify and model not in self._verified:
-            gen = torch.Generator(device=terms.device).manual_seed(0)  # leaves the global RNG (data order) alone
-            r = torch.randn(terms.shape, generator=gen, dtype=terms.dtype, device=terms.device)
-            names = sorted(closed)
-            check = (r, names, torch.autograd.grad(terms, [theta[n] for n in names], r, retain_graph=True))
+    def _coupling_probe(self, problem, train: _TrainPass, plan: _Plan):
+        """``(r, names, Σ_i r_i ∇ℓ_i by autograd)`` on the first call for a model, to check the attribution."""
+        if not (plan.closed and self.verify and problem.model not in self._verified):
+            return None
+        terms = train.terms
+        gen = torch.Generator(device=terms.device).manual_seed(0)  # leaves the global RNG (data order) alone
+        r = torch.randn(terms.shape, generator=gen, dtype=terms.dtype, device=terms.device)
+        names = sorted(plan.closed)
+        return r, names, torch.autograd.grad(terms, [train.theta[n] for n in names], r, retain_graph=True)
+
+    def _samples_interact(self, model, train, plan, check, tcalls, deltas, ctx) -> bool:
+        """Whether the captured per-sample attribution misses a coupling between samples (then announced)."""
+        r, names, true = check
+        with torch.no_grad():
+            ours = [_param_grad(n, r, tcalls, deltas, {}) for n in names]
+            total = torch.sqrt(sum(t.double().norm() ** 2 for t in true))
+            # relative to the larger norm, floored by 1e-4 of the whole gradient: a parameter whose gradient is zero
+            # for every sample (an attention key bias) is not coupling, but samples that cancel (a batch mean) are
+            err = max(float((a - b).norm() / torch.stack([a.norm(), b.norm(), 1e-4 * total.to(a.dtype)]).max()
+                            .clamp_min(1e-30)) for a, b in zip(ours, true))
+        err = _agree_max(err, ctx)  # every rank must take the same path
+        self._verified.add(model)
+        # under autocast autograd's own weight gradients are rounded to bf16/fp16 (ours accumulate in float32)
+        low = any(c.output.dtype in (torch.bfloat16, torch.float16) for c in train.calls)
+        if err <= (5e-2 if low else 1e-3):
+            return False
+        self._coupled.add(model)
+        _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
+                  f"off by {err:.1e}); using the exact JVP path for this model")
+        return True
+
+    # ---- 3. δ ----------------------------------------------------------------------------------------------
+    def _output_grads(self, train: _TrainPass, plan: _Plan, keep_graph: bool
+                      ) -> Tuple[List[List[Tensor]], List[LayerCall]]:
+        """``δ_ik`` for every captured call of a closed-form parameter (in the parameters' dtype), and the calls
+        detached (activations in the parameters' dtype too, so mixed precision contracts in float32)."""
+        tcalls = [c for c in train.calls if c.weight in plan.closed or c.bias in plan.closed]
+        K = train.terms.shape[1]
         deltas: List[List[Tensor]] = [[] for _ in tcalls]
         for k in range(K):
             if not tcalls:
                 break
-            gs = torch.autograd.grad(terms[:, k].sum(), [c.output for c in tcalls], retain_graph=k < K - 1,
-                                     allow_unused=True)
+            gs = torch.autograd.grad(train.terms[:, k].sum(), [c.output for c in tcalls],
+                                     retain_graph=keep_graph or k < K - 1, allow_unused=True)
             for i, (c, g) in enumerate(zip(tcalls, gs)):
-                deltas[i].append(torch.zeros_like(c.output) if g is None else g.detach())
-        tcalls = [c.detach() for c in tcalls]
-        terms_d, w = terms.detach(), weights.detach()
+                dtype = _param_dtype(c, train.theta)
+                deltas[i].append(torch.zeros_like(c.output, dtype=dtype) if g is None else g.detach().to(dtype))
+        return deltas, [_detached(c, train.theta) for c in tcalls]
 
-        def param_grad(n, coef, memo):  # memo: call index -> Σ_k coef_k ⊙ δ_k, shared by a layer's weight and bias
-            out = None
-            for i, c in enumerate(tcalls):
-                for name, fn in ((c.weight, c.weight_grad), (c.bias, c.bias_grad)):
-                    if name == n:
-                        if i not in memo:
-                            memo[i] = _weighted_deltas(coef, deltas[i])
-                        g = fn(memo[i])
-                        out = g if out is None else out + g
-            return out
+    def _fallback_grads(self, train: _TrainPass, plan: _Plan) -> Dict[str, Optional[Tensor]]:
+        if not plan.fallback:
+            return {}
+        gs = torch.autograd.grad(train.terms, [train.theta[n] for n in plan.fallback],
+                                 grad_outputs=train.weights.detach(), allow_unused=True)
+        return dict(zip(plan.fallback, gs))
 
-        if check is not None:
-            r, names, true = check
-            with torch.no_grad():
-                memo_r: Dict[int, Tensor] = {}
-                ours = [param_grad(n, r, memo_r) for n in names]
-            # relative to the larger norm, so a true gradient of zero (samples that cancel) reads as 100 % off
-            err = max(float((a - b).norm() / torch.maximum(a.norm(), b.norm()).clamp_min(1e-30))
-                      for a, b in zip(ours, true))
-            if ctx is not None:  # every rank must take the same path
-                err = max(ctx.gather_object(err))
-            self._verified.add(model)
-            if err > 1e-3:
-                self._coupled.add(model)
-                _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
-                          f"off by {err:.1e}); using the exact JVP path for this model")
-                return self._run(problem, allow_gram)
+    def _choose_gram(self, problem, train: _TrainPass, plan: _Plan, tcalls: List[LayerCall], ctx) -> None:
+        """Which closed weights take the Gram / low-rank route: scalar ``P`` (the SGD family), a Gram rule, and
+        fewer meta rows × (in + out) than in × out."""
+        opt = problem.optimizer
+        if self.gram == "never" or not all(h.kind == "sgd" for h in opt.hypers.values()):
+            return
+        B = train.terms.shape[0]
+        by_param = _calls_by_param(tcalls)
+        gram = set()
+        for n in plan.closed:
+            cs = by_param[n]
+            if not all(c.rule.gram and c.weight == n for c in cs) or train.theta[n].dim() != 2:
+                continue
+            out_f, in_f = train.theta[n].shape
+            rows_per_sample = sum(c.input.numel() // c.input.shape[-1] for c in cs) / B
+            m_rows = problem.meta_batch.size * rows_per_sample
+            if self.gram == "always" or m_rows * (in_f + out_f) < in_f * out_f:
+                gram.add(n)
+        plan.gram = _agreed(gram, sorted(plan.closed), ctx, train.terms.device)
+        plan.lowrank = set() if self.lookahead else set(plan.gram)
 
-        # which weights take the Gram / low-rank route (scalar P: SGD family; Linear layers only)
-        scalar = all(h.kind == "sgd" for h in opt.hypers.values())
-        gram: Set[str] = set()
-        if allow_gram and scalar:
-            for n in closed:
-                cs = by_param[n]
-                if not all(c.kind == "linear" and c.weight == n for c in cs):
-                    continue
-                out_f, in_f = theta[n].shape
-                rows_per_sample = sum(c.input.numel() // c.input.shape[-1] for c in cs) / B
-                m_rows = problem.meta_batch.size * rows_per_sample
-                if self.gram == "always" or m_rows * (in_f + out_f) < in_f * out_f:
-                    gram.add(n)
-            gram = _agreed(gram, sorted(closed), ctx, terms.device)
-        lowrank = set() if self.lookahead else gram
-
+    # ---- 4. virtual step -----------------------------------------------------------------------------------
+    def _virtual_step(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas, g_fallback, ctx) -> _Step:
+        opt, state = problem.optimizer, problem.opt_state
+        w = train.weights.detach()
         with torch.no_grad():
-            state = problem.opt_state
-            theta_d = detach_params(theta)
+            theta_d = detach_params(train.theta)
             g_step: Dict[str, Optional[Tensor]] = {}
-            memo_w: Dict[int, Tensor] = {}
-            for n in used:
+            memo: Dict[int, Tensor] = {}
+            for n in plan.used:
                 if n in g_fallback:
                     g_step[n] = g_fallback[n]
-                elif n in lowrank:
+                elif n in plan.lowrank:
                     g_step[n] = None  # W'(0) below; the update itself enters as a low-rank correction
                 else:
-                    g_step[n] = param_grad(n, w, memo_w)
-            scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in g_step.items()}, state)
-            new_theta, new_state = opt.step(theta_d, g_step, state)
-            for n in lowrank:
+                    g_step[n] = _param_grad(n, w, tcalls, deltas, memo)
+            # in-place steps unless the state is needed (lookahead) or the optimizer's step is its own (data-parallel)
+            own = self.lookahead or ctx is not None or type(opt).step is not FunctionalOptimizer.step
+            fused = {} if own else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+                                    for n, g in g_step.items() if g is not None
+                                    and opt.hypers[n].kind == "adam" and opt.preconditioner == "fixed"}
+            rest = {n: g for n, g in g_step.items() if n not in fused}
+            scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in rest.items()}, state)
+            sgd = {} if own else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+                                  for n, g in rest.items() if g is not None and opt.hypers[n].kind == "sgd"}
+            new_theta, new_state = opt.step(theta_d, {n: g for n, g in rest.items() if n not in sgd}, state)
+            for n, (new, p) in fused.items():  # (the optimizer state after the step is only needed for lookahead)
+                new_theta[n], scale[n] = new, p
+            new_theta.update(sgd)
+            for n in plan.lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
-            grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], ctx) for n in sorted(gram)}
-        theta_p = {k: v.detach().requires_grad_(k in trainable) for k, v in new_theta.items()}
-        meta_ids = {id(theta_p[n]): n for n in trainable}
+            grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], ctx) for n in sorted(plan.gram)}
+        return _Step(new_theta, new_state, scale, grams)
 
-        def low_rank(module, call):
-            layer = grams.get(call.weight) if call.weight in lowrank else None
-            return None if layer is None else layer.correct(call)
+    # ---- 5. meta forward -----------------------------------------------------------------------------------
+    def _meta_pass(self, problem, train: _TrainPass, plan: _Plan, step: _Step, ctx) -> _MetaPass:
+        """The meta loss at θ' and its gradients. A Gram weight the meta forward also uses outside its layer
+        (its captured calls do not cover it) is demoted to the direct form and the pass runs once more with its
+        ``W'`` materialised: planned, not retried on an exception."""
+        while True:
+            theta_p = {k: v.detach().requires_grad_(k in train.trainable) for k, v in step.new_theta.items()}
+            meta_ids = {id(theta_p[n]): n for n in train.trainable}
 
-        with capture_calls(model, low_rank, meta_ids) as mcalls:
-            outer = problem.outer_loss(theta_p)
-        muses = leaf_uses([outer], meta_ids)
-        mcalls = [c for c in mcalls if c.weight in gram]
-        if any(muses[n] != sum(c.weight == n for c in mcalls) for n in gram):
-            raise _MetaIncomplete
-        vnames = [n for n in trainable if muses[n] and n not in gram]
+            def low_rank(module, call):
+                return step.grams[call.weight].correct(call) if call.weight in plan.lowrank else None
+
+            with capture_calls(problem.model, low_rank, meta_ids, only=plan.gram) as mcalls:
+                outer = problem.outer_loss(theta_p)
+            muses = leaf_uses([outer], meta_ids)
+            mcalls = [c for c in mcalls if c.weight in plan.gram]
+            partial = {n for n in plan.gram if muses[n] != sum(c.weight == n for c in mcalls)}
+            partial = plan.gram - _agreed(plan.gram - partial, sorted(plan.gram), ctx, outer.device)
+            if not partial:
+                break
+            for n in partial:
+                if n in plan.lowrank:
+                    step.new_theta[n] = step.grams[n].materialise(step.new_theta[n])
+            plan.gram -= partial
+            plan.lowrank -= partial
+        vnames = [n for n in train.trainable if muses[n] and n not in plan.gram]
         targets = [c.output for c in mcalls] + [theta_p[n] for n in vnames] + list(problem.meta_params)
         got = torch.autograd.grad(outer, targets, allow_unused=True) if targets else ()
-        dmeta = got[:len(mcalls)]
         v = dict(zip(vnames, got[len(mcalls):len(mcalls) + len(vnames)]))
         if ctx is not None:  # ∇_θ' of the global meta loss, the mean of the ranks' (θ' is already the global step)
-            from ...distributed import all_reduce_mean_
-            all_reduce_mean_(list(v.values()), ctx)
+            _all_reduce_mean_(list(v.values()), ctx)
         direct = [torch.zeros_like(p) if g is None else g for p, g in
                   zip(problem.meta_params, got[len(mcalls) + len(vnames):])]
+        return _MetaPass(outer, list(zip(mcalls, got[:len(mcalls)])), v, direct)
 
+    # ---- 6. c_ik -------------------------------------------------------------------------------------------
+    def _coefficients(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas, step: _Step,
+                      meta: _MetaPass) -> Tensor:
+        terms = train.terms.detach()
+        B = terms.shape[0]
         with torch.no_grad():
-            c = torch.zeros_like(terms_d)
-            for n in sorted(gram):  # sorted: a set's order follows PYTHONHASHSEED, and the sum's rounding with it
-                c += grams[n].coefficients([(cl, d) for cl, d in zip(mcalls, dmeta) if cl.weight == n], B)
-            for n in sorted(closed - gram):
-                if v.get(n) is None:
+            c = torch.zeros_like(terms)
+            for n in sorted(plan.gram):  # sorted: a set's order follows PYTHONHASHSEED, and the sum's rounding too
+                c += step.grams[n].coefficients([(cl, d) for cl, d in meta.gram_calls if cl.weight == n], B)
+            for n in sorted(plan.closed - plan.gram):
+                if meta.v.get(n) is None:
                     continue
-                U = scale[n] * v[n]
+                U = step.scale[n] * meta.v[n]
                 for i, cl in enumerate(tcalls):
                     if cl.weight == n:
                         out = cl.op(U)
@@ -343,22 +472,62 @@ class Fast(HypergradMethod):
                     if cl.bias == n:
                         for k, dk in enumerate(deltas[i]):
                             c[:, k] += cl.bias_dot(dk, U)
-        tangents = {n: scale[n] * v[n] for n in fallback if v.get(n) is not None}
+        tangents = {n: step.scale[n] * meta.v[n] for n in plan.fallback if meta.v.get(n) is not None}
         if tangents:
-            c = c + _jvp_terms(problem, theta_d, tangents, batch, rng)
-        mixed = problem.meta_grads((weights * c).sum())
-        grads = [d - m for d, m in zip(direct, mixed)]
+            c = c + _jvp_terms(problem, detach_params(train.theta), tangents, problem.train_batches[0], train.rng
+                               ).to(c.dtype)
+        return c
 
-        self.last_paths = {n: ("gram" if n in gram else "direct" if n in closed else "jvp") for n in used}
-        if not fallback and not coupled and len(recorder.calls) == 1 and recorder.calls[0][0] is batch.inputs \
-                and all(torch.equal(buffers[k], problem.buffers[k]) for k in buffers):
-            self._capture = _Capture(batch, batch.inputs, recorder.calls[0][1].detach(),
+    # ---- 7. combine ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _combine(problem, weights: Tensor, c: Tensor, direct: List[Tensor]) -> List[Tensor]:
+        """``dL_out/dφ = ∂L_out/∂φ − ∂(Σ_ik w_ik c_ik)/∂φ`` (``c`` already carries the step's sign and scale)."""
+        mixed = problem.meta_grads((weights * c).sum())
+        return [d - m for d, m in zip(direct, mixed)]
+
+    def _keep_for_replay(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas) -> None:
+        rec, batch = train.recorder, problem.train_batches[0]
+        if not plan.fallback and not plan.coupled and len(rec.calls) == 1 and rec.calls[0][0] is batch.inputs \
+                and all(torch.equal(train.buffers[k], problem.buffers[k]) for k in train.buffers):
+            self._capture = _Capture(batch, batch.inputs, rec.calls[0][1].detach(),
                                      [(t, t._version) for t in problem.params.values()], problem.inner, tcalls,
-                                     deltas, sorted(closed))
-        lookahead = None
-        if self.lookahead:
-            lookahead = (detach_params(new_theta), detach_state(new_state))
-        return HypergradResult(grads, float(outer.detach()), lookahead)
+                                     deltas, sorted(plan.closed))
+
+
+def _calls_by_param(calls: Sequence[LayerCall]) -> Dict[str, List[LayerCall]]:
+    by_param: Dict[str, List[LayerCall]] = {}
+    for c in calls:
+        for n in {c.weight, c.bias} - {None}:
+            by_param.setdefault(n, []).append(c)
+    return by_param
+
+
+def _param_dtype(call: LayerCall, theta) -> torch.dtype:
+    name = call.weight or call.bias
+    return theta[name].dtype if name is not None else call.output.dtype
+
+
+def _detached(call: LayerCall, theta) -> LayerCall:
+    """The call detached, a floating activation in the parameters' dtype (bf16 autocast leaves it in bf16)."""
+    out = call.detach()
+    if out.input.is_floating_point():
+        out.input = out.input.to(_param_dtype(call, theta))
+    return out
+
+
+def _param_grad(n: str, coef: Tensor, tcalls: Sequence[LayerCall], deltas, memo: Dict[int, Tensor]
+                ) -> Optional[Tensor]:
+    """``Σ_ik coef_ik ∇_n ℓ_ik`` from the captures; ``memo``: call index → ``Σ_k coef_k ⊙ δ_k`` (shared by a layer's
+    weight and bias)."""
+    out = None
+    for i, c in enumerate(tcalls):
+        for name, fn in ((c.weight, c.weight_grad), (c.bias, c.bias_grad)):
+            if name == n:
+                if i not in memo:
+                    memo[i] = _weighted_deltas(coef, deltas[i])
+                g = fn(memo[i])
+                out = g if out is None else out + g
+    return out
 
 
 class _GramLayer:
@@ -371,9 +540,8 @@ class _GramLayer:
                  spans: List[Tuple[int, int]], ctx=None):
         self.ctx, self.rows, self.offset, ranks = ctx, A.shape[0], 0, 1
         if ctx is not None:  # data-parallel: the global step holds every rank's rows, averaged over the ranks
-            from ...distributed import all_gather_rows
             K = len(deltas)
-            gathered, self.offset = all_gather_rows([A, *deltas, *row_weights], ctx)
+            gathered, self.offset = _all_gather_rows([A, *deltas, *row_weights], ctx)
             A, deltas, row_weights = gathered[0], gathered[1:1 + K], gathered[1 + K:]
             ranks = ctx.world_size
         self.A, self.deltas, self.p, self.spans = A, deltas, p, spans
@@ -394,6 +562,13 @@ class _GramLayer:
         rw = [_cat([w[:, k].to(r.dtype).repeat_interleave(r.shape[0] // B) for r in rows]) for k in range(K)]
         return cls(_cat(rows), d, rw, p, spans, ctx)
 
+    def materialise(self, base: Tensor) -> Tensor:
+        """``W' = W'(0) − p Σ_k Δ_kᵀ (w_k ⊙ A)`` (a Gram weight the meta forward uses outside its layer)."""
+        out = base.clone()
+        for sk, dk in zip(self.step_weights, self.deltas):
+            out.addmm_(dk.T, sk.unsqueeze(1) * self.A)
+        return out
+
     def correct(self, call: LayerCall) -> Tensor:
         entry: Dict[str, object] = {}
         out = _LowRankUpdate.apply(call.output, call.rows(call.input), self, entry)
@@ -410,13 +585,12 @@ class _GramLayer:
             entry = self.products.get(id(call.output), {})
             S = entry.get("S")
             if S is None:
-                S = call.rows(call.input.detach()) @ self.A.T
-            G = entry.get("G") or [call.rows(d) @ dk.T for dk in self.deltas]
+                S = call.rows(call.input.detach()).to(self.A.dtype) @ self.A.T
+            G = entry.get("G") or [call.rows(d).to(self.A.dtype) @ dk.T for dk in self.deltas]
             for k in range(K):
                 per_row[:, k] += (G[k] * S).sum(0)
         if self.ctx is not None:  # every rank's meta rows for every rank's train rows; keep this rank's block
-            from ...distributed import all_reduce_mean_
-            all_reduce_mean_([per_row], self.ctx)
+            _all_reduce_mean_([per_row], self.ctx)
             per_row = per_row[self.offset:self.offset + self.rows]
         out = torch.stack([per_row[a:b].reshape(B, -1, K).sum(1) for a, b in self.spans]).sum(0)
         return self.p * out
@@ -428,18 +602,18 @@ class _LowRankUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, am, layer, entry):
-        S = am @ layer.A.T
-        z = out.reshape(-1, out.shape[-1])
+        S = am.to(layer.A.dtype) @ layer.A.T  # mixed precision: the correction in the parameters' dtype
+        z = out.reshape(-1, out.shape[-1]).to(layer.A.dtype)
         for sk, dk in zip(layer.step_weights, layer.deltas):  # one fused product per term, −p·w_k folded into S
             z = torch.addmm(z, S * sk, dk)
         entry["S"] = S
-        ctx.layer, ctx.entry = layer, entry
-        return z.reshape(out.shape)
+        ctx.layer, ctx.entry, ctx.am_dtype = layer, entry, am.dtype
+        return z.reshape(out.shape).to(out.dtype)
 
     @staticmethod
     def backward(ctx, g):
         layer = ctx.layer
-        gr = g.reshape(-1, g.shape[-1])
+        gr = g.reshape(-1, g.shape[-1]).to(layer.A.dtype)
         G = [gr @ dk.T for dk in layer.deltas]
         ctx.entry["G"] = G
         grad_am = None
@@ -447,7 +621,7 @@ class _LowRankUpdate(torch.autograd.Function):
             coef = G[0] * layer.step_weights[0]
             for Gk, sk in zip(G[1:], layer.step_weights[1:]):
                 coef.addcmul_(Gk, sk)
-            grad_am = coef @ layer.A
+            grad_am = (coef @ layer.A).to(ctx.am_dtype)
         return g, grad_am, None, None
 
 
@@ -456,8 +630,39 @@ def _cat(parts: List[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class _MetaIncomplete(Exception):
-    """A Gram-form weight is used outside its layer in the meta forward: redo the step without the Gram form."""
+def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
+    """``(θ', P)`` of one Adam/AdamW step with the preconditioner held fixed, in a few in-place passes (the
+    functional optimizer's ``step`` + ``linear_scale`` allocate a tensor per operation, which on a 30k-token embedding
+    cost more than the matrix products): ``P = (lr/bc1)(1−β1)/denom`` and
+    ``θ' = θ·(1 − lr·wd) − P ⊙ (β1/(1−β1)·m + g)`` (decoupled decay; L2 decay is added to ``g``). Equal to
+    ``FunctionalOptimizer.step`` and ``linear_scale`` (the Adam tests of ``tests/test_fast.py`` compare them)."""
+    t = float(st.get("step", 0.0)) + 1
+    bc1, bc2 = 1 - h.beta1 ** t, 1 - h.beta2 ** t
+    if h.weight_decay and not h.decoupled:
+        g = g + h.weight_decay * p
+    P = torch.mul(g, g).mul_(1 - h.beta2)
+    if "exp_avg_sq" in st:
+        P.add_(st["exp_avg_sq"], alpha=h.beta2)
+    if h.amsgrad and "max_exp_avg_sq" in st:
+        torch.maximum(P, st["max_exp_avg_sq"], out=P)
+    P.sqrt_().div_(bc2 ** 0.5).add_(h.eps).reciprocal_().mul_(h.lr / bc1 * (1 - h.beta1))
+    new = p * (1 - h.lr * h.weight_decay) if h.weight_decay and h.decoupled else p.clone()
+    if "exp_avg" in st:
+        new.addcmul_(st["exp_avg"], P, value=-h.beta1 / (1 - h.beta1))
+    return new.addcmul_(g, P, value=-1.0), P
+
+
+def _sgd_step(h, p: Tensor, g: Tensor, st) -> Tensor:
+    """``θ'`` of one SGD step (momentum, dampening, nesterov, L2 weight decay) with two or three allocations instead
+    of the functional optimizer's five; equal to ``FunctionalOptimizer.step`` (``tests/test_fast.py`` compares the
+    hypergradients with ``unrolled`` and a central difference for each variant)."""
+    if h.weight_decay:
+        g = torch.add(g, p, alpha=h.weight_decay)
+    if h.momentum:
+        buf = st.get("momentum_buffer")
+        d = g if buf is None else torch.mul(buf, h.momentum).add_(g, alpha=1 - h.dampening)
+        g = torch.add(g, d, alpha=h.momentum) if h.nesterov else d
+    return torch.add(p, g, alpha=-h.lr)
 
 
 def _zero_gradient_step(h, p: Tensor, st) -> Tensor:
@@ -481,29 +686,6 @@ def _zero_gradient_coefficients(h, has_buffer: bool) -> Tuple[float, float]:
     return probe(1.0, 0.0), (probe(0.0, 1.0) if has_buffer else 0.0)
 
 
-def _data_parallel(opt: FunctionalOptimizer):
-    """The process group of a synchronised (data-parallel) optimizer with more than one rank, else None.
-
-    There each rank holds a shard of the train and meta batches; the virtual step is the global one (the optimizer
-    averages the step direction), ``∇_θ' L_out`` is averaged here, and the trainer averages the per-rank results,
-    which together give the hypergradient of the global batch: ``c_ik`` for a rank's own samples needs only the
-    global ``∇_θ' L_out``, and the ``1/R`` of the averaged step is the trainer's average."""
-    ctx = getattr(opt, "ctx", None)
-    return ctx if ctx is not None and ctx.enabled else None
-
-
-def _agreed(chosen: Set[str], candidates: List[str], ctx, device: torch.device) -> Set[str]:
-    """The weights every rank chose (data-parallel: shard sizes may differ, and the Gram route's collectives need
-    the same layers on every rank)."""
-    if ctx is None or not candidates:
-        return chosen
-    import torch.distributed as dist
-    on = device if dist.get_backend(ctx.group) == "nccl" else torch.device("cpu")
-    votes = torch.tensor([float(n in chosen) for n in candidates], device=on)
-    dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=ctx.group)
-    return {n for n, v in zip(candidates, votes.tolist()) if v > 0}
-
-
 def _rng_state(params) -> Tuple[Tensor, Optional[List[Tensor]]]:
     cuda = any(t.is_cuda for t in params.values()) and torch.cuda.is_available()
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
@@ -521,11 +703,12 @@ def _padding_has_no_derivative(module, args, output):
 def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> Tensor:
     """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
     (dropout masks) so that it differentiates the same function."""
-    from ...distributed import DistributedContext, reduction_scope
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cpu, cuda = rng
+    # the math attention kernel: the fused ones (flash, CPU and GPU) have no forward-mode derivative
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda is not None else []), \
-            torch.no_grad(), fwAD.dual_level():
+            torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
@@ -533,10 +716,50 @@ def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> T
         hooks = [m.register_forward_hook(_padding_has_no_derivative) for m in problem.model.modules()
                  if isinstance(m, nn.Embedding) and m.padding_idx is not None]
         try:  # only the terms' tangents are read: keep the weights' cross-rank reductions out of forward mode
-            with reduction_scope(DistributedContext()):
+            with problem.collectives.suspended():
                 terms = problem.inner(problem.forward(params), batch).terms
         finally:
             for h in hooks:
                 h.remove()
         tangent = fwAD.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if tangent is None else tangent
+
+
+# ---- data-parallel collectives: every distributed call of the fast method goes through these -----------------------
+def _collectives(problem: BilevelProblem):
+    """The problem's :class:`~metareweight.core.strategy.Collectives` when it spans more than one process, else None.
+
+    There each rank holds a shard of the train and meta batches; the virtual step is the global one (the optimizer
+    averages the step direction), ``∇_θ' L_out`` is averaged here, and the trainer averages the per-rank results,
+    which together give the hypergradient of the global batch: ``c_ik`` for a rank's own samples needs only the
+    global ``∇_θ' L_out``, and the ``1/R`` of the averaged step is the trainer's average."""
+    return problem.collectives if problem.collectives.enabled else None
+
+
+def _all_reduce_mean_(tensors: Sequence[Optional[Tensor]], ctx) -> None:
+    ctx.all_reduce_mean_(tensors)
+
+
+def _all_gather_rows(tensors: Sequence[Tensor], ctx) -> Tuple[List[Tensor], int]:
+    return ctx.all_gather_rows(tensors)
+
+
+def _agree_min(tensor: Tensor, ctx) -> Tensor:
+    """The element-wise minimum over the ranks."""
+    return tensor if ctx is None else ctx.agree_min(tensor)
+
+
+def _agree_max(value: float, ctx) -> float:
+    """The largest ``value`` over the ranks."""
+    if ctx is None:
+        return value
+    return -float(_agree_min(torch.tensor([-value], dtype=torch.float64), ctx)[0])
+
+
+def _agreed(chosen: Set[str], candidates: List[str], ctx, device: torch.device) -> Set[str]:
+    """The names every rank chose (data-parallel: shard sizes may differ, and the Gram route's collectives need the
+    same layers on every rank)."""
+    if ctx is None or not candidates:
+        return set(chosen)
+    votes = _agree_min(torch.tensor([float(n in chosen) for n in candidates], device=device), ctx)
+    return {n for n, v in zip(candidates, votes.tolist()) if v > 0}

@@ -1,0 +1,141 @@
+"""What a layer type contributes to the fast hypergradient in closed form: the :class:`LayerRule` protocol and the
+registry that maps module types to rules.
+
+A layer ``z = op(a, W) + b`` whose output is linear in its weight (``a``: an activation captured in the forward,
+not necessarily the layer's input: LayerNorm captures its normalised input) gives, with ``δ_i = ∂ℓ_i/∂z_i``,
+
+    ∇_W ℓ_i · U = ⟨δ_i, op(a_i, U)⟩        (per-sample contribution ``c_i``, *direct* form)
+    Σ_i w_i ∇_W ℓ_i = op_a*(w ⊙ δ)         (the real step's gradient, replayed from the captures)
+
+and the bias enters as ``⟨δ_i, b⟩`` (broadcast over the output). A rule says how to capture ``a``, what ``op`` is
+and, where it is cheaper than autograd through ``op``, the adjoint ``op_a*`` (:meth:`LayerRule.weight_grad`).
+Rules with ``gram = True`` (``Linear``) also support the *Gram* form, which needs ``a`` and ``δ`` as rows.
+
+Rules are looked up by the module's exact type (a subclass may override ``forward``, and then the rule would not
+describe it); register a rule for your own layer with :func:`register_layer_rule`.
+
+Example (a user-defined layer that scales its input feature-wise):
+    >>> import torch
+    >>> from torch import nn
+    >>> class Scale(nn.Module):
+    ...     def __init__(self, d):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.ones(d))
+    ...     def forward(self, x):
+    ...         return x * self.weight
+    >>> class ScaleRule(LayerRule):
+    ...     kind = "scale"
+    ...     def op(self, module, a, weight):
+    ...         return a * weight
+    >>> register_layer_rule(Scale, ScaleRule())
+    >>> rule_for(Scale(3)).kind
+    'scale'
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Type
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerRule:
+    """The closed form of one layer type. Subclass it and override :meth:`op` (required) and, optionally, the
+    capture, the adjoint and the bias layout. Every method receives the module and the captured activation ``a``.
+
+    Attributes:
+        kind: a short name (shown in ``Fast.last_paths`` diagnostics and errors).
+        gram: whether the Gram / low-rank form applies (a weight used as ``a @ Wᵀ`` over rows of features).
+        broadcast: whether a call whose captured activation has batch size 1 is shared by every sample (BERT's
+            ``(1, L)`` position ids) and may be expanded over the batch, so that each sample gets its own ``δ_i``.
+    """
+
+    kind: str = "custom"
+    gram: bool = False
+    broadcast: bool = False
+    composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
+
+    # ---- which modules and parameters -------------------------------------------------------------------
+    def applies(self, module: nn.Module) -> bool:
+        """Whether this module instance is described by the rule (e.g. not an Embedding with ``max_norm``)."""
+        return True
+
+    def weight(self, module: nn.Module) -> Optional[Tensor]:
+        return getattr(module, "weight", None)
+
+    def bias(self, module: nn.Module) -> Optional[Tensor]:
+        return getattr(module, "bias", None)
+
+    # ---- the forward ------------------------------------------------------------------------------------
+    def capture(self, module: nn.Module, args: Sequence, output: Tensor) -> Optional[Tensor]:
+        """The activation ``a`` the closed forms need (default: the first positional input), or None to skip."""
+        return args[0] if args and torch.is_tensor(args[0]) else None
+
+    def batched(self, module: nn.Module, a: Tensor) -> bool:
+        """Whether dim 0 of ``a`` indexes samples (an unbatched call cannot be attributed per sample)."""
+        return a.dim() >= 2
+
+    def op(self, module: nn.Module, a: Tensor, weight: Tensor) -> Tensor:
+        """The layer's output for weight ``weight`` without bias: linear in ``weight``, shaped like the output."""
+        raise NotImplementedError(f"{type(self).__name__} must implement op(module, a, weight)")
+
+    def bias_view(self, module: nn.Module, u: Tensor, like: Tensor) -> Tensor:
+        """``u`` (shaped like the bias) laid out to broadcast against the output ``like`` (default: trailing dims)."""
+        return u
+
+    def mask(self, module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
+        """Output gradients with the entries autograd gives no weight gradient zeroed (Embedding's padding row)."""
+        return delta
+
+    # ---- the closed forms -------------------------------------------------------------------------------
+    def per_sample_dot(self, module: nn.Module, a: Tensor, delta: Tensor, out: Tensor) -> Tensor:
+        """``(B,)``: ``⟨δ_i, out_i⟩`` summed over every non-batch dimension. (A batched dot, ``bmm``, avoids the
+        product tensor but measured 3× slower on transformer shapes, (16, 64, 1536), and 2× faster only on
+        16 MB conv outputs; the plain product is kept.)"""
+        return (self.mask(module, a, delta) * out).reshape(a.shape[0], -1).sum(1)
+
+    def bias_dot(self, module: nn.Module, a: Tensor, delta: Tensor, u: Tensor) -> Tensor:
+        """``(B,)``: ``∇_b ℓ_i · u``."""
+        return (delta * self.bias_view(module, u, delta)).reshape(a.shape[0], -1).sum(1)
+
+    def weight_grad(self, module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
+        """``Σ_i ∇_W ℓ_i`` for output gradients ``delta`` (already weighted per sample). Default: autograd
+        through :meth:`op` (override with the explicit adjoint where it saves the forward)."""
+        w = self.weight(module)
+        leaf = torch.zeros(w.shape, dtype=delta.dtype, device=delta.device, requires_grad=True)
+        with torch.enable_grad():
+            return torch.autograd.grad(self.op(module, a.to(delta.dtype), leaf), leaf, self.mask(module, a, delta))[0]
+
+    def bias_grad(self, module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
+        """``Σ_i ∇_b ℓ_i`` for output gradients ``delta``: ``delta`` summed onto the bias's layout."""
+        b = self.bias(module)
+        view = self.bias_view(module, torch.ones(b.shape, dtype=delta.dtype, device=delta.device), delta)
+        dims = [d for d in range(delta.dim()) if d < delta.dim() - view.dim() or view.shape[d - delta.dim()] == 1]
+        return delta.sum(dims).reshape(b.shape)
+
+    def rows(self, module: nn.Module, tensor: Tensor) -> Tensor:
+        """(Gram rules) ``tensor`` as ``(rows, features)``, rows ordered sample-major."""
+        return tensor.reshape(-1, tensor.shape[-1])
+
+
+_RULES: Dict[Type[nn.Module], LayerRule] = {}
+
+
+def register_layer_rule(module_type: Type[nn.Module], rule: LayerRule) -> None:
+    """Use ``rule`` for every module of exactly ``module_type`` (replacing a built-in or earlier rule).
+
+    The rule is trusted: a wrong ``op`` gives a wrong hypergradient, though the first call on a model checks the
+    attribution against autograd (``Fast(verify=True)``) and falls back to the exact JVP path on a mismatch.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer_rule needs an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"register_layer_rule needs a LayerRule instance (e.g. MyRule(), not MyRule), got {rule!r}")
+    _RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> Optional[LayerRule]:
+    """The rule registered for ``module``'s exact type, if it applies to this instance."""
+    rule = _RULES.get(type(module))
+    return rule if rule is not None and rule.applies(module) else None

@@ -1,0 +1,40 @@
+"""``nn.Embedding``: a gather; ``op(a, U) = U[a]``, adjoint an ``index_add`` (the padding row gets no gradient)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LayerRule, register_layer_rule
+
+
+class EmbeddingRule(LayerRule):
+    """Lookups ``(B, ...)`` of index tensors. Shared lookups of batch size 1 (position/token-type ids broadcast over
+    the batch) are expanded over the batch so each sample gets its own output gradient."""
+
+    kind = "embedding"
+    broadcast = True
+
+    def applies(self, module):
+        # max_norm edits the weight in place; scale_grad_by_freq couples samples; sparse gradients are not dense
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+    def batched(self, module, a):
+        return a.dim() >= 1
+
+    def op(self, module: nn.Module, a: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(a, weight, module.padding_idx)
+
+    def mask(self, module, a, delta):
+        if module.padding_idx is not None:
+            return delta * (a != module.padding_idx).unsqueeze(-1).to(delta.dtype)
+        return delta
+
+    def weight_grad(self, module, a, delta):
+        w = module.weight
+        out = torch.zeros(w.shape, dtype=delta.dtype, device=delta.device)
+        return out.index_add_(0, a.reshape(-1), self.mask(module, a, delta).reshape(-1, w.shape[1]))
+
+
+register_layer_rule(nn.Embedding, EmbeddingRule())
