@@ -419,7 +419,6 @@ class Checkpointer:
                 x.load_state_dict(b)
             for p, g in zip([*t.model.parameters(), *t.objective.meta_parameters()], grads):
                 p.grad = g
-            t._refresh_functional_optimizer()
             raise CheckpointError(f"cannot resume from {source}: {type(e).__name__}: {e} (the trainer was left "
                                   "as it was)") from e
 
@@ -455,7 +454,6 @@ class Checkpointer:
             cb_state = None if match is None else saved.pop(match)[1]
             if cb_state is not None:
                 cb.load_state_dict(cb_state)
-        t._refresh_functional_optimizer()
         mine = state["per_rank"][t.dist.rank]
         t.meta_stream.load_state_dict(mine["meta"])  # these two replay their iterators' RNG states ...
         t._train_position.load_state_dict(mine["train"])

@@ -139,7 +139,7 @@ API_CASES = [
     ("distributed_unknown", lambda r, L: _make(r, distributed="yes", **L), ValueError, "distributed must be 'auto'"),
     ("distributed_without_group", lambda r, L: _make(r, distributed=True, **L), RuntimeError,
      "no process group is initialised"),
-    ("logger_unknown", lambda r, L: _make(r, logger="tensorboard", **L), ValueError, "logger must be 'wandb'"),
+    ("logger_unknown", lambda r, L: _make(r, logger="neptune", **L), ValueError, "logger must be 'wandb'"),
     ("meta_loader_missing", lambda r, L: _make(r, meta_loader=None, **L), ValueError, "needs a meta_loader"),
     # fit's arguments and resuming
     ("epochs_float", lambda r, L: _make(r, **L).fit(epochs=1.5), ValueError, "epochs must be an integer >= 1, got 1.5"),
