@@ -7,7 +7,8 @@
 
 Tasks (all offline):
 - ``image``: Fashion-MNIST subsample; a small CNN teacher trained on its own split, a one-hidden-layer MLP student.
-  The cached teacher logits are corrupted on the student's (non-outlier) training samples (:func:`corrupt_teacher`):
+  The cached teacher logits are corrupted on the student's (non-outlier) training samples
+  (:func:`~experiments.kd_tasks.corrupt_teacher`):
   ``corrupt_mode="random"`` rolls them to a random wrong class on ``corrupt_frac`` of the samples;
   ``corrupt_mode="class"`` rolls them, one shift per class, on every sample of ``corrupt_classes`` classes drawn
   per seed (a teacher systematically wrong on a subset of classes). ``outlier_frac`` of the inputs get additive
@@ -55,9 +56,7 @@ from torch.utils.data import DataLoader
 
 from experiments.common import (add_config_args, config_from_args, mean_and_se, mean_sd, save_png, seed_everything,
                                 table, train_plain, write_json)
-from experiments.kd_tasks import (BUILDERS, FieldEmbeddingNet, KDTask, SmallCNN, attack_task,  # noqa: F401 (API)
-                                  corrupt_teacher, ctr_task, fit_teacher, flip_labels, image_task, make_train_set,
-                                  predict, roll_logits)
+from experiments.kd_tasks import BUILDERS, KDTask, predict  # the tasks themselves (image, attack, ctr) live there
 from metareweight import MetaTrainer, TensorIndexedDataset, TrilateralKD, teacher_class_means
 from metareweight.data import Batch
 from metareweight.objectives.kd_baselines import KDLoss, fusion_weights, kd_terms

@@ -18,6 +18,13 @@ hypergradient run their own :meth:`~metareweight.objectives.MetaObjective.meta_s
 (train batches consumed) and ``meta_steps``. :class:`~metareweight.MetaTrainer` is a loop around it; your own loop
 (Accelerate, an HF ``Trainer.training_step``) can call it directly.
 
+Where things go: this module only orders the work. What φ is and how weights are made is an objective
+(``metareweight/objectives/``, contract in ``objectives/base.py``); how ``dL_out/dφ`` is computed is a method
+(``metareweight/core/hypergrad/``, contract in ``hypergrad/base.py``), with per-layer rules in
+``metareweight/core/layers/``; the optimizer's update rule for virtual steps is ``core/optim.py``; precision and
+data-parallel reductions are :mod:`metareweight.precision` and :class:`~metareweight.core.strategy.Collectives`.
+Loops, epochs, checkpoints and logging belong to the trainer (``trainer.py``, ``checkpoint.py``, ``recorder.py``).
+
 Example:
     >>> import torch
     >>> from metareweight import Batch, MetaStep, MetaWeightNet

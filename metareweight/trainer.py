@@ -183,8 +183,8 @@ class MetaTrainer:
         # checkpoints and the loop's state
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = a["checkpoint_every"]
-        self._train_position = ckpt.LoaderPosition(train_loader)
-        self._epoch_sums: Dict[str, List[float]] = {}
+        self.train_position = ckpt.LoaderPosition(train_loader)
+        self.epoch_sums: Dict[str, List[float]] = {}
         self._checkpointer = ckpt.Checkpointer(self, _COUNTERS)
         self.epoch = 0
         self.groups_seen = 0
@@ -193,7 +193,7 @@ class MetaTrainer:
         self.history: List[Dict[str, float]] = []
 
     # ---- the loop -------------------------------------------------------------------------------------------
-    def _active_callbacks(self) -> List[Callback]:
+    def active_callbacks(self) -> List[Callback]:
         """The callbacks this process runs: loggers only on rank 0."""
         return [cb for cb in self.callbacks if self.dist.is_main or not getattr(cb, "main_process_only", False)]
 
@@ -218,7 +218,7 @@ class MetaTrainer:
             self._fit_epochs(epochs, max_steps, resumed)
         finally:  # what was logged is written also when training fails
             self.recorder.write()
-        for cb in self._active_callbacks():
+        for cb in self.active_callbacks():
             cb.on_fit_end(self)
         return self.history
 
@@ -227,14 +227,14 @@ class MetaTrainer:
         if not resumed:  # every rank starts from rank 0's parameters, buffers and meta-parameters (as DDP does)
             self.dist.broadcast_([*self.model.parameters(), *self.model.buffers(), *self.objective.parameters(),
                                   *self.objective.buffers()])
-        for cb in self._active_callbacks():
+        for cb in self.active_callbacks():
             cb.on_fit_start(self)
         while self.epoch < self._fit_start_epoch + epochs:
             if max_steps is not None and self.global_step >= max_steps:
                 break
             metrics = self._fit_epoch(max_steps)
             self.history.append(metrics)
-            for cb in self._active_callbacks():
+            for cb in self.active_callbacks():
                 cb.on_epoch_end(self, metrics)
             self.epoch += 1
             self._step_schedulers()
@@ -243,13 +243,13 @@ class MetaTrainer:
             self.weights_history.flush()
 
     def _fit_epoch(self, max_steps: Optional[int]) -> Dict[str, float]:
-        if not self._train_position.active:  # a resumed run continues its epoch in progress
-            self._train_position.start(epoch=self.epoch)
-            self._epoch_sums = {}
-        bar = progress_bar(f"epoch {self.epoch}", self.train_loader, self._train_position.consumed) \
+        if not self.train_position.active:  # a resumed run continues its epoch in progress
+            self.train_position.start(epoch=self.epoch)
+            self.epoch_sums = {}
+        bar = progress_bar(f"epoch {self.epoch}", self.train_loader, self.train_position.consumed) \
             if self.progress and self.dist.is_main else None
         pending: List[Batch] = []
-        for raw in self._train_position:
+        for raw in self.train_position:
             pending.append(as_batch(raw).to(self.device))
             if len(pending) == self.unroll_steps:
                 self._end_group(pending, bar)
@@ -259,13 +259,13 @@ class MetaTrainer:
         else:
             if pending:
                 self._end_group(pending, bar)
-        if self._train_position.consumed == 0:
+        if self.train_position.consumed == 0:
             raise ValueError("the train loader yielded no batches")
-        self._train_position.stop()
+        self.train_position.stop()
         if bar is not None:
             bar.close()
         self.stepper.flush()
-        out = {k: float(np.nanmean(v)) for k, v in self._epoch_sums.items() if k not in ("step", "epoch")}
+        out = {k: float(np.nanmean(v)) for k, v in self.epoch_sums.items() if k not in ("step", "epoch")}
         out.update(epoch=self.epoch, step=self.global_step, meta_steps=self.meta_steps)
         out.update(self.recorder.summary(self.epoch))
         extra = self.objective.on_epoch_end(self.stepper.context, self.epoch)
@@ -287,8 +287,8 @@ class MetaTrainer:
         metrics = self._mean_over_ranks(self._run_group(batches))
         metrics.update(step=self.global_step, epoch=self.epoch)
         for k, v in metrics.items():
-            self._epoch_sums.setdefault(k, []).append(float(v))
-        for cb in self._active_callbacks():
+            self.epoch_sums.setdefault(k, []).append(float(v))
+        for cb in self.active_callbacks():
             cb.on_step_end(self, metrics)
         if bar is not None:
             bar.update(len(batches))
