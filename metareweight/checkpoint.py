@@ -292,6 +292,7 @@ class Checkpointer:
         self.trainer = trainer
         self.counters = tuple(counters)
         self.last_saved: Optional[tuple] = None  # (global_step, train loader position active) of the last save
+        self.last_step = 0  # the step of the last save (the trainer's counter "_last_checkpoint_step", resumed)
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -320,7 +321,7 @@ class Checkpointer:
         t = self.trainer
         if path is None and t.checkpoint_dir is None:
             raise ValueError("save_checkpoint needs a path, or MetaTrainer(checkpoint_dir=...)")
-        previous, t._last_checkpoint_step = t._last_checkpoint_step, t.global_step  # saved with the state
+        previous, self.last_step = self.last_step, t.global_step  # saved with the state
         try:
             state = self.state_dict()
             self.last_saved = (t.global_step, t.train_position.active)
@@ -341,7 +342,7 @@ class Checkpointer:
                 raise CheckpointError(f"rank 0 could not write the checkpoint {target}: {outcome}")
             return target if t.dist.is_main else None
         except BaseException:
-            t._last_checkpoint_step = previous
+            self.last_step = previous
             raise
 
     def saved_at_this_step(self) -> bool:

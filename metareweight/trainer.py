@@ -134,7 +134,9 @@ class MetaTrainer:
 
     scheduler = _scheduler("scheduler")
     meta_scheduler = _scheduler("meta_scheduler")
-    _accumulated, _meta_accumulated = _on_step("accumulated"), _on_step("meta_accumulated")
+    _accumulated, _meta_accumulated = _on_step("accumulated"), _on_step("meta_accumulated")  # checkpoint counters
+    _last_checkpoint_step = property(lambda self: self._checkpointer.last_step,
+                                     lambda self, v: setattr(self._checkpointer, "last_step", v))
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader: Iterable,
                  objective: MetaObjective, *, meta_loader: Optional[Iterable] = None,
@@ -189,7 +191,6 @@ class MetaTrainer:
         self.epoch = 0
         self.groups_seen = 0
         self._fit_start_epoch = 0
-        self._last_checkpoint_step = 0
         self.history: List[Dict[str, float]] = []
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ class MetaTrainer:
             bar.update(len(batches))
             bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "meta_loss")})
         every = self.checkpoint_every
-        if every and self.global_step // every > self._last_checkpoint_step // every:
+        if every and self.global_step // every > self._checkpointer.last_step // every:
             self.save_checkpoint()
 
     def _step_schedulers(self) -> None:
