@@ -130,6 +130,8 @@ class MetaTrainer:
 
     ``trainer.stepper`` is the :class:`~metareweight.MetaStep`; its options and counters (``method``,
     ``meta_optimizer``, ``precision``, ``global_step``, ``meta_steps``, ...) are read and written through the trainer.
+    ``trainer.recorder`` is the :class:`~metareweight.WeightRecorder` the step records into (``weights_history``
+    is its history); checkpoints go through :class:`~metareweight.checkpoint.Checkpointer`.
     """
 
     scheduler = _scheduler("scheduler")
