@@ -7,7 +7,8 @@
 
 Tasks (all offline):
 - ``image``: Fashion-MNIST subsample; a small CNN teacher trained on its own split, a one-hidden-layer MLP student.
-  The cached teacher logits are corrupted on the student's (non-outlier) training samples (:func:`corrupt_teacher`):
+  The cached teacher logits are corrupted on the student's (non-outlier) training samples
+  (:func:`~experiments.kd_tasks.corrupt_teacher`):
   ``corrupt_mode="random"`` rolls them to a random wrong class on ``corrupt_frac`` of the samples;
   ``corrupt_mode="class"`` rolls them, one shift per class, on every sample of ``corrupt_classes`` classes drawn
   per seed (a teacher systematically wrong on a subset of classes). ``outlier_frac`` of the inputs get additive
@@ -55,12 +56,21 @@ from torch.utils.data import DataLoader
 
 from experiments.common import (add_config_args, config_from_args, mean_and_se, mean_sd, save_png, seed_everything,
                                 table, train_plain, write_json)
-from experiments.kd_tasks import (BUILDERS, FieldEmbeddingNet, KDTask, SmallCNN, attack_task,  # noqa: F401 (API)
-                                  corrupt_teacher, ctr_task, fit_teacher, flip_labels, image_task, make_train_set,
-                                  predict, roll_logits)
+from experiments.kd_tasks import (BUILDERS, FieldEmbeddingNet, KDTask, SmallCNN, attack_task, corrupt_teacher,
+                                  ctr_task, fit_teacher, flip_labels, image_task, make_train_set, predict, roll_logits)
 from metareweight import MetaTrainer, TensorIndexedDataset, TrilateralKD, teacher_class_means
 from metareweight.data import Batch
 from metareweight.objectives.kd_baselines import KDLoss, fusion_weights, kd_terms
+
+__all__ = [
+    # this experiment
+    "TASKS", "DEFAULTS", "QUICK", "GRIDS", "main", "run_seed", "summarise", "train_tgeo", "train_fixed_rule",
+    "fit_student", "rule_loss", "oracle_alpha", "oracle_loss", "reference_losses", "per_sample_signal",
+    "alpha_signal", "sample_groups", "alpha_stats", "save_alpha_plot", "report_signal",
+    # the tasks it runs on, re-exported from experiments.kd_tasks (tests and the notebook use them from here)
+    "BUILDERS", "KDTask", "SmallCNN", "FieldEmbeddingNet", "image_task", "attack_task", "ctr_task", "fit_teacher",
+    "corrupt_teacher", "flip_labels", "roll_logits", "make_train_set", "predict",
+]
 
 TASKS = ("image", "attack", "ctr")
 _COMMON = dict(epochs=12, batch_size=100, lr=0.05, lr_schedule="constant", momentum=0.9, weight_decay=5e-4,

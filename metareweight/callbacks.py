@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 
 class Callback:
@@ -87,3 +87,18 @@ def read_jsonl(path: Union[str, Path]):
     """Rows of a JSONL metrics file."""
     with Path(path).open() as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def make_logger(logger: Union[str, Callback], log_dir: Optional[Union[str, Path]] = None) -> Callback:
+    """The trainer's ``logger=``: ``"wandb"`` (offline, in ``log_dir``), ``"tensorboard"`` (event files in
+    ``log_dir``, else ``runs/``) or a Callback as it is."""
+    if logger == "wandb":
+        from .wandb_logger import WandbLogger
+        return WandbLogger(dir=log_dir or ".")
+    if logger == "tensorboard":
+        from .tensorboard_logger import TensorBoardLogger
+        return TensorBoardLogger(log_dir or "runs")
+    if isinstance(logger, str) or not hasattr(logger, "on_step_end"):
+        raise ValueError(f"logger must be 'wandb' or a Callback (or 'tensorboard'), got {logger!r} (JSONL "
+                         "logging is switched on by log_dir)")
+    return logger

@@ -280,7 +280,7 @@ class Checkpointer:
     Args:
         trainer: the trainer (read: ``model``, ``optimizer``, ``objective``, ``meta_optimizer``, ``scheduler``,
             ``meta_scheduler``, ``precision``, ``method``, ``dist``, ``weights_history``, ``callbacks``,
-            ``meta_stream``, ``_train_position``, ``_epoch_sums``, ``history``, ``checkpoint_dir``).
+            ``meta_stream``, ``train_position``, ``epoch_sums``, ``history``, ``checkpoint_dir``).
         counters: the trainer's integer attributes saved as they are.
 
     :meth:`save` writes ``checkpoint_dir/last.pt`` and keeps the one it replaces as ``prev.pt``; :meth:`load`
@@ -292,11 +292,12 @@ class Checkpointer:
         self.trainer = trainer
         self.counters = tuple(counters)
         self.last_saved: Optional[tuple] = None  # (global_step, train loader position active) of the last save
+        self.last_step = 0  # the step of the last save (the trainer's counter "_last_checkpoint_step", resumed)
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         t = self.trainer
-        local = {"rng": rng_state(), "train": t._train_position.state_dict(), "meta": t.meta_stream.state_dict()}
+        local = {"rng": rng_state(), "train": t.train_position.state_dict(), "meta": t.meta_stream.state_dict()}
         optional = {"meta_optimizer": t.meta_optimizer, "scheduler": t.scheduler, "meta_scheduler": t.meta_scheduler}
         return {
             "format": FORMAT, "world_size": t.dist.world_size,
@@ -309,7 +310,7 @@ class Checkpointer:
             "grads": {"model": [p.grad for p in t.model.parameters()],
                       "meta": [p.grad for p in t.objective.meta_parameters()]},
             "counters": {k: getattr(t, k) for k in self.counters},
-            "epoch_sums": t._epoch_sums, "history": t.history, "weights_history": t.weights_history.state_dict(),
+            "epoch_sums": t.epoch_sums, "history": t.history, "weights_history": t.weights_history.state_dict(),
             "callbacks": [(type(cb).__qualname__, cb.state_dict() if hasattr(cb, "state_dict") else None)
                           for cb in t.callbacks],
             "per_rank": t.dist.gather_object(local),
@@ -320,10 +321,10 @@ class Checkpointer:
         t = self.trainer
         if path is None and t.checkpoint_dir is None:
             raise ValueError("save_checkpoint needs a path, or MetaTrainer(checkpoint_dir=...)")
-        previous, t._last_checkpoint_step = t._last_checkpoint_step, t.global_step  # saved with the state
+        previous, self.last_step = self.last_step, t.global_step  # saved with the state
         try:
             state = self.state_dict()
-            self.last_saved = (t.global_step, t._train_position.active)
+            self.last_saved = (t.global_step, t.train_position.active)
             target = Path(path) if path is not None else t.checkpoint_dir / CHECKPOINT_NAME
             if not t.dist.enabled:
                 return atomic_save(state, target, keep_previous=path is None)
@@ -341,7 +342,7 @@ class Checkpointer:
                 raise CheckpointError(f"rank 0 could not write the checkpoint {target}: {outcome}")
             return target if t.dist.is_main else None
         except BaseException:
-            t._last_checkpoint_step = previous
+            self.last_step = previous
             raise
 
     def saved_at_this_step(self) -> bool:
@@ -419,7 +420,6 @@ class Checkpointer:
                 x.load_state_dict(b)
             for p, g in zip([*t.model.parameters(), *t.objective.meta_parameters()], grads):
                 p.grad = g
-            t._refresh_functional_optimizer()
             raise CheckpointError(f"cannot resume from {source}: {type(e).__name__}: {e} (the trainer was left "
                                   "as it was)") from e
 
@@ -439,7 +439,7 @@ class Checkpointer:
                 p.grad = None if g is None else g.to(p.device)
         for k, v in state["counters"].items():
             setattr(t, k, v)
-        t._epoch_sums = state["epoch_sums"]
+        t.epoch_sums = state["epoch_sums"]
         t.history = list(state["history"])
         saved_history = state["weights_history"]
         if isinstance(saved_history, (bytes, bytearray)):  # checkpoints written before the history was bounded
@@ -450,15 +450,14 @@ class Checkpointer:
         if saved_history is not None:
             t.weights_history.load_state_dict(saved_history)
         saved = list(state["callbacks"])  # matched by type, in order: callbacks may be added or removed
-        for cb in t._active_callbacks():
+        for cb in t.active_callbacks():
             match = next((i for i, (kind, _) in enumerate(saved) if kind == type(cb).__qualname__), None)
             cb_state = None if match is None else saved.pop(match)[1]
             if cb_state is not None:
                 cb.load_state_dict(cb_state)
-        t._refresh_functional_optimizer()
         mine = state["per_rank"][t.dist.rank]
         t.meta_stream.load_state_dict(mine["meta"])  # these two replay their iterators' RNG states ...
-        t._train_position.load_state_dict(mine["train"])
+        t.train_position.load_state_dict(mine["train"])
         set_rng_state(mine["rng"])  # ... so the current state is restored last
         self.last_saved = None
 
@@ -496,6 +495,6 @@ class Checkpointer:
         t = self.trainer
         if t.global_step:
             return
-        for cb in t._active_callbacks():
+        for cb in t.active_callbacks():
             if hasattr(cb, "restart"):
                 cb.restart()

@@ -32,7 +32,7 @@ import inspect
 from typing import Any, Callable, ContextManager, Mapping, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 class ModelOutputError(ValueError):

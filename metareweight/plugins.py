@@ -31,7 +31,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterable, List, Mapping
+from typing import Any, Callable, Dict, Iterable, List
 
 from .config import ConfigError
 
@@ -97,7 +97,7 @@ def _subclasses(cls: type) -> List[type]:
 
 def objective_class(name: str) -> type:
     """The :class:`~metareweight.MetaObjective` subclass called ``name``: the library's or a loaded plugin's."""
-    from . import objectives  # noqa: F401 - registers the bundled objectives
+    importlib.import_module(f"{__package__}.objectives")  # registers the bundled objectives
     from .objectives.base import MetaObjective
 
     found = {c.__name__: c for c in _subclasses(MetaObjective)

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Dict, Mapping, Optional
 
-__all__ = ["EpochLine", "is_tty"]
+__all__ = ["EpochLine", "is_tty", "progress_bar"]
 
 
 def is_tty(stream: Any) -> bool:
@@ -47,3 +47,16 @@ class EpochLine:
         parts = [f"{self.desc}: {steps} steps", *(f"{k} {v}" for k, v in self.postfix.items()),
                  f"{time.perf_counter() - self.start:.1f} s"]
         print(", ".join(parts), file=self.stream, flush=True)
+
+
+def progress_bar(desc: str, loader: Any, initial: int = 0) -> Any:
+    """A tqdm bar over ``loader``'s batches on a terminal; where stderr is not a TTY (a pipe, a log file, CI), an
+    :class:`EpochLine`."""
+    try:
+        total: Optional[int] = len(loader)
+    except TypeError:
+        total = None
+    if not is_tty(sys.stderr):
+        return EpochLine(desc, total, initial)
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

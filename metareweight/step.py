@@ -18,6 +18,13 @@ hypergradient run their own :meth:`~metareweight.objectives.MetaObjective.meta_s
 (train batches consumed) and ``meta_steps``. :class:`~metareweight.MetaTrainer` is a loop around it; your own loop
 (Accelerate, an HF ``Trainer.training_step``) can call it directly.
 
+Where things go: this module only orders the work. What φ is and how weights are made is an objective
+(``metareweight/objectives/``, contract in ``objectives/base.py``); how ``dL_out/dφ`` is computed is a method
+(``metareweight/core/hypergrad/``, contract in ``hypergrad/base.py``), with per-layer rules in
+``metareweight/core/layers/``; the optimizer's update rule for virtual steps is ``core/optim.py``; precision and
+data-parallel reductions are :mod:`metareweight.precision` and :class:`~metareweight.core.strategy.Collectives`.
+Loops, epochs, checkpoints and logging belong to the trainer (``trainer.py``, ``checkpoint.py``, ``recorder.py``).
+
 Example:
     >>> import torch
     >>> from metareweight import Batch, MetaStep, MetaWeightNet
@@ -42,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .core.hypergrad import Fast, HypergradMethod, get_hypergradient
-from .core.optim import PRECONDITIONER_MODES, FunctionalOptimizer
+from .core.optim import FunctionalOptimizer
 from .core.problem import BilevelProblem, Forward, HypergradResult, WeightedTerms
 from .core.strategy import Collectives
 from .data.batch import Batch, as_batch
@@ -50,8 +57,8 @@ from .losses import ensure_finite
 from .models import model_forward
 from .objectives.base import MetaContext, MetaObjective
 from .precision import Precision
+from .validation import REAL_STEPS, validate_step_args
 
-REAL_STEPS = ("recompute", "lookahead")
 Record = Callable[[Batch, Tensor], None]
 
 __all__ = ["MetaStep", "StepResult", "REAL_STEPS"]
@@ -79,12 +86,6 @@ class StepResult:
         return torch.cat(index), torch.cat([w.reshape(-1).float().cpu() for _, w in self.weights])
 
 
-def check_count(name: str, value: Any) -> None:
-    """Refuse ``value`` unless it is an integer >= 1 (not a bool)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 class MetaStep:
     """One meta step plus the real step (see the module docs).
 
@@ -107,7 +108,7 @@ class MetaStep:
             one process. The objective's ``collectives`` is set to it.
         scheduler, meta_scheduler: learning-rate schedulers stepped after every step of their optimizer.
         record: called as ``record(batch, weights)`` for every batch consumed, before its step is counted
-            (the trainer's weight history).
+            (the trainer passes :meth:`WeightRecorder.record <metareweight.recorder.WeightRecorder.record>`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: MetaObjective,
@@ -118,28 +119,13 @@ class MetaStep:
                  meta_accumulate_steps: int = 1, precision: Union[str, Precision] = "fp32",
                  collectives: Optional[Collectives] = None, scheduler: Any = None, meta_scheduler: Any = None,
                  record: Optional[Record] = None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("the model has no trainable parameters; there is nothing to train")
-        if not isinstance(objective, MetaObjective):
-            raise TypeError(f"objective must be a MetaObjective (e.g. MetaWeightNet()), got {type(objective).__name__}")
-        for name, value in (("unroll_steps", unroll_steps), ("accumulate_steps", accumulate_steps),
-                            ("meta_accumulate_steps", meta_accumulate_steps)):
-            check_count(name, value)
-        if real_step not in REAL_STEPS:
-            raise ValueError(f"real_step must be one of {REAL_STEPS}, got {real_step!r}")
-        for name, value in (("grad_clip", grad_clip), ("meta_grad_clip", meta_grad_clip)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if accumulate_steps > 1 and real_step == "lookahead":
-            raise ValueError("accumulate_steps > 1 needs real_step='recompute': with 'lookahead' the virtual step "
-                             "is committed as the real step, so there is no gradient to accumulate")
+        checked = validate_step_args(model, objective, unroll_steps=unroll_steps, accumulate_steps=accumulate_steps,
+                                     meta_accumulate_steps=meta_accumulate_steps, grad_clip=grad_clip,
+                                     meta_grad_clip=meta_grad_clip, real_step=real_step,
+                                     adam_preconditioner=adam_preconditioner)
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.device = next(model.parameters()).device
         objective.to(self.device)
-        if adam_preconditioner not in PRECONDITIONER_MODES:
-            raise ValueError(f"adam_preconditioner must be one of {PRECONDITIONER_MODES}, got {adam_preconditioner!r}")
         self.adam_preconditioner = adam_preconditioner
         FunctionalOptimizer.from_torch(optimizer, model, adam_preconditioner)  # refuse an unsupported one now
         self.method = get_hypergradient(method, hypergrad_options) if objective.uses_hypergradient else None
@@ -150,9 +136,9 @@ class MetaStep:
             self.method.lookahead = True  # "fast" by name: materialise θ' for the real step
         self.meta_optimizer = meta_optimizer or (objective.make_meta_optimizer()
                                                  if objective.meta_parameters() else None)
-        self.unroll_steps, self.real_step = unroll_steps, real_step
-        self.grad_clip, self.meta_grad_clip = grad_clip, meta_grad_clip
-        self.accumulate_steps, self.meta_accumulate_steps = accumulate_steps, meta_accumulate_steps
+        self.unroll_steps, self.real_step = checked["unroll_steps"], real_step
+        self.grad_clip, self.meta_grad_clip = checked["grad_clip"], checked["meta_grad_clip"]
+        self.accumulate_steps, self.meta_accumulate_steps = checked["accumulate_steps"], checked["meta_accumulate_steps"]
         self.precision = precision if isinstance(precision, Precision) else Precision(precision, self.device)
         self.collectives = collectives if collectives is not None else Collectives()
         objective.collectives = self.collectives

@@ -120,36 +120,56 @@ def _noisy(noisy: Any, train_loader: Any) -> None:
                          "sample, in dataset-index order")
 
 
+REAL_STEPS = ("recompute", "lookahead")
+STEP_ARGS = ("unroll_steps", "accumulate_steps", "meta_accumulate_steps", "grad_clip", "meta_grad_clip", "real_step",
+             "adam_preconditioner")
+
+
+def validate_step_args(model: Any, objective: Any, *, unroll_steps: Any = 1, accumulate_steps: Any = 1,
+                       meta_accumulate_steps: Any = 1, grad_clip: Any = None, meta_grad_clip: Any = None,
+                       real_step: Any = "recompute", adam_preconditioner: Any = "differentiable") -> Dict[str, Any]:
+    """Check the arguments of :class:`~metareweight.MetaStep` (shared by ``MetaTrainer``) and return the normalised
+    counts and clip norms. Raises ``TypeError``/``ValueError`` naming the argument."""
+    from .core.optim import PRECONDITIONER_MODES
+    from .objectives.base import MetaObjective
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters; there is nothing to train")
+    if not isinstance(objective, MetaObjective):
+        raise TypeError(f"objective must be a MetaObjective (e.g. MetaWeightNet()), got {type(objective).__name__}")
+    out = {k: as_count(k, v) for k, v in (("unroll_steps", unroll_steps), ("accumulate_steps", accumulate_steps),
+                                          ("meta_accumulate_steps", meta_accumulate_steps))}
+    out.update({k: positive_or_none(k, v) for k, v in (("grad_clip", grad_clip), ("meta_grad_clip", meta_grad_clip))})
+    for name, value, choices in (("real_step", real_step, REAL_STEPS),
+                                 ("adam_preconditioner", adam_preconditioner, PRECONDITIONER_MODES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if out["accumulate_steps"] > 1 and real_step == "lookahead":
+        raise ValueError("accumulate_steps > 1 needs real_step='recompute': with 'lookahead' the virtual step "
+                         "is committed as the real step, so there is no gradient to accumulate")
+    return out
+
+
 def validate_trainer_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     """Check the constructor's arguments (``locals()`` of ``MetaTrainer.__init__``) and return the normalised
     numeric ones (numpy integers as ints). Raises ``TypeError``/``ValueError``/``PermissionError`` naming the
     argument; warns where a setting runs but is known to mislead."""
     from .core.hypergrad import HypergradMethod
     from .history import check_keep
-    from .objectives.base import META_DATA_SOURCES, MetaObjective
+    from .objectives.base import META_DATA_SOURCES
 
-    model, objective, optimizer = args["model"], args["objective"], args["optimizer"]
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the model has no trainable parameters; there is nothing to train")
+    optimizer, objective = args["optimizer"], args["objective"]
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters (e.g. "
                         f"torch.optim.SGD(model.parameters(), lr=0.1)), got {type(optimizer).__name__}")
-    if not isinstance(objective, MetaObjective):
-        raise TypeError(f"objective must be a MetaObjective (e.g. MetaWeightNet()), got {type(objective).__name__}")
+    out = validate_step_args(args["model"], objective, **{k: args[k] for k in STEP_ARGS})
     if objective.meta_data not in META_DATA_SOURCES:
         raise ValueError(f"{type(objective).__name__}.meta_data must be one of {META_DATA_SOURCES}")
-    out = {k: as_count(k, args[k]) for k in ("meta_interval", "unroll_steps", "accumulate_steps",
-                                             "meta_accumulate_steps")}
-    out.update({k: positive_or_none(k, args[k]) for k in ("grad_clip", "meta_grad_clip")})
-    for name, choices in (("real_step", ("recompute", "lookahead")), ("scheduler_interval", ("epoch", "step")),
-                          ("adam_preconditioner", ("differentiable", "fixed"))):
-        if args[name] not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {args[name]!r}")
-    if out["accumulate_steps"] > 1 and args["real_step"] == "lookahead":
-        raise ValueError("accumulate_steps > 1 needs real_step='recompute': with 'lookahead' the virtual step "
-                         "is committed as the real step, so there is no gradient to accumulate")
+    out["meta_interval"] = as_count("meta_interval", args["meta_interval"])
+    if args["scheduler_interval"] not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be one of {('epoch', 'step')}, got {args['scheduler_interval']!r}")
     every = args["checkpoint_every"]
     if every is not None and (args["checkpoint_dir"] is None or isinstance(every, bool)
                               or not isinstance(every, numbers.Integral) or every < 1):

@@ -98,7 +98,6 @@ def test_accumulation_averages_two_micro_steps_of_both_optimizers():
 def test_clipping_bounds_the_real_and_the_meta_step():
     trainer = _trainer(grad_clip=1e-3, meta_grad_clip=1e-4)
     trainer.optimizer.param_groups[0]["lr"] = 1.0
-    trainer._refresh_functional_optimizer()
     trainer.meta_optimizer = torch.optim.SGD(trainer.objective.parameters(), lr=1.0)
     theta0 = _flat([p.detach().clone() for p in trainer.model.parameters()])
     phi0 = _flat([p.detach().clone() for p in trainer.objective.meta_parameters()])

@@ -69,7 +69,7 @@ def test_lookahead_commit_equals_the_unrolled_virtual_step():
     problem = trainer.build_problem([batch], Batch(x[16:32], y[16:32]))
     from metareweight import Unrolled
     result = Unrolled()(problem)
-    trainer._commit(result, [batch])
+    trainer.stepper.commit(result, [batch])
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p.detach(), result.lookahead[0][name])
 

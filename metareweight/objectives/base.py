@@ -29,6 +29,11 @@ Objectives without a hypergradient (``uses_hypergradient = False``, e.g. a polic
 
 Batch-level reductions (a weight normaliser over the global batch) go through ``self.collectives``, which
 :class:`~metareweight.MetaStep` sets to the data-parallel strategy of the run (one process by default).
+
+**A new objective** goes in its own file in ``metareweight/objectives/`` (a subclass of :class:`MetaObjective`),
+is exported from ``objectives/__init__.py`` and ``metareweight/__init__.py`` (the public API test requires it), and
+gets ``tests/test_<objective>.py``; its reproduction script goes in ``experiments/`` and its numbers in
+``experiments/RESULTS.md``. Objectives from outside the package load as plugins (:mod:`metareweight.plugins`).
 """
 
 from __future__ import annotations

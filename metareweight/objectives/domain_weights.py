@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..core.problem import Forward, WeightedTerms
 from ..data.batch import Batch
 from ..losses import cross_entropy_terms
-from .base import MetaObjective
+from .base import MetaContext, MetaObjective
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 AggregationLoss = Callable[[Forward, Batch], Tensor]
@@ -209,7 +209,7 @@ class DomainWeights(MetaObjective):
     def outer_loss(self, forward: Forward, batch: Batch) -> Tensor:
         return self.aggregation(forward, batch)
 
-    def on_epoch_end(self, trainer: Any, epoch: int) -> Optional[Dict[str, float]]:
+    def on_epoch_end(self, context: MetaContext, epoch: int) -> Optional[Dict[str, float]]:
         if epoch == 0:
             self.check_all_seen()
         return {f"domain_weight/{n}": w for n, w in self.named_weights().items()}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..core.problem import Forward, WeightedTerms
+from ..core.strategy import Collectives
 from ..data.batch import Batch
 from ..losses import cross_entropy_terms
 from .base import MetaObjective
@@ -83,12 +85,33 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None) -> Optio
     return None
 
 
+COLLAPSED_WEIGHT = 1e-6  # a batch's mean raw weight below this: the weights collapsed, weight it uniformly
+
+
+def normalized(w: Tensor, collectives: Collectives) -> Tensor:
+    """``w / Σ w`` over the global batch (in a distributed run the mean over ranks of the local sums and sizes), or
+    uniform weights ``1 / batch size`` when the batch's mean raw weight is below :data:`COLLAPSED_WEIGHT` (all
+    sigmoids near 0: dividing by a sum near 0 would blow the weights or their gradient up, and an exact 0 would
+    stop training).
+
+    Example:
+        >>> normalized(torch.tensor([1.0, 3.0]), Collectives()).tolist()
+        [0.25, 0.75]
+        >>> normalized(torch.zeros(4), Collectives()).tolist()
+        [0.25, 0.25, 0.25, 0.25]
+    """
+    total, size = collectives.differentiable_mean([w.sum(), w.new_tensor(float(w.shape[0]))])
+    floor = COLLAPSED_WEIGHT * size.detach()
+    return torch.where(total > floor, w / total.clamp_min(floor), size.detach().reciprocal())
+
+
 class MetaWeightNet(MetaObjective):
     """Loss → weight MLP with a clean meta set.
 
     Args:
         hidden: width of the hidden layer (100 in the paper).
-        normalize: normalise weights to sum to one over the batch (True) or divide by the batch size (False).
+        normalize: normalise weights to sum to one over the batch (True; uniform when they collapse to ~0, see
+            :func:`normalized`) or divide by the batch size (False).
         meta_lr: Adam learning rate of the weight net (1e-3 in the paper, with weight decay 1e-4). With the model
             trained by SGD at a moderate learning rate (0.01 for a small MLP) it worked on every small noisy set of
             the sensitivity study; see :data:`META_LR_RULE` and :func:`weight_advice` when the weights do not
@@ -125,9 +148,8 @@ class MetaWeightNet(MetaObjective):
     def inner_terms(self, forward: Forward, batch: Batch) -> WeightedTerms:
         losses = self.loss_fn(forward(batch.inputs), batch.targets)
         w = self.weight(losses)
-        # the normaliser is the global batch's (mean over ranks of the local sums) in a distributed run
         if self.normalize:
-            coef = w / self.collectives.differentiable_mean([w.sum()])[0].clamp_min(1e-12)
+            coef = normalized(w, self.collectives)
         else:
             coef = w / w.shape[0]
         return WeightedTerms(losses, coef.to(losses.dtype), report=w)

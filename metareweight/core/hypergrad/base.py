@@ -1,4 +1,11 @@
-"""The one signature every hypergradient method shares, and the registry that selects them by name."""
+"""The one signature every hypergradient method shares, and the registry that selects them by name.
+
+**A new method** goes in its own file in ``metareweight/core/hypergrad/``: a dataclass subclass of
+:class:`HypergradMethod` with its own ``name``, imported in ``hypergrad/__init__.py`` (which registers it), exported
+in ``metareweight/__init__.py``, and tested against a float64 finite difference of the bilevel objective and the
+other exact methods (``tests/test_<method>.py``). It sees only the :class:`~metareweight.core.BilevelProblem`; a
+per-layer rule for a layer type it must differentiate goes in ``metareweight/core/layers/``.
+"""
 
 from __future__ import annotations
 
