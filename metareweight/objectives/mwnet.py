@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..core.problem import Forward, WeightedTerms
@@ -95,6 +96,14 @@ class MetaWeightNet(MetaObjective):
             separate or saturate.
         meta_weight_decay: weight decay of the weight net.
         loss_fn: per-sample loss ``(outputs, targets) -> (batch,)``; cross-entropy by default.
+        meta_class_prior: ``None`` (the paper): the outer loss is the meta batch's mean loss. ``"train"``: each
+            class of the meta batch counts in proportion to its share of the training labels seen so far (counted
+            over the inner batches; rank-local in a distributed run), so a class-balanced meta set stands for
+            imbalanced training (and test) data. Without it, on imbalanced classes the balanced meta set rewards
+            up-weighting high-loss samples — the minority-labelled ones, many of them flipped — and the weights
+            can rank flipped samples above clean ones (Women's reviews in the sensitivity study: weight AUROC
+            0.25 → 0.77). With balanced classes it changes almost nothing. Needs integer class targets; other
+            targets fall back to the mean.
 
     Example:
         >>> import torch
@@ -107,10 +116,16 @@ class MetaWeightNet(MetaObjective):
     """
 
     def __init__(self, hidden: int = 100, normalize: bool = True, meta_lr: float = 1e-3,
-                 meta_weight_decay: float = 1e-4, loss_fn: Optional[LossFn] = None):
+                 meta_weight_decay: float = 1e-4, loss_fn: Optional[LossFn] = None,
+                 meta_class_prior: Optional[str] = None):
         super().__init__()
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
+        if meta_class_prior not in (None, "train"):
+            raise ValueError(f"meta_class_prior must be None or 'train', got {meta_class_prior!r}")
+        self.meta_class_prior = meta_class_prior
+        if meta_class_prior == "train":  # training-label counts per class, grown as classes appear; saved with the
+            self.register_buffer("train_class_counts", torch.zeros(0))  # objective, for exact resumes
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
         self.normalize = normalize
         self.meta_lr = meta_lr
@@ -123,6 +138,7 @@ class MetaWeightNet(MetaObjective):
         return self.net(losses.to(net_dtype).unsqueeze(1)).squeeze(1)
 
     def inner_terms(self, forward: Forward, batch: Batch) -> WeightedTerms:
+        self._count_train_classes(batch.targets)
         losses = self.loss_fn(forward(batch.inputs), batch.targets)
         w = self.weight(losses)
         # the normaliser is the global batch's (mean over ranks of the local sums) in a distributed run
@@ -133,4 +149,43 @@ class MetaWeightNet(MetaObjective):
         return WeightedTerms(losses, coef.to(losses.dtype), report=w)
 
     def outer_loss(self, forward: Forward, batch: Batch) -> Tensor:
-        return self.loss_fn(forward(batch.inputs), batch.targets).mean()
+        losses = self.loss_fn(forward(batch.inputs), batch.targets)
+        if self.meta_class_prior is None:
+            return losses.mean()
+        counts, y = self.train_class_counts, batch.targets
+        if (not _class_labels(y) or losses.shape != y.shape or not y.numel()
+                or float(counts.sum()) <= 0 or int(y.max()) >= counts.numel()):
+            return losses.mean()
+        # Σ_c π_c · (mean loss of class c in the batch), normalised over the classes present
+        in_batch = torch.bincount(y.long(), minlength=counts.numel()).to(losses.dtype)
+        per_sample = (counts.to(losses.dtype) / counts.sum().to(losses.dtype))[y.long()] / in_batch[y.long()]
+        if float(per_sample.sum()) <= 0:  # only classes never seen in training: nothing to weight by
+            return losses.mean()
+        return (per_sample * losses).sum() / per_sample.sum()
+
+    @torch.no_grad()
+    def _count_train_classes(self, targets: Tensor) -> None:
+        if self.meta_class_prior is None or not _class_labels(targets) or not targets.numel():
+            return
+        counts = torch.bincount(targets.long().detach().cpu(), minlength=self.train_class_counts.numel())
+        if counts.numel() > self.train_class_counts.numel():
+            grown = self.train_class_counts.new_zeros(counts.numel())
+            grown[: self.train_class_counts.numel()] = self.train_class_counts
+            self.train_class_counts = grown
+        self.train_class_counts += counts.to(self.train_class_counts)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "train_class_counts"
+        if self.meta_class_prior is None:
+            pass
+        elif key in state_dict:  # the saved counts may cover more classes than seen so far
+            self.train_class_counts = torch.zeros_like(state_dict[key])
+        else:  # a checkpoint from before the counts existed
+            state_dict[key] = self.train_class_counts.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _class_labels(targets) -> bool:
+    return isinstance(targets, Tensor) and targets.dim() == 1 and not targets.dtype.is_floating_point \
+        and not targets.dtype.is_complex and targets.dtype != torch.bool and (not targets.numel() or
+                                                                             int(targets.min()) >= 0)
