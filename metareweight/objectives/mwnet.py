@@ -34,20 +34,31 @@ INVERTED = 0.4     # weight AUROC (clean vs noisy) below this: the ranking is in
 COLLAPSED = 0.05   # mean raw weight below this (or above 1 - this): saturating
 
 
-def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None) -> Optional[str]:
+NOT_SEPARATING = 0.6  # weight AUROC below this (and not inverted): the loss carries little information about flips
+IMBALANCED = 2.0     # largest / smallest class share of the labels at or above this: imbalanced
+
+
+def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=None,
+                  meta_class_prior: Optional[str] = None) -> Optional[str]:
     """One line of advice when Meta-Weight-Net's weights look wrong, or ``None`` when they look healthy.
 
     Args:
         weights: each sample's latest raw weight in (0, 1), e.g.
             ``trainer.weights_history.latest(epoch=trainer.epoch - 1)["weight"]``.
-        noisy: optional flags of the same samples (True = corrupted); enables the inverted-ranking check.
+        noisy: optional flags of the same samples (True = corrupted); enables the ranking checks.
         meta_lr: the weight net's learning rate, quoted in the advice.
+        labels: optional (given) class labels of the same samples; an inverted ranking on imbalanced labels is
+            blamed on the class prior (see ``MetaWeightNet(meta_class_prior="train")``).
+        meta_class_prior: the objective's ``meta_class_prior`` (no class-prior advice when it is already ``"train"``).
 
-    Checks, in order: the weights do not spread (sd / mean < 0.1: the net has barely moved, whatever its ranking),
-    the ranking is inverted (weight AUROC of clean vs noisy < 0.4), the weights saturate (> 60 % within 0.02 of 0
-    or 1, or a mean weight below 0.05 or above 0.95: with weights normalised per batch their common level is free,
-    and Adam can drift it into the sigmoid's flat ends). Healthy runs in the sensitivity
-    study had sd / mean 0.5–0.8 and a saturated share near the noise rate (the flipped samples' weights go to 0).
+    Checks, in order: with flags, the ranking is inverted (weight AUROC of clean vs noisy < 0.4: on imbalanced
+    labels, the balanced meta set's class prior; otherwise learning rates too large); the weights do not spread
+    (sd / mean < 0.1: the net has barely moved); with flags, the ranking barely separates (AUROC < 0.6 although the
+    weights spread: the per-sample loss carries little information about the flips, as on weak features); the
+    weights saturate (> 60 % within 0.02 of 0 or 1, or a mean weight below 0.05 or above 0.95: with weights
+    normalised per batch their common level is free, and Adam can drift it into the sigmoid's flat ends). Healthy
+    runs in the sensitivity study had sd / mean 0.5–0.8 and a saturated share near the noise rate (the flipped
+    samples' weights go to 0).
 
     Example:
         >>> import numpy as np
@@ -55,6 +66,10 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None) -> Optio
         True
         >>> weight_advice(np.full(100, 0.5) + np.linspace(0, 0.01, 100), meta_lr=1e-4)[:53]
         "Meta-Weight-Net's weights are not separating (sd/mean"
+        >>> w, flipped = np.r_[np.full(70, 0.3), np.full(30, 0.6)], np.arange(100) >= 70
+        >>> advice = weight_advice(w, flipped, labels=np.r_[np.zeros(80), np.ones(20)])
+        >>> advice[:68], 'meta_class_prior="train"' in advice
+        ('Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC', True)
     """
     import numpy as np
 
@@ -67,21 +82,49 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None) -> Optio
     flags = None if noisy is None else np.asarray(noisy, bool).ravel()
     if flags is not None and flags.shape != w.shape:
         raise ValueError(f"noisy has {flags.size} flags for {w.size} weights")
+    auc = auroc(w, ~flags) if flags is not None and flags.any() and (~flags).any() else None
+    if auc is not None and auc < INVERTED:
+        prior = _imbalance(labels, w.size) if meta_class_prior is None else None
+        if prior:
+            return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}) and the "
+                    f"labels are imbalanced ({prior}): against a class-balanced meta set the weight net learns to "
+                    "up-weight high-loss (minority-labelled, often flipped) samples. Use "
+                    "MetaWeightNet(meta_class_prior=\"train\"), or draw the meta set with the training classes' "
+                    "proportions.")
+        return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}): lower "
+                f"meta_lr ×10{now} and the model's learning rate (SGD 0.01 for a small MLP).")
     spread = float(w.std() / max(w.mean(), 1e-12))
     if spread < NO_SPREAD:
         return (f"Meta-Weight-Net's weights are not separating (sd/mean {spread:.2f} < {NO_SPREAD}): the weight net "
                 f"has barely moved; raise meta_lr ×3{now} (default 1e-3), lower the model's learning rate, or train "
                 "longer.")
-    if flags is not None and flags.any() and (~flags).any():
-        auc = auroc(w, ~flags)
-        if auc < INVERTED:
-            return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}): lower "
-                    f"meta_lr ×10{now} and the model's learning rate (SGD 0.01 for a small MLP).")
+    if auc is not None and auc < NOT_SEPARATING:
+        return (f"Meta-Weight-Net's weights barely tell flipped from clean samples (weight AUROC {auc:.2f}) although "
+                "they spread: the per-sample loss carries little information about which labels are wrong on this "
+                "data (typical of weak features, where plain training barely beats the majority class). "
+                "Reweighting by loss cannot fix that: compare with training on the clean meta set alone, and look "
+                "for better features or a model that fits the clean labels first.")
     saturated = float(((w < 0.02) | (w > 0.98)).mean())
     if saturated > SATURATED or not COLLAPSED < w.mean() < 1 - COLLAPSED:
         return (f"Meta-Weight-Net's weights are saturating ({saturated:.0%} within 0.02 of 0 or 1, mean "
                 f"{w.mean():.3f}): lower meta_lr ×10{now} and the model's learning rate (SGD 0.01 for a small MLP).")
     return None
+
+
+def _imbalance(labels, n: int) -> Optional[str]:
+    """'largest class 55 %, smallest 6 %' when integer labels are imbalanced (ratio ≥ IMBALANCED), else None."""
+    import numpy as np
+
+    if labels is None:
+        return None
+    y = np.asarray(labels).ravel()
+    if y.size != n or not y.size or not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0:
+        return None
+    share = np.bincount(y.astype(np.int64)) / y.size
+    share = share[share > 0]
+    if share.size < 2 or share.max() < IMBALANCED * share.min():
+        return None
+    return f"largest class {share.max():.0%}, smallest {share.min():.0%} of the labels"
 
 
 class MetaWeightNet(MetaObjective):
