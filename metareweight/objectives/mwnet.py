@@ -196,12 +196,15 @@ class MetaWeightNet(MetaObjective):
         if self.meta_class_prior is None:
             return losses.mean()
         counts, y = self.train_class_counts, batch.targets
-        if (not _class_labels(y) or losses.shape != y.shape or not y.numel()
-                or float(counts.sum()) <= 0 or int(y.max()) >= counts.numel()):
+        if not _class_labels(y) or losses.shape != y.shape or not y.numel() or float(counts.sum()) <= 0:
             return losses.mean()
-        # Σ_c π_c · (mean loss of class c in the batch), normalised over the classes present
-        in_batch = torch.bincount(y.long(), minlength=counts.numel()).to(losses.dtype)
-        per_sample = (counts.to(losses.dtype) / counts.sum().to(losses.dtype))[y.long()] / in_batch[y.long()]
+        # Σ_c π_c · (mean loss of class c in the batch), normalised over the classes present; a class never seen
+        # among the training labels has π_c = 0
+        y = y.long()
+        in_batch = torch.bincount(y, minlength=counts.numel()).to(losses.dtype)
+        prior = torch.zeros(in_batch.numel(), dtype=losses.dtype, device=losses.device)
+        prior[: counts.numel()] = counts.to(prior) / counts.sum().to(prior)
+        per_sample = prior[y] / in_batch[y]
         if float(per_sample.sum()) <= 0:  # only classes never seen in training: nothing to weight by
             return losses.mean()
         return (per_sample * losses).sum() / per_sample.sum()
