@@ -60,7 +60,10 @@ def test_weight_advice_names_each_failure():
     healthy = np.r_[np.full(70, 0.45), np.full(30, 0.01)] + np.linspace(0, 0.02, 100)
     flags = np.r_[np.zeros(70, bool), np.ones(30, bool)]
     assert weight_advice(healthy, flags) is None
-    assert "not separating" in weight_advice(np.full(100, 0.5) + np.linspace(0, 0.01, 100), flags)
+    unspread = np.full(100, 0.5) + np.linspace(0.01, 0, 100)  # the flipped (last 30) samples slightly lowest
+    assert "not separating" in weight_advice(unspread, flags)
+    # an inverted ranking is named even when the weights barely spread: raising meta_lr would amplify it
+    assert "ranks flipped samples above clean" in weight_advice(unspread[::-1], flags)
     assert "raise meta_lr" in weight_advice(np.full(100, 0.5) + np.linspace(0, 0.01, 100))
     inverted = weight_advice(healthy, ~flags, meta_lr=1e-2)  # the flipped samples hold the high weights
     assert "ranks flipped samples above clean" in inverted and "(now 0.01)" in inverted
