@@ -191,7 +191,7 @@ def run_mwnet(split: NoisySplit, cfg: Dict, lr: float, epochs: int, seed: int, m
             "gap": float((last["weight_clean"] - last["weight_noisy"]) / max(float(w.mean()), 1e-12)),
             "spread": float(w.std() / max(float(w.mean()), 1e-12)),
             "auroc_within": within_class_auroc(w, flags, split.y_train.numpy()[index]),
-            "advice": weight_advice(w, flags),
+            "advice": weight_advice(w, flags, meta_lr, split.y_train.numpy()[index], prior),
             "saturated": float(((w < 0.02) | (w > 0.98)).mean())}
 
 

@@ -52,7 +52,8 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
         meta_class_prior: the objective's ``meta_class_prior`` (no class-prior advice when it is already ``"train"``).
 
     Checks, in order: with flags, the ranking is inverted (weight AUROC of clean vs noisy < 0.4: on imbalanced
-    labels, the balanced meta set's class prior; otherwise learning rates too large); the weights do not spread
+    labels, the balanced meta set's class prior; with weights that spread, learning rates too large; with weights
+    that barely spread, a loss that does not identify the flips); the weights do not spread
     (sd / mean < 0.1: the net has barely moved); with flags, the ranking barely separates (AUROC < 0.6 although the
     weights spread: the per-sample loss carries little information about the flips, as on weak features); the
     weights saturate (> 60 % within 0.02 of 0 or 1, or a mean weight below 0.05 or above 0.95: with weights
@@ -83,6 +84,7 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
     if flags is not None and flags.shape != w.shape:
         raise ValueError(f"noisy has {flags.size} flags for {w.size} weights")
     auc = auroc(w, ~flags) if flags is not None and flags.any() and (~flags).any() else None
+    spread = float(w.std() / max(w.mean(), 1e-12))
     if auc is not None and auc < INVERTED:
         prior = _imbalance(labels, w.size) if meta_class_prior is None else None
         if prior:
@@ -91,9 +93,14 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
                     "up-weight high-loss (minority-labelled, often flipped) samples. Use "
                     "MetaWeightNet(meta_class_prior=\"train\"), or draw the meta set with the training classes' "
                     "proportions.")
+        if spread < NO_SPREAD:
+            return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}) while its "
+                    f"weights barely spread (sd/mean {spread:.2f}): the loss does not identify the flipped labels on "
+                    "this data, and raising meta_lr would amplify the wrong ranking. Compare with training on the "
+                    "clean meta set alone, and look for better features or a model that fits the clean labels "
+                    "first.")
         return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}): lower "
                 f"meta_lr ×10{now} and the model's learning rate (SGD 0.01 for a small MLP).")
-    spread = float(w.std() / max(w.mean(), 1e-12))
     if spread < NO_SPREAD:
         return (f"Meta-Weight-Net's weights are not separating (sd/mean {spread:.2f} < {NO_SPREAD}): the weight net "
                 f"has barely moved; raise meta_lr ×3{now} (default 1e-3), lower the model's learning rate, or train "
