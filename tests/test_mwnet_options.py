@@ -91,3 +91,11 @@ def test_weight_advice_says_when_the_loss_carries_no_information_about_the_flips
     w, flipped = rng.uniform(0.1, 0.9, 400), rng.random(400) < 0.3  # spread, but unrelated to the flips
     assert "carries little information" in weight_advice(w, flipped)
     assert weight_advice(w) is None  # without flags nothing to judge the ranking by
+
+
+def test_unspread_weights_at_chance_say_the_loss_may_carry_no_information():
+    rng = np.random.default_rng(1)
+    w, flipped = 0.5 + rng.uniform(0, 0.01, 400), rng.random(400) < 0.3
+    advice = weight_advice(w, flipped)
+    assert "raise meta_lr" in advice and "no information about the flips" in advice
+    assert "no information" not in weight_advice(w)  # without flags the ranking is unknown

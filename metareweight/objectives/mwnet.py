@@ -102,9 +102,14 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
         return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}): lower "
                 f"meta_lr ×10{now} and the model's learning rate (SGD 0.01 for a small MLP).")
     if spread < NO_SPREAD:
+        chance = "" if auc is None or auc >= NOT_SEPARATING else (
+            f" Their ranking of the flipped samples is near chance (weight AUROC {auc:.2f}): if a larger meta_lr "
+            "does not help, the loss carries no information about the flips on this data (weak features; check that "
+            "plain training beats the majority class) and reweighting cannot help: compare with training on the "
+            "clean meta set alone.")
         return (f"Meta-Weight-Net's weights are not separating (sd/mean {spread:.2f} < {NO_SPREAD}): the weight net "
                 f"has barely moved; raise meta_lr ×3{now} (default 1e-3), lower the model's learning rate, or train "
-                "longer.")
+                "longer." + chance)
     if auc is not None and auc < NOT_SEPARATING:
         return (f"Meta-Weight-Net's weights barely tell flipped from clean samples (weight AUROC {auc:.2f}) although "
                 "they spread: the per-sample loss carries little information about which labels are wrong on this "
