@@ -26,7 +26,8 @@ META_LR_RULE = ("Meta-Weight-Net must separate clean from noisy samples before t
                 "memorises within a few epochs and no meta learning rate works everywhere) and use the weight net's "
                 "default Adam meta_lr=1e-3. Weights that stay together (no spread): the weight net moved too "
                 "little; raise meta_lr ×3 or lower the model's lr. Weights that saturate (most near 0 or 1) or rank "
-                "flipped samples above clean ones: lower meta_lr ×10 and the model's lr.")
+                "flipped samples above clean ones: lower meta_lr ×10 and the model's lr. On imbalanced classes with "
+                "a class-balanced meta set use MetaWeightNet(meta_class_prior=\"train\").")
 
 NO_SPREAD = 0.1    # sd / mean of the raw weights below this: not separating
 SATURATED = 0.6    # share of raw weights within 0.02 of 0 or 1 above this: saturating
