@@ -9,8 +9,8 @@ looks at the newest recorded weights and the logged losses and warns (:class:`He
 - the model is **stuck at chance loss** ln C (within 0.5 %) after ``chance_after_epochs`` epochs;
 - with ``noisy=`` flags and Meta-Weight-Net, the weights **rank flipped samples above clean ones** (weight AUROC
   < 0.4; on imbalanced labels the advice is ``MetaWeightNet(meta_class_prior="train")``) or **barely tell them
-  apart** (AUROC < 0.6 although they spread: the loss carries no information about the flips on this data), after
-  ``ranking_after_epochs`` epochs or at the end of ``fit`` (:func:`~metareweight.objectives.mwnet.weight_advice`);
+  apart** (AUROC < 0.6: the loss carries no information about the flips on this data), judged at the end of a
+  ``fit`` of at least ``ranking_after_epochs`` epochs (:func:`~metareweight.objectives.mwnet.weight_advice`);
 - a train batch holds **one sample** (normalised weights of one sample are always 1: the hypergradient is 0).
 
 Example:
@@ -48,8 +48,8 @@ class HealthMonitor(Callback):
         window: how many of the newest recorded weights to look at.
         spread_after: meta steps after which weights that still do not spread are reported.
         chance_after_epochs: epochs after which a train loss within 0.5 % of ln C is reported.
-        ranking_after_epochs: epochs after which Meta-Weight-Net's ranking of the ``noisy=`` flags is judged
-            (also at the end of ``fit``); early weights have not separated yet.
+        ranking_after_epochs: a ``fit`` shorter than this is not judged on Meta-Weight-Net's ranking of the
+            ``noisy=`` flags (judged once, at its end): early weights have not separated yet.
     """
 
     def __init__(self, every: int = 50, window: int = 4096, spread_after: int = 200, chance_after_epochs: int = 3,
@@ -150,12 +150,11 @@ class HealthMonitor(Callback):
             epochs_done = trainer.epoch + 1 - getattr(trainer, "_fit_start_epoch", 0)
             if target is not None and len(target) and "train_loss" in metrics:
                 self.check_loss(float(metrics["train_loss"]), int(target.max()) + 1, epochs_done)
-            if epochs_done >= self.ranking_after_epochs:
-                self._check_trainer_ranking(trainer, recent)
 
     def on_fit_end(self, trainer: Any) -> None:
         recent = self._recent(trainer)
-        if len(recent["step"]):
+        epochs_done = trainer.epoch - getattr(trainer, "_fit_start_epoch", 0)
+        if len(recent["step"]) and epochs_done >= self.ranking_after_epochs:
             self._check_trainer_ranking(trainer, recent)
 
     def _check_trainer_ranking(self, trainer: Any, recent: Dict[str, np.ndarray]) -> None:

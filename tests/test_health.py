@@ -95,7 +95,7 @@ def test_an_inverted_ranking_on_imbalanced_labels_is_warned_with_the_class_prior
     assert len(messages) == 1 and 'meta_class_prior="train"' in messages[0] and "AUROC 0.00" in messages[0]
     # with the prior already on, the advice is about the learning rates
     trainer = _fake_trainer(w, flipped, imbalanced, MetaWeightNet(hidden=4, meta_class_prior="train"))
-    messages = _caught(lambda: HealthMonitor().on_epoch_end(trainer, {}))
+    messages = _caught(lambda: HealthMonitor().on_fit_end(trainer))
     assert len(messages) == 1 and "lower meta_lr" in messages[0]
 
 
@@ -105,8 +105,8 @@ def test_weights_that_ignore_the_flips_are_warned_and_early_or_good_rankings_are
     unrelated = _fake_trainer(rng.uniform(0.1, 0.9, 400), flipped, np.arange(400) % 2, MetaWeightNet(hidden=4))
     messages = _caught(lambda: HealthMonitor().on_fit_end(unrelated))
     assert len(messages) == 1 and "carries little information" in messages[0]
-    unrelated.epoch = 1  # before ranking_after_epochs: not judged at an epoch's end
-    assert _caught(lambda: HealthMonitor().on_epoch_end(unrelated, {})) == []
+    unrelated.epoch = 4  # a fit shorter than ranking_after_epochs: too early to judge
+    assert _caught(lambda: HealthMonitor().on_fit_end(unrelated)) == []
     good = _fake_trainer(np.where(flipped, 0.05, 0.6) + rng.uniform(0, 0.1, 400), flipped, np.arange(400) % 2,
                          MetaWeightNet(hidden=4))
     assert _caught(lambda: HealthMonitor().on_fit_end(good)) == []
