@@ -15,7 +15,10 @@ plain), and plain training on train + meta set.
 
 Phases (``phases``): ``grid`` (lr × meta lr × epochs on the design datasets and design seeds), ``size`` (meta-set
 size), ``confirm`` (the README's settings and its old ones, ``confirm_settings``, on fresh seeds, on the design
-datasets and on held-out datasets never looked at while choosing).
+datasets and on held-out datasets never looked at while choosing). A confirm setting is ``[model lr, meta lr]`` or
+``[model lr, meta lr, "train"]`` for ``MetaWeightNet(meta_class_prior="train")`` (``configs/sensitivity_prior.yaml``).
+Each row also has ``auroc_within`` (the weight AUROC within each given label, averaged) and ``advice``
+(:func:`~metareweight.objectives.mwnet.weight_advice`).
 Inputs are standardised with the training split's mean and sd. Datasets that need a package or file that is not
 installed are skipped with the reason printed.
 
