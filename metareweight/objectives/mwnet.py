@@ -33,10 +33,8 @@ NO_SPREAD = 0.1    # sd / mean of the raw weights below this: not separating
 SATURATED = 0.6    # share of raw weights within 0.02 of 0 or 1 above this: saturating
 INVERTED = 0.4     # weight AUROC (clean vs noisy) below this: the ranking is inverted
 COLLAPSED = 0.05   # mean raw weight below this (or above 1 - this): saturating
-
-
-NOT_SEPARATING = 0.6  # weight AUROC below this (and not inverted): the loss carries little information about flips
-IMBALANCED = 2.0     # largest / smallest class share of the labels at or above this: imbalanced
+NOT_SEPARATING = 0.6  # weight AUROC below this (not inverted): the loss carries little information about the flips
+IMBALANCED = 2.0   # largest / smallest class share of the labels at or above this: imbalanced
 
 
 def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=None,
