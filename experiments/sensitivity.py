@@ -181,8 +181,9 @@ def run_mwnet(split: NoisySplit, cfg: Dict, lr: float, epochs: int, seed: int, m
         meta_lr = budget / meta_steps
     model, opt = model_for(split, cfg["hidden"], lr, cfg["momentum"], seed)
     torch.manual_seed(seed)
-    trainer = MetaTrainer(model, opt, train, objective=MetaWeightNet(meta_lr=meta_lr, meta_class_prior=prior), meta_loader=meta,
-                          hypergrad="fast", noisy=split.noisy.numpy(), progress=False, health=False)
+    objective = MetaWeightNet(meta_lr=meta_lr, meta_class_prior=prior)
+    trainer = MetaTrainer(model, opt, train, objective=objective, meta_loader=meta, hypergrad="fast",
+                          noisy=split.noisy.numpy(), progress=False, health=False)  # rows carry the advice
     trainer.fit(epochs=epochs)
     last = trainer.history[-1]
     latest = trainer.weights_history.latest(epoch=trainer.epoch - 1)
