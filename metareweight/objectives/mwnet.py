@@ -42,8 +42,8 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
     """One line of advice when Meta-Weight-Net's weights look wrong, or ``None`` when they look healthy.
 
     Args:
-        weights: each sample's latest raw weight in (0, 1), e.g.
-            ``trainer.weights_history.latest(epoch=trainer.epoch - 1)["weight"]``.
+        weights: each sample's latest raw weight in (0, 1), e.g. the ``"weight"`` column of the last epoch's
+            rows of ``MetaTrainer.weights_history`` (``.latest(epoch=...)``).
         noisy: optional flags of the same samples (True = corrupted); enables the ranking checks.
         meta_lr: the weight net's learning rate, quoted in the advice.
         labels: optional (given) class labels of the same samples; an inverted ranking on imbalanced labels is
