@@ -15,7 +15,10 @@ plain), and plain training on train + meta set.
 
 Phases (``phases``): ``grid`` (lr × meta lr × epochs on the design datasets and design seeds), ``size`` (meta-set
 size), ``confirm`` (the README's settings and its old ones, ``confirm_settings``, on fresh seeds, on the design
-datasets and on held-out datasets never looked at while choosing).
+datasets and on held-out datasets never looked at while choosing). A confirm setting is ``[model lr, meta lr]`` or
+``[model lr, meta lr, "train"]`` for ``MetaWeightNet(meta_class_prior="train")`` (``configs/sensitivity_prior.yaml``).
+Each row also has ``auroc_within`` (the weight AUROC within each given label, averaged) and ``advice``
+(:func:`~metareweight.objectives.mwnet.weight_advice`).
 Inputs are standardised with the training split's mean and sd. Datasets that need a package or file that is not
 installed are skipped with the reason printed.
 
@@ -86,6 +89,15 @@ def _womens_department():
     return embed(df.text.tolist()), df.department_id.to_numpy(np.int64)
 
 
+def _womens_rating():
+    """Women's reviews, the star rating (1–5; 55 % five stars): the same reviews as ``womens_department``."""
+    from metareweight.data.text import embed, load_womens_reviews
+    df = load_womens_reviews()
+    df = df[df.department != "Trend"].reset_index(drop=True)
+    df = df.iloc[np.random.default_rng(0).permutation(len(df))[:FULL["max_samples"]]]
+    return embed(df.text.tolist()), df.rating.to_numpy(np.int64)
+
+
 def _phishing():
     from metareweight.data.tabular import load_phishing
     return load_phishing()
@@ -94,11 +106,11 @@ def _phishing():
 LOADERS: Dict[str, Callable[[], Tuple[np.ndarray, np.ndarray]]] = {
     "digits": _sklearn("digits"), "breast_cancer": _sklearn("breast_cancer"), "wine": _sklearn("wine"),
     "iris": _sklearn("iris"), "fashion_mnist": _fashion_mnist, "rotten_tomatoes": _rotten_tomatoes,
-    "womens_department": _womens_department, "phishing": _phishing,
+    "womens_department": _womens_department, "womens_rating": _womens_rating, "phishing": _phishing,
 }
 KINDS = {"digits": "8×8 images", "breast_cancer": "tabular", "wine": "tabular", "iris": "tabular",
          "fashion_mnist": "28×28 images", "rotten_tomatoes": "text (WordLlama)",
-         "womens_department": "text (WordLlama)", "phishing": "tabular"}
+         "womens_department": "text (WordLlama)", "womens_rating": "text (WordLlama)", "phishing": "tabular"}
 
 
 def load_dataset(name: str, max_samples: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -158,7 +170,7 @@ def baselines(split: NoisySplit, cfg: Dict, lr: float, epochs: int, seed: int) -
 
 
 def run_mwnet(split: NoisySplit, cfg: Dict, lr: float, epochs: int, seed: int, meta_lr: Optional[float],
-              budget: Optional[float]) -> Dict[str, float]:
+              budget: Optional[float], prior: Optional[str] = None) -> Dict[str, float]:
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(TensorIndexedDataset(split.x_train, split.y_train), batch_size=cfg["batch_size"],
                        shuffle=True, generator=g)
@@ -169,19 +181,31 @@ def run_mwnet(split: NoisySplit, cfg: Dict, lr: float, epochs: int, seed: int, m
         meta_lr = budget / meta_steps
     model, opt = model_for(split, cfg["hidden"], lr, cfg["momentum"], seed)
     torch.manual_seed(seed)
-    trainer = MetaTrainer(model, opt, train, objective=MetaWeightNet(meta_lr=meta_lr), meta_loader=meta,
-                          hypergrad="fast", noisy=split.noisy.numpy(), progress=False)
+    objective = MetaWeightNet(meta_lr=meta_lr, meta_class_prior=prior)
+    trainer = MetaTrainer(model, opt, train, objective=objective, meta_loader=meta, hypergrad="fast",
+                          noisy=split.noisy.numpy(), progress=False, health=False)  # rows carry the advice
     trainer.fit(epochs=epochs)
     last = trainer.history[-1]
-    w = trainer.weights_history.latest(epoch=trainer.epoch - 1)["weight"]
+    latest = trainer.weights_history.latest(epoch=trainer.epoch - 1)
+    w, index = latest["weight"], latest["index"]
+    flags = split.noisy.numpy()[index]
     return {"meta_lr": float(meta_lr), "meta_steps": meta_steps, "acc_mwnet": accuracy(model, split.x_test, split.y_test),
             "weight_auroc": float(last["weight_auroc"]), "w_clean": float(last["weight_clean"]),
             "w_noisy": float(last["weight_noisy"]), "w_std": float(w.std()),
             "gap": float((last["weight_clean"] - last["weight_noisy"]) / max(float(w.mean()), 1e-12)),
             "spread": float(w.std() / max(float(w.mean()), 1e-12)),
-            "advice": weight_advice(w, split.noisy.numpy()[trainer.weights_history.latest(
-                epoch=trainer.epoch - 1)["index"]]),
+            "auroc_within": within_class_auroc(w, flags, split.y_train.numpy()[index]),
+            "advice": weight_advice(w, flags, meta_lr, split.y_train.numpy()[index], prior),
             "saturated": float(((w < 0.02) | (w > 0.98)).mean())}
+
+
+def within_class_auroc(w: np.ndarray, noisy: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the (given, possibly flipped) labels of the weight AUROC of clean against flipped samples within
+    that label: a class re-balancing shifts whole classes and moves the overall AUROC, not this one."""
+    from metareweight.metrics import auroc
+    aucs = [auroc(w[labels == c], ~noisy[labels == c]) for c in np.unique(labels)
+            if noisy[labels == c].any() and (~noisy[labels == c]).any()]
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 class Study:
@@ -214,7 +238,7 @@ class Study:
         return standardise(split_with_noise(x, y, noise=self.cfg["noise"], meta_per_class=meta_per_class, seed=seed))
 
     def cell(self, phase: str, name: str, seed: int, lr: float, epochs: int, meta_per_class: int,
-             meta_lr: Optional[float] = None, budget: Optional[float] = None) -> Dict:
+             meta_lr: Optional[float] = None, budget: Optional[float] = None, prior: Optional[str] = None) -> Dict:
         split = self.split(name, seed, meta_per_class)
         key = (name, seed, lr, epochs, meta_per_class)
         if key not in self._base:
@@ -223,7 +247,9 @@ class Study:
         row = {"phase": phase, "dataset": name, "seed": seed, "lr": lr, "epochs": epochs,
                "meta_per_class": meta_per_class, "setting": f"fixed {meta_lr:g}" if budget is None else
                f"rule {budget:g}/T", "n_train": len(split.x_train), **self._base[key],
-               **run_mwnet(split, self.cfg, lr, epochs, seed, meta_lr, budget)}
+               **run_mwnet(split, self.cfg, lr, epochs, seed, meta_lr, budget, prior)}
+        if prior:
+            row["setting"] += f" prior={prior}"
         row["gain"] = row["acc_mwnet"] - row["acc_plain"]
         row["seconds"] = time.perf_counter() - t0
         self.rows.append(row)
@@ -258,8 +284,9 @@ class Study:
         c = self.cfg
         for name in self.available(c["datasets"] + c["holdout"]):
             for seed in c["confirm_seeds"]:
-                for lr, meta_lr in c["confirm_settings"]:
-                    self.cell("confirm", name, seed, lr, c["confirm_epochs"], c["meta_per_class"], meta_lr=meta_lr)
+                for lr, meta_lr, *prior in c["confirm_settings"]:  # [lr, meta lr] or [lr, meta lr, class prior]
+                    self.cell("confirm", name, seed, lr, c["confirm_epochs"], c["meta_per_class"], meta_lr=meta_lr,
+                              prior=prior[0] if prior else None)
 
 
 # ---- summaries ----------------------------------------------------------------------------------------------------
@@ -275,7 +302,7 @@ def summarise(rows: List[Dict]) -> List[Dict]:
     for key, rs in groups.items():
         mean = {k: float(np.mean([r[k] for r in rs])) for k in ("acc_plain", "acc_meta_only", "acc_train_plus_meta",
                                                                  "acc_mwnet", "gain", "weight_auroc", "gap", "saturated",
-                                                                 "meta_lr")}
+                                                                 "meta_lr", "auroc_within")}
         mean["min_auroc"] = float(min(r["weight_auroc"] for r in rs))
         mean["wins"] = f"{sum(r['gain'] > 0 for r in rs)}/{len(rs)}"
         out.append({**dict(zip(GROUP, key)), **mean})
@@ -286,10 +313,12 @@ def render(summary: List[Dict], phase: str) -> str:
     rows = [(s["dataset"], f"{s['lr']:g}", s["epochs"], s["meta_per_class"], s["setting"], f"{s['meta_lr']:.1e}",
              f"{s['acc_plain']:.3f}", f"{s['acc_meta_only']:.3f}", f"{s['acc_train_plus_meta']:.3f}",
              f"{s['acc_mwnet']:.3f}", f"{100 * s['gain']:+.1f} ({s['wins']})",
-             f"{s['weight_auroc']:.3f} (min {s['min_auroc']:.2f})", f"{s['gap']:+.2f}", f"{s['saturated']:.2f}")
+             f"{s['weight_auroc']:.3f} (min {s['min_auroc']:.2f})", f"{s['auroc_within']:.3f}", f"{s['gap']:+.2f}",
+             f"{s['saturated']:.2f}")
             for s in summary if s["phase"] == phase]
     return table(rows, ["dataset", "lr", "epochs", "meta/class", "meta lr", "= value", "plain", "meta only",
-                        "train+meta", "MW-Net", "gain, pts (wins)", "weight AUROC", "gap", "saturated"])
+                        "train+meta", "MW-Net", "gain, pts (wins)", "weight AUROC", "within class", "gap",
+                        "saturated"])
 
 
 def by_setting(summary: List[Dict], phase: str = "grid") -> str:

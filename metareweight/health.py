@@ -7,6 +7,10 @@ looks at the newest recorded weights and the logged losses and warns (:class:`He
 - the weights are **saturated** at 0 or 1 (a meta learning rate too large: the ranking can invert);
 - the weights have **not spread** after ``spread_after`` meta steps (a meta learning rate too small);
 - the model is **stuck at chance loss** ln C (within 0.5 %) after ``chance_after_epochs`` epochs;
+- with ``noisy=`` flags and Meta-Weight-Net, the weights **rank flipped samples above clean ones** (weight AUROC
+  < 0.4; on imbalanced labels the advice is ``MetaWeightNet(meta_class_prior="train")``) or **barely tell them
+  apart** (AUROC < 0.6: the loss carries no information about the flips on this data), judged at the end of a
+  ``fit`` of at least ``ranking_after_epochs`` epochs (:func:`~metareweight.objectives.mwnet.weight_advice`);
 - a train batch holds **one sample** (normalised weights of one sample are always 1: the hypergradient is 0).
 
 Example:
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Set
+from typing import Any, Dict, Optional, Set
 
 import numpy as np
 
@@ -44,11 +48,15 @@ class HealthMonitor(Callback):
         window: how many of the newest recorded weights to look at.
         spread_after: meta steps after which weights that still do not spread are reported.
         chance_after_epochs: epochs after which a train loss within 0.5 % of ln C is reported.
+        ranking_after_epochs: a ``fit`` shorter than this is not judged on Meta-Weight-Net's ranking of the
+            ``noisy=`` flags (judged once, at its end): early weights have not separated yet.
     """
 
-    def __init__(self, every: int = 50, window: int = 4096, spread_after: int = 200, chance_after_epochs: int = 3):
+    def __init__(self, every: int = 50, window: int = 4096, spread_after: int = 200, chance_after_epochs: int = 3,
+                 ranking_after_epochs: int = 5):
         self.every, self.window = every, window
         self.spread_after, self.chance_after_epochs = spread_after, chance_after_epochs
+        self.ranking_after_epochs = ranking_after_epochs
         self.warned: Set[str] = set()
 
     def state_dict(self) -> Dict[str, Any]:
@@ -97,6 +105,18 @@ class HealthMonitor(Callback):
                       f"{chance:.4f} after {epochs_done} epochs. Raise the learning rate, check inputs are scaled "
                       "and labels match inputs, or check the weights have not collapsed")
 
+    def check_ranking(self, w: np.ndarray, noisy: np.ndarray, labels: Optional[np.ndarray] = None,
+                      meta_lr: Optional[float] = None, meta_class_prior: Optional[str] = None) -> None:
+        """Meta-Weight-Net's weights against known flips (``noisy``): inverted or not separating."""
+        from .objectives.mwnet import weight_advice
+
+        w, flags = np.asarray(w, np.float64).ravel(), np.asarray(noisy).ravel()
+        keep = np.isfinite(w) & (flags >= 0)  # -1: a sample without a flag
+        labels = None if labels is None else np.asarray(labels).ravel()[keep]
+        advice = weight_advice(w[keep], flags[keep].astype(bool), meta_lr, labels, meta_class_prior)
+        if advice and "flipped" in advice:  # the ranking advice; spread and saturation have their own checks
+            self.warn("inverted" if "above clean" in advice else "not_separating", advice)
+
     def check_batch_size(self, size: int) -> None:
         if size == 1:
             self.warn("batch_of_one", "a train batch holds one sample: weights normalised over a batch of one are "
@@ -127,6 +147,23 @@ class HealthMonitor(Callback):
         if len(recent["step"]):
             self.check_weights(recent["weight"], trainer.meta_steps)
             target = recent.get("target")
+            epochs_done = trainer.epoch + 1 - getattr(trainer, "_fit_start_epoch", 0)
             if target is not None and len(target) and "train_loss" in metrics:
-                self.check_loss(float(metrics["train_loss"]), int(target.max()) + 1,
-                                trainer.epoch + 1 - getattr(trainer, "_fit_start_epoch", 0))
+                self.check_loss(float(metrics["train_loss"]), int(target.max()) + 1, epochs_done)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        recent = self._recent(trainer)
+        epochs_done = trainer.epoch - getattr(trainer, "_fit_start_epoch", 0)
+        if len(recent["step"]) and epochs_done >= self.ranking_after_epochs:
+            self._check_trainer_ranking(trainer, recent)
+
+    def _check_trainer_ranking(self, trainer: Any, recent: Dict[str, np.ndarray]) -> None:
+        from .objectives.mwnet import MetaWeightNet
+
+        objective = getattr(trainer, "objective", None)
+        if not isinstance(objective, MetaWeightNet) or "noisy" not in recent or not len(recent["noisy"]):
+            return
+        last = recent["epoch"] == recent["epoch"].max() if "epoch" in recent else slice(None)
+        self.check_ranking(recent["weight"][last], recent["noisy"][last],
+                           recent["target"][last] if "target" in recent else None,
+                           objective.meta_lr, objective.meta_class_prior)

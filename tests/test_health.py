@@ -74,3 +74,42 @@ def test_a_healthy_run_is_not_warned_and_the_state_survives_a_checkpoint(tmp_pat
     again = _trainer(8, checkpoint_dir=tmp_path)
     again.load_checkpoint(tmp_path / "last.pt")
     assert next(cb for cb in again.callbacks if isinstance(cb, HealthMonitor)).warned == {"chance"}
+
+
+def _fake_trainer(weights, noisy, targets, objective):
+    from types import SimpleNamespace
+    n = len(weights)
+    rows = {"step": np.arange(n), "epoch": np.zeros(n, np.int32), "weight": np.asarray(weights, np.float32),
+            "noisy": np.asarray(noisy, np.int8), "target": np.asarray(targets)}
+    return SimpleNamespace(objective=objective, weights_history=SimpleNamespace(tail=lambda k: rows),
+                           epoch=5, meta_steps=1000, global_step=1000)
+
+
+def test_an_inverted_ranking_on_imbalanced_labels_is_warned_with_the_class_prior_fix():
+    flipped = np.arange(100) >= 70
+    w = np.where(flipped, 0.6, 0.3)
+    imbalanced = np.r_[np.zeros(80, int), np.ones(20, int)]
+    trainer = _fake_trainer(w, flipped, imbalanced, MetaWeightNet(hidden=4))
+    monitor = HealthMonitor()
+    messages = _caught(lambda: [monitor.on_fit_end(trainer) for _ in range(2)])
+    assert len(messages) == 1 and 'meta_class_prior="train"' in messages[0] and "AUROC 0.00" in messages[0]
+    # with the prior already on, the advice is about the learning rates
+    trainer = _fake_trainer(w, flipped, imbalanced, MetaWeightNet(hidden=4, meta_class_prior="train"))
+    messages = _caught(lambda: HealthMonitor().on_fit_end(trainer))
+    assert len(messages) == 1 and "lower meta_lr" in messages[0]
+
+
+def test_weights_that_ignore_the_flips_are_warned_and_early_or_good_rankings_are_not():
+    rng = np.random.default_rng(0)
+    flipped = rng.random(400) < 0.3
+    unrelated = _fake_trainer(rng.uniform(0.1, 0.9, 400), flipped, np.arange(400) % 2, MetaWeightNet(hidden=4))
+    messages = _caught(lambda: HealthMonitor().on_fit_end(unrelated))
+    assert len(messages) == 1 and "carries little information" in messages[0]
+    unrelated.epoch = 4  # a fit shorter than ranking_after_epochs: too early to judge
+    assert _caught(lambda: HealthMonitor().on_fit_end(unrelated)) == []
+    good = _fake_trainer(np.where(flipped, 0.05, 0.6) + rng.uniform(0, 0.1, 400), flipped, np.arange(400) % 2,
+                         MetaWeightNet(hidden=4))
+    assert _caught(lambda: HealthMonitor().on_fit_end(good)) == []
+    unflagged = _fake_trainer(rng.uniform(0.1, 0.9, 400), np.full(400, -1), np.arange(400) % 2,
+                              MetaWeightNet(hidden=4))
+    assert _caught(lambda: HealthMonitor().on_fit_end(unflagged)) == []

@@ -60,7 +60,10 @@ def test_weight_advice_names_each_failure():
     healthy = np.r_[np.full(70, 0.45), np.full(30, 0.01)] + np.linspace(0, 0.02, 100)
     flags = np.r_[np.zeros(70, bool), np.ones(30, bool)]
     assert weight_advice(healthy, flags) is None
-    assert "not separating" in weight_advice(np.full(100, 0.5) + np.linspace(0, 0.01, 100), flags)
+    unspread = np.full(100, 0.5) + np.linspace(0.01, 0, 100)  # the flipped (last 30) samples slightly lowest
+    assert "not separating" in weight_advice(unspread, flags)
+    # an inverted ranking is named even when the weights barely spread: raising meta_lr would amplify it
+    assert "ranks flipped samples above clean" in weight_advice(unspread[::-1], flags)
     assert "raise meta_lr" in weight_advice(np.full(100, 0.5) + np.linspace(0, 0.01, 100))
     inverted = weight_advice(healthy, ~flags, meta_lr=1e-2)  # the flipped samples hold the high weights
     assert "ranks flipped samples above clean" in inverted and "(now 0.01)" in inverted
@@ -68,3 +71,19 @@ def test_weight_advice_names_each_failure():
     assert "saturating" in collapsed and "lower meta_lr" in collapsed
     with pytest.raises(ValueError, match="3 flags for 100 weights"):
         weight_advice(healthy, flags[:3])
+
+
+def test_a_confirm_setting_may_name_the_meta_class_prior(tmp_path):
+    out = tmp_path / "r.json"
+    sensitivity.main(["--quick", "--set", "phases=[confirm]", "confirm_settings=[[0.01,1.0e-3,train]]", "--out",
+                      str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"fixed 0.001 prior=train"} and len(rows) == 2
+    assert all(0.0 <= r["auroc_within"] <= 1.0 for r in rows)
+
+
+def test_within_class_auroc_ignores_class_shifts():
+    labels = np.r_[np.zeros(4, int), np.ones(4, int)]
+    noisy = np.array([0, 0, 1, 1, 0, 0, 1, 1], bool)
+    w = np.array([0.5, 0.6, 0.1, 0.2, 0.9, 0.95, 0.7, 0.8])  # class 1 is up-weighted as a whole
+    assert sensitivity.within_class_auroc(w, noisy, labels) == 1.0
