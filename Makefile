@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-data.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,higher,wandb,experiments,hf]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,higher,wandb,tensorboard,experiments,hf]"
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
