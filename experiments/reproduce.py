@@ -145,7 +145,13 @@ def main(argv=None) -> int:
             report[name] = {"skipped": entry["skip"]}
             continue
         seeds = list(seeds_override or entry["seeds"])
-        result = run_entry(name, entry, seeds)
+        try:
+            result = run_entry(name, entry, seeds)
+        except Exception as e:  # a command that no longer runs is a miss, reported with the others
+            print(f"\n{name}: the command failed: {type(e).__name__}: {e}")
+            ok_all = False
+            report[name] = {"seeds": seeds, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            continue
         rows, ok = compare(entry["checks"], result, seeds, entry["seeds"])
         print(f"\n{name} — RESULTS.md section {entry['section']}: {entry['cites']}")
         print(table(rows, ["number", "recorded", "now", "tolerance", "ok"]))

@@ -1,6 +1,7 @@
 """experiments/reproduce.py: re-running a RESULTS.md section and comparing with the numbers recorded in
 experiments/expected.yaml (issue 22)."""
 
+import doctest
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,10 @@ import yaml
 from experiments import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_doctests():
+    assert doctest.testmod(reproduce).failed == 0
 
 
 def test_every_entry_cites_a_results_section_and_a_script_or_a_reason():
@@ -67,3 +72,11 @@ def test_list_and_unknown_section(capsys):
     assert "skipped: timing" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown section or entry 'nope'"):
         reproduce.main(["nope"])
+
+
+def test_a_command_that_fails_is_a_miss(tmp_path, monkeypatch, capsys):
+    def broken(name, entry, seeds):
+        raise RuntimeError("conflicting option string: --quick")
+    monkeypatch.setattr(reproduce, "run_entry", broken)
+    assert reproduce.main(["toy", "--set", f"expected={_expected(tmp_path, 0.5)}"]) == 1
+    assert "the command failed: RuntimeError: conflicting option string" in capsys.readouterr().out
