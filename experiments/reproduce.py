@@ -5,13 +5,16 @@ The recorded numbers, their tolerances and the RESULTS.md passage each one comes
 ``experiments/RESULTS.md``). Prints ``recorded | now | tolerance | ok`` per number and exits non-zero on a miss::
 
     python -m experiments.reproduce --list
-    python -m experiments.reproduce mwnet                 # an entry name, or a section name (all its entries)
-    python -m experiments.reproduce domain_weights_text --seeds 0
+    python -m experiments.reproduce mwnet                 # an entry of expected.yaml (10 s CPU)
+    python -m experiments.reproduce domain_weights        # a RESULTS section: every entry of it
+    python -m experiments.reproduce mwnet_full --seeds 0 1 2   # a per-seed table: any seeds it records
 
 ``--seeds`` (or ``--set seeds=[...]``) replaces the entry's seeds; only numbers recorded for those seeds can be
 compared (per-seed tables record one number per seed), so a number recorded for other seeds is an error row, never a
 pass. Entries too long to re-run here say so (``skipped: runtime``) with the full command. ``--set
-expected=FILE`` reads another file of recorded numbers; ``--out FILE`` writes the comparison as JSON.
+expected=FILE`` reads another file of recorded numbers; ``--out FILE`` writes the comparison as JSON. Run with
+``OMP_NUM_THREADS=1`` (the recorded runs used one thread); the Fashion-MNIST entries need ``FASHION_MNIST_DIR`` or the
+``dataset-fashion-mnist`` Debian package.
 """
 
 import argparse
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", nargs="?", help="an entry of expected.yaml, or a RESULTS.md section (all its entries)")
     p.add_argument("--list", action="store_true", help="list the entries, their runtime or why they are skipped")
-    p.add_argument("--seeds", type=int, nargs="+", help="replace the entries' seeds (numbers must be recorded for them)")
+    p.add_argument("--seeds", type=int, nargs="+", help="replace the entries' seeds (numbers must be recorded)")
     add_config_args(p, quick="(no effect: each entry fixes its own configuration)",
                     out="write the comparison rows here (JSON)")
     args = p.parse_args(argv)
