@@ -12,6 +12,7 @@ import yaml
 from experiments import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # the recorded numbers are one-thread runs (RESULTS.md, mwnet)
 
 
 def test_doctests():
