@@ -62,11 +62,9 @@ def run_seed(seed: int, cfg: Dict) -> Dict:
 
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one seed, 3 epochs (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds, else 0")
     p.add_argument("--hypergrad", choices=available_methods())
-    p.add_argument("--out", help="write results JSON here")
-    add_config_args(p)
+    add_config_args(p, quick="one seed, 3 epochs (smoke test)")
     args = p.parse_args(argv)
     cfg = config_from_args(args, QUICK if args.quick else FULL)
     seeds = args.seeds or ([0] if args.quick else cfg.pop("seeds", [0, 1, 2]))

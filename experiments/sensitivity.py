@@ -1,7 +1,7 @@
 """Sensitivity of Meta-Weight-Net to model lr × meta lr × epochs × meta-set size on small noisy datasets.
 
-    python experiments/sensitivity.py --quick                     # smoke run (two tiny datasets, one seed)
-    python experiments/sensitivity.py --out results/sensitivity.json
+    python -m experiments.sensitivity --quick                     # smoke run (two tiny datasets, one seed)
+    python -m experiments.sensitivity --out results/sensitivity.json
     metareweight run configs/sensitivity.yaml phases=[confirm]    # = --config configs/sensitivity.yaml --set ...
 
 Every cell trains the README's model (one hidden layer of ``hidden`` units, SGD with momentum 0.9, batch 64, no
