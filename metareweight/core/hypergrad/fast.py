@@ -41,7 +41,7 @@ from the stored model outputs with the updated φ) from the captured ``(a_i, δ_
 On CPU with glibc, keep freed memory in the process (``MALLOC_TRIM_THRESHOLD_=2147483647
 MALLOC_MMAP_THRESHOLD_=33554432``, or jemalloc/tcmalloc): this method's peak memory exceeds a plain step's, and glibc
 returns the difference to the kernel after every step, so the next step faults it in again (on a ResNet 32×32 about
-a third of the step; ``benchmarks/hypergrad.py --malloc keep``, experiments/RESULTS.md).
+40 % of its step; ``benchmarks/hypergrad.py --malloc keep``, experiments/RESULTS.md).
 
 Example:
     >>> Fast().exact, Fast(gram="never").gram
