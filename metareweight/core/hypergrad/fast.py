@@ -38,6 +38,11 @@ After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for
 from the stored model outputs with the updated φ) from the captured ``(a_i, δ_i)``, while the parameters are unchanged;
 ``MetaTrainer`` uses it so a meta step does not redo the forward and backward.
 
+On CPU with glibc, keep freed memory in the process (``MALLOC_TRIM_THRESHOLD_=2147483647
+MALLOC_MMAP_THRESHOLD_=33554432``, or jemalloc/tcmalloc): this method's peak memory exceeds a plain step's, and glibc
+returns the difference to the kernel after every step, so the next step faults it in again (on a ResNet 32×32 about
+40 % of its step; ``benchmarks/hypergrad.py --malloc keep``, experiments/RESULTS.md).
+
 Example:
     >>> Fast().exact, Fast(gram="never").gram
     (True, 'never')
