@@ -48,6 +48,7 @@ Example (single process: every helper is the identity):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Union
 
@@ -227,26 +228,6 @@ class SyncedFunctionalOptimizer(FunctionalOptimizer):
         return super().linear_scale(params, self._synced(grads), state)
 
 
-def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                        ctx: Optional[DistributedContext] = None) -> DistributedSampler:
-    """A sampler that gives each rank its shard of the same seeded per-epoch permutation.
-
-    With ``DataLoader(ds, batch_size=B // world_size, sampler=distributed_sampler(ds))`` the ranks' batches at
-    step ``t`` together are exactly the batch ``t`` of a single process with ``batch_size=B`` and the same sampler
-    (``world_size=1``), which is what makes 1-process and R-process runs comparable. ``MetaTrainer`` calls
-    ``set_epoch`` for you. Keep ``len(dataset)`` divisible by ``B`` (or ``drop_last=True``) for exact equality:
-    ``DistributedSampler`` pads the last shard by repeating samples.
-
-    Example:
-        >>> s = distributed_sampler(list(range(10)), seed=3)
-        >>> s.set_epoch(1); len(list(s))
-        10
-    """
-    ctx = ctx or resolve("auto")
-    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
-                              drop_last=drop_last)
-
-
 # ---- ranks agree on the work before they start (reliability) -----------------------------------------------------
 class UnevenShardsError(RuntimeError):
     """The ranks' loaders would run different numbers of steps (or one yields nothing); raised on every rank."""
@@ -286,9 +267,6 @@ def check_loaders_agree(train_loader: Any, meta_loader: Any, ctx: DistributedCon
                                 "and, if a shard is not a multiple of the batch size, DataLoader(drop_last=True)")
 
 
-_padding_sampler = distributed_sampler
-
-
 def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                         ctx: Optional[DistributedContext] = None) -> DistributedSampler:
     """A sampler that gives each rank its shard of the same seeded per-epoch permutation.
@@ -304,8 +282,6 @@ def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0
         >>> s.set_epoch(1); len(list(s))
         10
     """
-    import warnings
-
     ctx = ctx or resolve("auto")
     n = len(dataset)
     if ctx.world_size > 1 and n % ctx.world_size:
@@ -314,4 +290,5 @@ def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0
                       + (f"drop_last=True drops {n % ctx.world_size} sample(s) each epoch" if drop_last else
                          f"{extra} sample(s) are repeated to pad the last shard (they count twice per epoch; pass "
                          "drop_last=True to drop instead)"), RuntimeWarning, stacklevel=2)
-    return _padding_sampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, ctx=ctx)
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)
