@@ -167,7 +167,6 @@ def embed(texts: Sequence[str], use_cache: bool = True, encoder: str = "wordllam
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose from {sorted(ENCODERS)}")
     prefix, encode = ENCODERS[encoder]
-    {"wordllama": _wordllama, "minilm": _minilm}.get(encoder, lambda: None)()  # a missing package fails here
     texts = [str(t) for t in texts]
     key = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()[:16]
     path = cache_dir() / f"{prefix}_{key}_{len(texts)}.npy"
