@@ -21,8 +21,8 @@ methods use ``hypergrad`` (default ``fast``: the cheapest exact one-step method,
 fixed) every ``meta_interval`` steps. ``freeze_layers`` freezes the embeddings and that many lower encoder layers;
 ``lora_r > 0`` trains LoRA adapters on query/value (with ``peft``) and the head instead.
 
-    python experiments/finetune.py --quick --out results/finetune_quick.json      # tiny random BERT, seconds
-    python experiments/finetune.py --config configs/finetune.yaml --out results/finetune.json
+    python -m experiments.finetune --quick --out results/finetune_quick.json      # tiny random BERT, seconds
+    python -m experiments.finetune --config configs/finetune.yaml --out results/finetune.json
 
 ``--quick`` replaces MiniLM by a tiny random-init BERT and a word-level tokenizer built from the training texts, and
 uses a few hundred snippets: a smoke test of the pipeline, not a result. JSON: one row per (setting, method, seed)
@@ -33,24 +33,20 @@ last epoch's weights) and ``seconds``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
-import sys
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.common import add_config_args, config_from_args, mean_sd, table, write_json  # noqa: E402
-from metareweight import (MetaTrainer, MetaWeightNet, SelfTaughtRescaler, auroc, model_forward,  # noqa: E402
-                          symmetric_noise, with_index)
-from metareweight.data import as_batch  # noqa: E402
-from metareweight.hf import require_transformers, tiny_bert, word_tokenizer  # noqa: E402
+from experiments.common import add_config_args, config_from_args, mean_sd, table, train_plain, write_json
+from metareweight import MetaTrainer, MetaWeightNet, SelfTaughtRescaler, model_forward, symmetric_noise, with_index
+from metareweight.data import as_batch
+from metareweight.hf import require_transformers, tiny_bert, word_tokenizer
 
 RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "mwnet"),
         "storm_noise": ("plain", "no_rescaling", "storm")}
@@ -158,20 +154,15 @@ def test_accuracy(model, loader) -> float:
 
 
 def plain_steps(model, optimizer, loader, steps: int) -> None:
-    """``steps`` ordinary fine-tuning steps (mean cross-entropy), cycling through ``loader``."""
+    """``steps`` ordinary fine-tuning steps (mean cross-entropy, the harness's ``train_plain``), cycling through
+    ``loader``."""
+    if steps <= 0:
+        return
     forward = model_forward(model)
     model.train()
-    done = 0
-    while done < steps:
-        for raw in loader:
-            b = as_batch(raw)
-            loss = torch.nn.functional.cross_entropy(forward(b.inputs), b.targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                return
+    batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+    train_plain(model, optimizer, batches, 1,
+                loss=lambda m, b, epoch: torch.nn.functional.cross_entropy(forward(b.inputs), b.targets))
 
 
 # ---- one run ---------------------------------------------------------------------------------------------------
@@ -233,12 +224,10 @@ def summarise(rows: List[Dict]) -> List[List[str]]:
 
 def main(argv=None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny random-init BERT, a few hundred snippets (seconds)")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds, else 0")
-    p.add_argument("--out", help="write the JSON rows here")
-    add_config_args(p)
+    add_config_args(p, quick="tiny random-init BERT, a few hundred snippets (seconds)")
     args = p.parse_args(argv)
-    cfg = config_from_args(args, QUICK if args.quick else FULL)
+    cfg = config_from_args(args, FULL, QUICK)
     seeds = args.seeds or cfg.pop("seeds", None) or [0]
     cfg.pop("seeds", None)
     cfg.pop("experiment", None)
