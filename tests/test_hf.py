@@ -312,9 +312,24 @@ def test_finetune_quick_runs_every_setting():
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     rows = finetune.main(["--config", str(root / "configs" / "finetune_quick.yaml")])
     assert {(r["setting"], r["method"]) for r in rows} == {(s, m) for s, ms in finetune.RUNS.items() for m in ms}
-    assert all(0 <= r["test_acc"] <= 1 for r in rows)
+    assert all(0 <= r["test_acc"] <= 1 for r in rows) and {r["fed"] for r in rows} == {"cached"}
     noisy_meta = [r for r in rows if r["setting"].endswith("_noise") and r["method"] != "plain"]
     assert noisy_meta and all(0 <= r["weight_auroc"] <= 1 for r in noisy_meta)
+
+
+def test_finetune_quick_feeds_the_hf_model_straight_from_the_collator():
+    """Without the frozen-layer cache the script trains the Hugging Face model itself, fed by the HF collator."""
+    from metareweight.data.text import MissingDataError
+    finetune = pytest.importorskip("experiments.finetune")
+    try:
+        finetune.rotten_tomatoes()
+    except MissingDataError as e:
+        pytest.skip(str(e))
+    rows = finetune.main(["--quick", "--set", "runs=[mwnet_noise]", "cache_frozen=false", "freeze_layers=0"])
+    assert [(r["method"], r["fed"]) for r in rows] == [("plain", "collator"), ("mwnet", "collator")]
+    assert all(0 <= r["test_acc"] <= 1 for r in rows) and 0 <= rows[1]["weight_auroc"] <= 1
+    with pytest.raises(ValueError, match="cache_frozen needs freeze_layers"):
+        finetune.main(["--quick", "--set", "runs=[mwnet_noise]", "cache_frozen=true", "freeze_layers=0"])
 
 
 def test_readme_hf_example_runs(tokenizer):
