@@ -6,7 +6,7 @@ looks at the newest recorded weights and the logged losses and warns (:class:`He
 - the weights **collapsed** to ~0 (the model barely trains; normalised weights then divide by a floor);
 - the weights are **saturated** at 0 or 1 (a meta learning rate too large: the ranking can invert);
 - the weights have **not spread** after ``spread_after`` meta steps (a meta learning rate too small);
-- the model is **stuck at chance loss** ln C (within 0.5 %) after ``chance_after_epochs`` epochs;
+- the model is **stuck at chance loss** ln C (train loss within 0.5 %, and the meta loss near it too, at two epoch ends in a row) after ``chance_after_epochs`` epochs;
 - with ``noisy=`` flags and Meta-Weight-Net, the weights **rank flipped samples above clean ones** (weight AUROC
   < 0.4; on imbalanced labels the advice is ``MetaWeightNet(meta_class_prior="train")``) or **barely tell them
   apart** (AUROC < 0.6: the loss carries no information about the flips on this data), judged at the end of a
@@ -56,6 +56,7 @@ class HealthMonitor(Callback):
                  ranking_after_epochs: int = 5):
         self.every, self.window = every, window
         self.spread_after, self.chance_after_epochs = spread_after, chance_after_epochs
+        self._near_chance = 0  # consecutive epoch ends with the train loss at ln C
         self.ranking_after_epochs = ranking_after_epochs
         self.warned: Set[str] = set()
 
@@ -96,11 +97,17 @@ class HealthMonitor(Callback):
                       f"{mean:.3f}): the weighting is uniform and does nothing. Raise the meta learning rate "
                       "(about 10x) or the number of meta steps")
 
-    def check_loss(self, loss: float, classes: int, epochs_done: int) -> None:
-        if classes < 2 or epochs_done < self.chance_after_epochs or not math.isfinite(loss):
+    def check_loss(self, loss: float, classes: int, epochs_done: int, meta_loss: Optional[float] = None) -> None:
+        """Warn when the train loss sits at ln C at two epoch ends in a row, from ``chance_after_epochs`` on, and so
+        does the meta loss when there is one. One epoch near ln C is no evidence, and neither is the train loss alone:
+        on noisy labels a model that rightly refuses the flips has a high unweighted train loss (with 40 % flipped
+        digits its epoch mean sits near ln 10 for many epochs) while its loss on the clean meta batches is small."""
+        if classes < 2 or not math.isfinite(loss):
             return
         chance = math.log(classes)
-        if abs(loss - chance) < 0.005 * chance:
+        near = abs(loss - chance) < 0.005 * chance and (meta_loss is None or abs(meta_loss - chance) < 0.05 * chance)
+        self._near_chance = self._near_chance + 1 if near else 0
+        if self._near_chance >= 2 and epochs_done >= self.chance_after_epochs:
             self.warn("chance", f"the model is stuck at chance loss: train loss {loss:.4f} ≈ ln {classes} = "
                       f"{chance:.4f} after {epochs_done} epochs. Raise the learning rate, check inputs are scaled "
                       "and labels match inputs, or check the weights have not collapsed")
@@ -149,7 +156,9 @@ class HealthMonitor(Callback):
             target = recent.get("target")
             epochs_done = trainer.epoch + 1 - getattr(trainer, "_fit_start_epoch", 0)
             if target is not None and len(target) and "train_loss" in metrics:
-                self.check_loss(float(metrics["train_loss"]), int(target.max()) + 1, epochs_done)
+                meta_loss = metrics.get("meta_loss")
+                self.check_loss(float(metrics["train_loss"]), int(target.max()) + 1, epochs_done,
+                                None if meta_loss is None or not math.isfinite(meta_loss) else float(meta_loss))
 
     def on_fit_end(self, trainer: Any) -> None:
         recent = self._recent(trainer)

@@ -113,3 +113,22 @@ def test_weights_that_ignore_the_flips_are_warned_and_early_or_good_rankings_are
     unflagged = _fake_trainer(rng.uniform(0.1, 0.9, 400), np.full(400, -1), np.arange(400) % 2,
                               MetaWeightNet(hidden=4))
     assert _caught(lambda: HealthMonitor().on_fit_end(unflagged)) == []
+
+
+def test_one_epoch_end_near_chance_is_not_a_stuck_model():
+    """The demo's case: under reweighting the unweighted loss on noisy labels wanders past ln C (3.18, 2.31, 3.22)."""
+    monitor = HealthMonitor(chance_after_epochs=3)
+    losses = [3.177, math.log(10) + 0.009, 3.223, 3.472]
+    assert _caught(lambda: [monitor.check_loss(v, 10, e) for e, v in enumerate(losses, start=35)]) == []
+    stuck = _caught(lambda: [monitor.check_loss(math.log(10) + 0.002, 10, e) for e in (40, 41)])
+    assert len(stuck) == 1 and "stuck at chance loss" in stuck[0]
+
+
+def test_a_train_loss_at_chance_with_a_small_meta_loss_is_not_a_stuck_model():
+    """make demo: Meta-Weight-Net on 40 % flipped digits keeps its unweighted train loss near ln 10 for many epochs
+    (it refuses the flips) while its clean meta loss is small."""
+    monitor = HealthMonitor(chance_after_epochs=3)
+    near = math.log(10) + 0.005
+    assert _caught(lambda: [monitor.check_loss(near, 10, e, meta_loss=0.2) for e in range(3, 10)]) == []
+    stuck = _caught(lambda: [monitor.check_loss(near, 10, e, meta_loss=2.29) for e in (10, 11)])
+    assert len(stuck) == 1
