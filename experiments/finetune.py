@@ -102,17 +102,30 @@ def split(setting: str, cfg: Dict, seed: int) -> Dict:
             "meta": (pick(meta), labels[meta]), "test": (pick(test), labels[test])}
 
 
-def tokenised(tokenizer, texts, labels, max_length, **fields) -> List[Dict]:
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    items = [{"input_ids": ids, "attention_mask": mask, "label": int(y)}
-             for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+def with_fields(items: List[Dict], fields: Dict) -> List[Dict]:
+    """``items`` with each per-sample field of ``fields`` (name → one value per item) added."""
     for k, values in fields.items():
         for item, v in zip(items, values):
             item[k] = v
     return items
 
 
+def tokenised(tokenizer, texts, labels, max_length, **fields) -> List[Dict]:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return with_fields([{"input_ids": ids, "attention_mask": mask, "label": int(y)}
+                        for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)], fields)
+
+
 # ---- the cached frozen bottom and the trained top -------------------------------------------------------------
+def run_layers(layers, hidden, attention_mask):
+    """BERT encoder ``layers`` applied in turn, with BERT's additive mask over the padded keys."""
+    additive = (1.0 - attention_mask.to(hidden.dtype))[:, None, None, :] * -1e4
+    for layer in layers:
+        out = layer(hidden, attention_mask=additive)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
 class TopLayers(torch.nn.Module):
     """The trained part of a BERT whose embeddings and lower layers are frozen: the upper encoder ``layers``, mean
     pooling over the attention mask (all-MiniLM-L6-v2's own sentence pooling) and a new linear head, applied to the
@@ -124,12 +137,8 @@ class TopLayers(torch.nn.Module):
         self.head = torch.nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden, attention_mask):
-        mask = attention_mask.to(hidden.dtype)
-        additive = (1.0 - mask)[:, None, None, :] * -1e4  # BERT's additive mask over the keys
-        for layer in self.layers:
-            out = layer(hidden, attention_mask=additive)
-            hidden = out[0] if isinstance(out, tuple) else out
-        m = mask.unsqueeze(-1)
+        hidden = run_layers(self.layers, hidden, attention_mask)
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return self.head((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
 
 
@@ -144,22 +153,14 @@ def frozen_bottom(model, tokenizer, texts, cfg: Dict) -> Dict[str, torch.Tensor]
         enc = tokenizer(list(texts[i:i + 64]), truncation=True, max_length=cfg["max_length"], padding="max_length",
                         return_tensors="pt")
         h = base.embeddings(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
-        additive = (1.0 - enc["attention_mask"].float())[:, None, None, :] * -1e4
-        for layer in base.encoder.layer[:cfg["freeze_layers"]]:
-            out = layer(h, attention_mask=additive)
-            h = out[0] if isinstance(out, tuple) else out
-        hidden.append(h)
+        hidden.append(run_layers(base.encoder.layer[:cfg["freeze_layers"]], h, enc["attention_mask"]))
         masks.append(enc["attention_mask"])
     return {"hidden": torch.cat(hidden), "attention_mask": torch.cat(masks)}
 
 
 def cached_items(bottom: Dict[str, torch.Tensor], labels, **fields) -> List[Dict]:
-    items = [{"hidden": h, "attention_mask": m, "label": int(y)}
-             for h, m, y in zip(bottom["hidden"], bottom["attention_mask"], labels)]
-    for k, values in fields.items():
-        for item, v in zip(items, values):
-            item[k] = v
-    return items
+    return with_fields([{"hidden": h, "attention_mask": m, "label": int(y)}
+                        for h, m, y in zip(bottom["hidden"], bottom["attention_mask"], labels)], fields)
 
 
 # ---- model -----------------------------------------------------------------------------------------------------

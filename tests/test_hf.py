@@ -302,13 +302,19 @@ def test_adam_errors_name_the_trainer_argument(tokenizer):
 
 
 # ---- the experiment and the README example -------------------------------------------------------------------------
-def test_finetune_quick_runs_every_setting():
+def _finetune_or_skip():
+    """experiments.finetune, or a skip naming what is missing (its Rotten Tomatoes data ship in a package)."""
     from metareweight.data.text import MissingDataError
     finetune = pytest.importorskip("experiments.finetune")
     try:
         finetune.rotten_tomatoes()
     except MissingDataError as e:
         pytest.skip(str(e))
+    return finetune
+
+
+def test_finetune_quick_runs_every_setting():
+    finetune = _finetune_or_skip()
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     rows = finetune.main(["--config", str(root / "configs" / "finetune_quick.yaml")])
     assert {(r["setting"], r["method"]) for r in rows} == {(s, m) for s, ms in finetune.RUNS.items() for m in ms}
@@ -319,12 +325,7 @@ def test_finetune_quick_runs_every_setting():
 
 def test_finetune_quick_feeds_the_hf_model_straight_from_the_collator():
     """Without the frozen-layer cache the script trains the Hugging Face model itself, fed by the HF collator."""
-    from metareweight.data.text import MissingDataError
-    finetune = pytest.importorskip("experiments.finetune")
-    try:
-        finetune.rotten_tomatoes()
-    except MissingDataError as e:
-        pytest.skip(str(e))
+    finetune = _finetune_or_skip()
     rows = finetune.main(["--quick", "--set", "runs=[mwnet_noise]", "cache_frozen=false", "freeze_layers=0"])
     assert [(r["method"], r["fed"]) for r in rows] == [("plain", "collator"), ("mwnet", "collator")]
     assert all(0 <= r["test_acc"] <= 1 for r in rows) and 0 <= rows[1]["weight_auroc"] <= 1
