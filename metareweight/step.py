@@ -122,7 +122,7 @@ class MetaStep:
         checked = validate_step_args(model, objective, unroll_steps=unroll_steps, accumulate_steps=accumulate_steps,
                                      meta_accumulate_steps=meta_accumulate_steps, grad_clip=grad_clip,
                                      meta_grad_clip=meta_grad_clip, real_step=real_step,
-                                     adam_preconditioner=adam_preconditioner)
+                                     adam_preconditioner=adam_preconditioner, method=method, precision=precision)
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.device = next(model.parameters()).device
         objective.to(self.device)

@@ -127,9 +127,11 @@ STEP_ARGS = ("unroll_steps", "accumulate_steps", "meta_accumulate_steps", "grad_
 
 def validate_step_args(model: Any, objective: Any, *, unroll_steps: Any = 1, accumulate_steps: Any = 1,
                        meta_accumulate_steps: Any = 1, grad_clip: Any = None, meta_grad_clip: Any = None,
-                       real_step: Any = "recompute", adam_preconditioner: Any = "differentiable") -> Dict[str, Any]:
+                       real_step: Any = "recompute", adam_preconditioner: Any = "differentiable",
+                       method: Any = "unrolled", precision: Any = "fp32") -> Dict[str, Any]:
     """Check the arguments of :class:`~metareweight.MetaStep` (shared by ``MetaTrainer``) and return the normalised
     counts and clip norms. Raises ``TypeError``/``ValueError`` naming the argument."""
+    from .core.hypergrad import HypergradMethod
     from .core.optim import PRECONDITIONER_MODES
     from .objectives.base import MetaObjective
 
@@ -149,6 +151,13 @@ def validate_step_args(model: Any, objective: Any, *, unroll_steps: Any = 1, acc
     if out["accumulate_steps"] > 1 and real_step == "lookahead":
         raise ValueError("accumulate_steps > 1 needs real_step='recompute': with 'lookahead' the virtual step "
                          "is committed as the real step, so there is no gradient to accumulate")
+    if not isinstance(method, (str, HypergradMethod)):
+        raise TypeError(f"hypergrad must be a method name or a HypergradMethod, got {type(method).__name__}")
+    name = method if isinstance(method, str) else getattr(method, "name", "")
+    mode = getattr(precision, "mode", precision)
+    reason = REFUSED_PRECISION.get((mode, name))
+    if reason and objective.uses_hypergradient:
+        raise ValueError(f"precision={mode!r} with hypergrad={name!r} is refused: {reason}")
     return out
 
 
@@ -156,7 +165,6 @@ def validate_trainer_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     """Check the constructor's arguments (``locals()`` of ``MetaTrainer.__init__``) and return the normalised
     numeric ones (numpy integers as ints). Raises ``TypeError``/``ValueError``/``PermissionError`` naming the
     argument; warns where a setting runs but is known to mislead."""
-    from .core.hypergrad import HypergradMethod
     from .history import check_keep
     from .objectives.base import META_DATA_SOURCES
 
@@ -164,7 +172,8 @@ def validate_trainer_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters (e.g. "
                         f"torch.optim.SGD(model.parameters(), lr=0.1)), got {type(optimizer).__name__}")
-    out = validate_step_args(args["model"], objective, **{k: args[k] for k in STEP_ARGS})
+    out = validate_step_args(args["model"], objective, method=args["hypergrad"], precision=args["precision"],
+                             **{k: args[k] for k in STEP_ARGS})
     if objective.meta_data not in META_DATA_SOURCES:
         raise ValueError(f"{type(objective).__name__}.meta_data must be one of {META_DATA_SOURCES}")
     out["meta_interval"] = as_count("meta_interval", args["meta_interval"])
@@ -177,13 +186,6 @@ def validate_trainer_args(args: Mapping[str, Any]) -> Dict[str, Any]:
                          f"checkpoint_every={every!r}, checkpoint_dir={args['checkpoint_dir']!r}")
     out["checkpoint_every"] = None if every is None else int(every)
     check_keep(args["history"])
-    hypergrad = args["hypergrad"]
-    if not isinstance(hypergrad, (str, HypergradMethod)):
-        raise TypeError(f"hypergrad must be a method name or a HypergradMethod, got {type(hypergrad).__name__}")
-    method = hypergrad if isinstance(hypergrad, str) else getattr(hypergrad, "name", "")
-    reason = REFUSED_PRECISION.get((args["precision"], method))
-    if reason and objective.uses_hypergradient:
-        raise ValueError(f"precision={args['precision']!r} with hypergrad={method!r} is refused: {reason}")
     # an empty train or meta loader fails at the first step of fit (before any work), on every rank when
     # distributed (distributed.check_loaders_agree); an empty eval loader would fail only after an epoch
     _check_loader("eval_loader", args["eval_loader"])

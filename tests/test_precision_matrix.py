@@ -32,3 +32,14 @@ def test_bf16_matches_float32_or_is_refused_with_a_reason(method):
         assert 0 < rel < TOLERANCE[method], (method, seed, rel)
     history = _trainer(precision="bf16", hypergrad=method).fit(epochs=1)  # and a bf16 run trains
     assert history[-1]["train_loss"] == history[-1]["train_loss"]
+
+
+def test_a_metastep_refuses_the_same_pairs_as_the_trainer():
+    """The refusal lives in the step's own validation, so a custom loop on MetaStep gets it too."""
+    from metareweight import MetaStep, MetaWeightNet
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for (precision, method), reason in REFUSED_PRECISION.items():
+        with pytest.raises(ValueError, match=f"precision='{precision}' with hypergrad='{method}' is refused: "):
+            MetaStep(model, opt, MetaWeightNet(hidden=4), method, precision=precision)
