@@ -17,7 +17,7 @@ explicit, one coalesced collective each:
 With equal shard sizes, an R-process run on a global batch equals a 1-process run on the same batch (up to
 float summation order) for ``"unrolled"`` (it differentiates through the synchronised step) and for ``"fast"`` (its
 direct form averages ``∇_θ' L_out`` across ranks once per meta step; its Gram form gathers every rank's train rows
-for the low-rank step, :func:`all_gather_rows`, and averages its per-row coefficients). Methods that take
+for the low-rank step, :meth:`DistributedContext.all_gather_rows`, and averages its per-row coefficients). Methods that take
 ``∇_θ L_out`` themselves (``"finite_difference"``, ``"neumann"``) return the average of the per-rank estimates,
 which is close to but not the global one. Objectives whose weights are normalised over the batch use
 the collectives :class:`~metareweight.MetaStep` hands them (``self.collectives.differentiable_mean``, or
@@ -60,8 +60,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from .core.optim import FunctionalOptimizer
 from .core.strategy import Collectives
 
-__all__ = ["DistributedContext", "resolve", "global_mean", "all_reduce_mean_", "all_gather_rows",
-           "SyncedFunctionalOptimizer", "distributed_sampler"]
+__all__ = ["DistributedContext", "resolve", "global_mean", "SyncedFunctionalOptimizer", "distributed_sampler",
+           "check_loaders_agree", "UnevenShardsError"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def global_mean(t: Tensor, collectives: Optional[Collectives] = None) -> Tensor:
     return t if collectives is None else collectives.differentiable_mean([t])[0]
 
 
-# ---- coalesced collectives (functions of a context, kept for callers of the earlier API) ---------------------------
+# ---- coalescing helpers of DistributedContext's collectives ---------------------------------------------------------
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -182,26 +182,6 @@ def _buckets(tensors: Sequence[Tensor]) -> List[List[Tensor]]:
     return list(groups.values())
 
 
-def all_reduce_mean_(tensors: Sequence[Optional[Tensor]], ctx: Collectives) -> None:
-    """``ctx.all_reduce_mean_(tensors)``: average across ranks in place, one collective per dtype."""
-    ctx.all_reduce_mean_(tensors)
-
-
-def all_gather_rows(tensors: Sequence[Tensor], ctx: Collectives) -> "tuple[List[Tensor], int]":
-    """``ctx.all_gather_rows(tensors)``: every rank's rows stacked in rank order, and this rank's row offset."""
-    return ctx.all_gather_rows(tensors)
-
-
-def differentiable_mean(tensors: Sequence[Tensor], ctx: Collectives) -> List[Tensor]:
-    """``ctx.differentiable_mean(tensors)``: the cross-rank mean, whose backward all-reduces the cotangents."""
-    return ctx.differentiable_mean(tensors)
-
-
-def broadcast_(tensors: Sequence[Optional[Tensor]], ctx: Collectives, src: int = 0) -> None:
-    """``ctx.broadcast_(tensors, src)``: copy rank ``src``'s values to every rank (one collective per dtype)."""
-    ctx.broadcast_(tensors, src)
-
-
 # ---- the synchronised virtual step -------------------------------------------------------------------------------
 class SyncedFunctionalOptimizer(FunctionalOptimizer):
     """A :class:`~metareweight.core.FunctionalOptimizer` whose steps use the cross-rank mean of the gradients.
@@ -218,7 +198,7 @@ class SyncedFunctionalOptimizer(FunctionalOptimizer):
     def _synced(self, grads):
         names = [n for n in self.hypers if grads.get(n) is not None]
         out = dict(grads)
-        out.update(zip(names, differentiable_mean([grads[n] for n in names], self.ctx)))
+        out.update(zip(names, self.ctx.differentiable_mean([grads[n] for n in names])))
         return out
 
     def step(self, params, grads, state):

@@ -49,7 +49,6 @@ from .recorder import WeightRecorder
 from .step import MetaStep
 from .validation import validate_fit_args, validate_trainer_args
 
-SCHEDULER_INTERVALS = ("epoch", "step")
 STEP_ATTRIBUTES = ("method", "meta_optimizer", "precision", "functional_optimizer", "real_step", "adam_preconditioner",
                    "grad_clip", "meta_grad_clip", "accumulate_steps", "meta_accumulate_steps", "global_step",
                    "meta_steps")  # options and counters of the MetaStep, read and written through the trainer

@@ -71,9 +71,8 @@ def rank_rows(rank: int):
 
 
 def gather_rows_case() -> dict:
-    from metareweight.distributed import all_gather_rows
     ctx = resolve("auto")
-    got, offset = all_gather_rows(rank_rows(ctx.rank), ctx)
+    got, offset = ctx.all_gather_rows(rank_rows(ctx.rank))
     return {"gathered": got, "offset": offset}
 
 
