@@ -143,6 +143,30 @@ def normalized(w: Tensor, collectives: Collectives) -> Tensor:
     return torch.where(total > floor, w / total.clamp_min(floor), size.detach().reciprocal())
 
 
+def normalized_per_class(w: Tensor, labels: Tensor, collectives: Collectives) -> Tensor:
+    """Weights normalised within each class of the (global) batch, each class keeping its share of the batch:
+    ``ŵ_i = (n_c / B) · w_i / Σ_{j: y_j = c} w_j`` for sample ``i`` of class ``c``. Reweighting then only ranks
+    samples against others of their class and cannot move the batch's class balance. A class whose weights collapse
+    (mean raw weight below :data:`COLLAPSED_WEIGHT`) is weighted uniformly (``1 / B`` each).
+
+    Example:
+        >>> normalized_per_class(torch.tensor([1.0, 3.0, 2.0, 2.0]), torch.tensor([0, 0, 1, 1]), Collectives()).tolist()
+        [0.125, 0.375, 0.25, 0.25]
+    """
+    if not _class_labels(labels) or labels.shape != w.shape:
+        raise ValueError(f"MetaWeightNet(normalize='class') needs one integer class label per sample (got targets of "
+                         f"shape {tuple(getattr(labels, 'shape', ()))} and dtype {getattr(labels, 'dtype', type(labels))}"
+                         f" for {w.shape[0]} weights); use normalize=True for other targets")
+    y = labels.long()
+    local_classes = int(y.max()) + 1 if y.numel() else 0
+    classes = -int(collectives.agree_min(-torch.tensor(local_classes, device=w.device)))
+    onehot = torch.nn.functional.one_hot(y, classes).to(w.dtype)
+    sums, counts, size = collectives.differentiable_mean([onehot.T @ w, onehot.sum(0), w.new_tensor(float(w.shape[0]))])
+    healthy = sums > COLLAPSED_WEIGHT * counts.detach()
+    scale = counts.detach() / size.detach() / torch.where(healthy, sums, torch.ones_like(sums))
+    return torch.where(healthy[y], w * scale[y], size.detach().reciprocal())
+
+
 def _imbalance(labels, n: int) -> Optional[str]:
     """'largest class 55 %, smallest 6 %' when integer labels are imbalanced (ratio ≥ IMBALANCED), else None."""
     import numpy as np
@@ -165,7 +189,15 @@ class MetaWeightNet(MetaObjective):
     Args:
         hidden: width of the hidden layer (100 in the paper).
         normalize: normalise weights to sum to one over the batch (True; uniform when they collapse to ~0, see
-            :func:`normalized`) or divide by the batch size (False).
+            :func:`normalized`), divide by the batch size (False), or ``"class"``: normalise within each class of
+            the batch, each class keeping its share (:func:`normalized_per_class`; integer class targets). Use
+            ``"class"`` against label noise on balanced classes, above all with few classes: there the one-step
+            hypergradient of a sample's weight is dominated by a class-level term (the meta batch asks for more of
+            whichever class the model under-predicts right now, and that flips between steps), which a loss → weight
+            net turns into up-weighting high-loss samples; per-class normalisation removes that term and keeps the
+            within-class ranking (fine-tuning MiniLM on 40 %-flipped Rotten Tomatoes: the hypergradient's AUROC of
+            clean vs flipped 0.55 → 0.70, experiments/RESULTS.md). Not for class imbalance, where moving the class
+            balance is the point.
         meta_lr: Adam learning rate of the weight net (1e-3 in the paper, with weight decay 1e-4). With the model
             trained by SGD at a moderate learning rate (0.01 for a small MLP) it worked on every small noisy set of
             the sensitivity study; see :data:`META_LR_RULE` and :func:`weight_advice` when the weights do not
@@ -197,6 +229,8 @@ class MetaWeightNet(MetaObjective):
         super().__init__()
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
+        if normalize not in (True, False, "class"):
+            raise ValueError(f"normalize must be True, False or 'class', got {normalize!r}")
         if meta_class_prior not in (None, "train"):
             raise ValueError(f"meta_class_prior must be None or 'train', got {meta_class_prior!r}")
         self.meta_class_prior = meta_class_prior
@@ -217,7 +251,9 @@ class MetaWeightNet(MetaObjective):
         self._count_train_classes(batch.targets)
         losses = self.loss_fn(forward(batch.inputs), batch.targets)
         w = self.weight(losses)
-        if self.normalize:
+        if self.normalize == "class":
+            coef = normalized_per_class(w, batch.targets, self.collectives)
+        elif self.normalize:
             coef = normalized(w, self.collectives)
         else:
             coef = w / w.shape[0]
