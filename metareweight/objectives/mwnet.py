@@ -154,9 +154,10 @@ def normalized_per_class(w: Tensor, labels: Tensor, collectives: Collectives) ->
         [0.125, 0.375, 0.25, 0.25]
     """
     if not _class_labels(labels) or labels.shape != w.shape:
+        shape, dtype = tuple(getattr(labels, "shape", ())), getattr(labels, "dtype", type(labels))
         raise ValueError(f"MetaWeightNet(normalize='class') needs one integer class label per sample (got targets of "
-                         f"shape {tuple(getattr(labels, 'shape', ()))} and dtype {getattr(labels, 'dtype', type(labels))}"
-                         f" for {w.shape[0]} weights); use normalize=True for other targets")
+                         f"shape {shape} and dtype {dtype} for {w.shape[0]} weights); use normalize=True for other "
+                         "targets")
     y = labels.long()
     local_classes = int(y.max()) + 1 if y.numel() else 0
     classes = -int(collectives.agree_min(-torch.tensor(local_classes, device=w.device)))
