@@ -225,15 +225,17 @@ def restrict_training(model, cfg: Dict):
 
 
 @torch.no_grad()
-def test_accuracy(model, loader) -> float:
+def test_accuracy(model, loader, classes: int):
+    """(accuracy, share of the test samples predicted as each class)."""
     model.eval()
-    forward, correct, total = model_forward(model), 0, 0
+    forward, correct, counts = model_forward(model), 0, torch.zeros(classes)
     for raw in loader:
         b = as_batch(raw)
-        correct += int((forward(b.inputs).argmax(1) == b.targets).sum())
-        total += b.size
+        pred = forward(b.inputs).argmax(1)
+        correct += int((pred == b.targets).sum())
+        counts += torch.bincount(pred, minlength=classes)[:classes].float()
     model.train()
-    return correct / total
+    return correct / float(counts.sum()), (counts / counts.sum()).tolist()
 
 
 def plain_steps(model, optimizer, loader, steps: int) -> None:
@@ -298,12 +300,12 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
     row = {"setting": setting, "method": method, "seed": seed,
            "fed": "cached" if cfg["cache_frozen"] else "collator"}
     if cfg["warmup_steps"] > 0:
-        row["acc_after_warmup"] = test_accuracy(model, test_loader)
+        row["acc_after_warmup"] = test_accuracy(model, test_loader, classes)[0]
     if method == "plain":
         curve = []
         for _ in range(cfg["epochs"]):  # the test accuracy after each epoch: where plain fine-tuning peaks
             plain_steps(model, optimizer, train_loader, len(train_loader))
-            curve.append(test_accuracy(model, test_loader))
+            curve.append(test_accuracy(model, test_loader, classes)[0])
         row["curve"] = curve
     else:
         if method == "mwnet":
@@ -323,13 +325,18 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
         hist = trainer.fit(epochs=cfg["epochs"])
         last = hist[-1]
         row.update(weight_spread=float(last["weight_std"]), weight_mean=float(last["weight_mean"]))
+        latest = trainer.weights_history.latest()
+        if len(latest.get("index", ())):  # mean latest weight of the samples of each (given) class
+            given = np.asarray(tr_y)[latest["index"]]
+            row["weight_by_class"] = [float(latest["weight"][given == c].mean()) if (given == c).any() else None
+                                      for c in range(classes)]
         if "weight_auroc" in last:
             row.update(weight_auroc=float(last["weight_auroc"]), weight_clean=float(last["weight_clean"]),
                        weight_noisy=float(last["weight_noisy"]))
             row["weight_auroc_by_epoch"] = [float(h["weight_auroc"]) for h in hist if "weight_auroc" in h]
     row["seconds"] = time.perf_counter() - start
     row["cache_seconds"] = cache_seconds
-    row["test_acc"] = test_accuracy(model, test_loader)
+    row["test_acc"], row["test_predicted_share"] = test_accuracy(model, test_loader, classes)
     return row
 
 
