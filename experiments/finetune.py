@@ -9,7 +9,7 @@ texts; one fixed split per seed, truncated to ``max_length`` tokens. Settings (`
 - ``mwnet_noise``: symmetric label noise ``noise`` on the training split, ``n_meta`` clean meta samples;
   ``plain`` (fine-tuning on the noisy labels) vs ``mwnet`` (Meta-Weight-Net, meta batches from the clean set;
   ``mwnet_normalize``: ``batch``, ``none`` or ``class``, see ``MetaWeightNet(normalize=...)``; meta batches of
-  ``meta_batch_size``, 0 for ``batch_size``).
+  ``mwnet_meta_batch``, 0 for ``batch_size``).
 - ``mwnet_imbalance``: the training split keeps ``imbalance`` samples of class 0 (rotten) per sample of each other
   class (Betty's BERT example is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs
   ``mwnet``.
@@ -69,7 +69,7 @@ FULL = dict(
     model="minilm", dataset="rotten_tomatoes", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000,
     n_meta=100, n_test=1000, max_length=32, epochs=2, batch_size=16, lr=1e-4, head_lr=1e-3, warmup_steps=30,
     freeze_layers=4, lora_r=0, cache_frozen=True, hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100,
-    mwnet_normalize="batch", meta_batch_size=0,
+    mwnet_normalize="batch", mwnet_meta_batch=0,
     storm_meta_lr=1e-2, passes=3, adam_preconditioner="fixed",
 )
 QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
@@ -312,7 +312,7 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
             objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"],
                                       normalize=NORMALIZE[cfg["mwnet_normalize"]])
             meta = make_meta()
-            extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["meta_batch_size"] or cfg["batch_size"],
+            extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["mwnet_meta_batch"] or cfg["batch_size"],
                                                 shuffle=True, generator=g, collate_fn=collate))
         else:
             objective = SelfTaughtRescaler(num_classes=classes, passes=cfg["passes"], meta_lr=cfg["storm_meta_lr"],
