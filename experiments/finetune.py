@@ -12,7 +12,8 @@ texts; one fixed split per seed, truncated to ``max_length`` tokens. Settings (`
   ``mwnet_meta_batch``, 0 for ``batch_size``).
 - ``mwnet_imbalance``: the training split keeps ``imbalance`` samples of class 0 (rotten) per sample of each other
   class (Betty's BERT example is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs
-  ``mwnet``.
+  ``mwnet`` (``mwnet_normalize_imbalance``, default ``batch``: per-class normalisation would forbid the class
+  rebalancing that is the point here).
 - ``storm_noise``: symmetric noise ``noise``, no clean data; ``plain`` vs ``no_rescaling`` (the rescaler kept at its
   initialisation, STORM's "w/o meta-learning" ablation) vs ``storm`` (meta batches from the noisy training set,
   ``real_step="lookahead"``, ``G = passes`` dropout passes).
@@ -69,7 +70,7 @@ FULL = dict(
     model="minilm", dataset="rotten_tomatoes", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000,
     n_meta=100, n_test=1000, max_length=32, epochs=2, batch_size=16, lr=1e-4, head_lr=1e-3, warmup_steps=30,
     freeze_layers=4, lora_r=0, cache_frozen=True, hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100,
-    mwnet_normalize="batch", mwnet_meta_batch=0,
+    mwnet_normalize="batch", mwnet_normalize_imbalance="batch", mwnet_meta_batch=0,
     storm_meta_lr=1e-2, passes=3, adam_preconditioner="fixed",
 )
 QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
@@ -310,7 +311,8 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
     else:
         if method == "mwnet":
             objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"],
-                                      normalize=NORMALIZE[cfg["mwnet_normalize"]])
+                                      normalize=NORMALIZE[cfg["mwnet_normalize_imbalance" if setting ==
+                                                              "mwnet_imbalance" else "mwnet_normalize"]])
             meta = make_meta()
             extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["mwnet_meta_batch"] or cfg["batch_size"],
                                                 shuffle=True, generator=g, collate_fn=collate))
@@ -361,8 +363,9 @@ def main(argv=None) -> List[Dict]:
     seeds = args.seeds or cfg.pop("seeds", None) or [0]
     cfg.pop("seeds", None)
     cfg.pop("experiment", None)
-    if cfg["mwnet_normalize"] not in NORMALIZE:
-        raise ValueError(f"mwnet_normalize must be one of {sorted(NORMALIZE)}, got {cfg['mwnet_normalize']!r}")
+    for key in ("mwnet_normalize", "mwnet_normalize_imbalance"):
+        if cfg[key] not in NORMALIZE:
+            raise ValueError(f"{key} must be one of {sorted(NORMALIZE)}, got {cfg[key]!r}")
     unknown = sorted(set(cfg["runs"]) - set(RUNS))
     if unknown:
         raise ValueError(f"unknown runs {unknown}; runs: {sorted(RUNS)}")
