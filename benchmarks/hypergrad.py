@@ -224,9 +224,9 @@ def make_runner(method: str, arch: str) -> Callable[[], None]:
 
     if method in ("unrolled", "fast", "finite_difference", "fast_k5", "unrolled_k5", "fast_lookahead"):
         name, _, k = method.partition("_k")
-        name, _, real = name.partition("_")  # fast_lookahead: commit the virtual step (real_step="lookahead")
+        name, real = ("fast", "lookahead") if name == "fast_lookahead" else (name, "recompute")  # commits θ'
         history, steps, interval = WeightHistory(), itertools.count(), int(k or 1)
-        stepper = MetaStep(model, opt, objective, name, adam_preconditioner="fixed", real_step=real or "recompute",
+        stepper = MetaStep(model, opt, objective, name, adam_preconditioner="fixed", real_step=real,
                            record=lambda b, w: history.record(stepper.global_step, 0, b.index, w))
 
         def step():  # what MetaTrainer does per step: a meta step every `interval` steps, the weights recorded
