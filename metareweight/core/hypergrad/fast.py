@@ -437,19 +437,24 @@ class Fast(HypergradMethod):
                     continue  # stepped on the rows the meta forward reads, when it reads them (_SparseRows)
                 else:
                     g_step[n] = _param_grad(n, w, tcalls, deltas, memo)
-            # in-place steps unless the state is needed (lookahead) or the optimizer's step is its own (data-parallel)
-            own = self.lookahead or ctx is not None or type(opt).step is not FunctionalOptimizer.step
-            fused = {} if own else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+            # in-place steps unless the optimizer's step is its own (data-parallel); their state after the step
+            # only where it is committed (lookahead)
+            own = ctx is not None or type(opt).step is not FunctionalOptimizer.step
+            after: Dict[str, dict] = {}
+            out = after if self.lookahead else None
+            fused = {} if own else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}), out, n)
                                     for n, g in g_step.items() if g is not None
                                     and opt.hypers[n].kind == "adam" and opt.preconditioner == "fixed"}
             rest = {n: g for n, g in g_step.items() if n not in fused}
             scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in rest.items()}, state)
-            sgd = {} if own else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+            sgd = {} if own else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}), out, n)
                                   for n, g in rest.items() if g is not None and opt.hypers[n].kind == "sgd"}
             new_theta, new_state = opt.step(theta_d, {n: g for n, g in rest.items() if n not in sgd}, state)
-            for n, (new, p) in fused.items():  # (the optimizer state after the step is only needed for lookahead)
+            for n, (new, p) in fused.items():
                 new_theta[n], scale[n] = new, p
             new_theta.update(sgd)
+            for n, st in after.items():
+                new_state[n] = {**new_state.get(n, {}), **st}
             for n in plan.lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
             grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], ctx) for n in sorted(plan.gram)}
@@ -752,12 +757,14 @@ def _cat(parts: List[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
+def _fixed_adam_step(h, p: Tensor, g: Tensor, st, after: Optional[dict] = None, name: str = ""
+                     ) -> Tuple[Tensor, Tensor]:
     """``(θ', P)`` of one Adam/AdamW step with the preconditioner held fixed, in a few in-place passes (the
     functional optimizer's ``step`` + ``linear_scale`` allocate a tensor per operation, which on a 30k-token embedding
     cost more than the matrix products): ``P = (lr/bc1)(1−β1)/denom`` and
     ``θ' = θ·(1 − lr·wd) − P ⊙ (β1/(1−β1)·m + g)`` (decoupled decay; L2 decay is added to ``g``). Equal to
-    ``FunctionalOptimizer.step`` and ``linear_scale`` (the Adam tests of ``tests/test_fast.py`` compare them)."""
+    ``FunctionalOptimizer.step`` and ``linear_scale`` (the Adam tests of ``tests/test_fast.py`` compare them).
+    ``after``: where to put the state after the step, as ``after[name]`` (what lookahead commits)."""
     t = float(st.get("step", 0.0)) + 1
     bc1, bc2 = 1 - h.beta1 ** t, 1 - h.beta2 ** t
     if h.weight_decay and not h.decoupled:
@@ -765,8 +772,15 @@ def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
     P = torch.mul(g, g).mul_(1 - h.beta2)
     if "exp_avg_sq" in st:
         P.add_(st["exp_avg_sq"], alpha=h.beta2)
+    if after is not None:
+        m = torch.mul(g, 1 - h.beta1)
+        if "exp_avg" in st:
+            m.add_(st["exp_avg"], alpha=h.beta1)
+        after[name] = {"step": st.get("step", torch.tensor(0.0)) + 1, "exp_avg": m, "exp_avg_sq": P.clone()}
     if h.amsgrad and "max_exp_avg_sq" in st:
         torch.maximum(P, st["max_exp_avg_sq"], out=P)
+    if after is not None and h.amsgrad:
+        after[name]["max_exp_avg_sq"] = P.clone()
     P.sqrt_().div_(bc2 ** 0.5).add_(h.eps).reciprocal_().mul_(h.lr / bc1 * (1 - h.beta1))
     new = p * (1 - h.lr * h.weight_decay) if h.weight_decay and h.decoupled else p.clone()
     if "exp_avg" in st:
@@ -774,15 +788,20 @@ def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
     return new.addcmul_(g, P, value=-1.0), P
 
 
-def _sgd_step(h, p: Tensor, g: Tensor, st) -> Tensor:
+def _sgd_step(h, p: Tensor, g: Tensor, st, after: Optional[dict] = None, name: str = "") -> Tensor:
     """``θ'`` of one SGD step (momentum, dampening, nesterov, L2 weight decay) with two or three allocations instead
     of the functional optimizer's five; equal to ``FunctionalOptimizer.step`` (``tests/test_fast.py`` compares the
-    hypergradients with ``unrolled`` and a central difference for each variant)."""
+    hypergradients with ``unrolled`` and a central difference for each variant). ``after``: where to put the state
+    after the step, as ``after[name]``."""
+    if after is not None:
+        after[name] = {}
     if h.weight_decay:
         g = torch.add(g, p, alpha=h.weight_decay)
     if h.momentum:
         buf = st.get("momentum_buffer")
         d = g if buf is None else torch.mul(buf, h.momentum).add_(g, alpha=1 - h.dampening)
+        if after is not None:
+            after[name]["momentum_buffer"] = d
         g = torch.add(g, d, alpha=h.momentum) if h.nesterov else d
     return torch.add(p, g, alpha=-h.lr)
 
