@@ -1,10 +1,15 @@
 """Step time and added peak memory of one Meta-Weight-Net training step, as multiples of plain training.
 
-Configurations: plain training (forward, mean cross-entropy, backward, SGD step: the floor); this library's
-``MetaStep`` (what each ``MetaTrainer`` step runs, weights recorded) with ``unrolled``, ``fast`` and ``finite_difference`` (one meta step per train step) and ``fast`` /
-``unrolled`` with ``meta_interval=5``; the peers higher (``innerloop_ctx``) and TorchOpt (``MetaSGD``) running the same
-step (virtual SGD step on the weighted loss, meta-gradient of the clean meta loss into the weight net, Adam on it,
-then the real re-weighted step). Betty is not run: it declares ``python_requires <3.11`` and cannot be installed here.
+Configurations: plain training (forward, mean cross-entropy, backward, optimizer step: the floor); this library's
+``MetaStep`` (what each ``MetaTrainer`` step runs, weights recorded) with ``unrolled``, ``fast`` and
+``finite_difference`` (one meta step per train step) and ``fast`` / ``unrolled`` with ``meta_interval=5``
+(``fast_k5``, ``unrolled_k5``); ``fast_lookahead``: ``fast`` with ``real_step="lookahead"``, a *different real step*
+(the exact one-step hypergradient, then the virtual step itself is committed as the real step, as STORM does: the
+real step uses the weights before the meta update, and no replayed re-weighted gradient is formed; ``Fast`` then
+materialises the whole ``θ'``, so neither the low-rank Gram route nor the sparse table step applies); the peers
+higher (``innerloop_ctx``) and TorchOpt (``MetaSGD``) running the same step (virtual SGD step on the weighted loss,
+meta-gradient of the clean meta loss into the weight net, Adam on it, then the real re-weighted step). Betty is not
+run: it declares ``python_requires <3.11`` and cannot be installed here.
 
 Models: MLP 64→H→H→10 for H = 256/1024/4096 and a small CNN (two 3×3 convs, 32 and 64 channels) on 8×8 digits
 (sklearn's bundled copy, 40 % symmetric label noise); train and meta batches of 128; SGD(lr 0.1, momentum 0.9, weight
@@ -18,7 +23,8 @@ depend on the values):
   dropout), 16 sequences × 64 tokens (some padded) for train and meta batches, 2 classes: full fine-tuning with
   AdamW(lr 2e-5, weight decay 0.01; ``adam_preconditioner="fixed"``) and with SGD(lr 0.01, momentum 0.9); LoRA r=8 on
   query/value (peft) with AdamW(lr 1e-3); a frozen encoder (and pooler) with only the classifier trained by AdamW.
-  The peers higher and TorchOpt run the SGD models only (MLPs, CNNs).
+  The peers higher and TorchOpt run the SGD models only (MLPs, CNNs and ``minilm_sgd``: their functional optimizers
+  mirror SGD's hyper-parameters; the AdamW ones would need a fixed-preconditioner Adam they do not have).
 
 Time: every configuration of a model lives in one process and is timed in interleaved blocks (the order rotates
 each repetition); each block's time is divided by the plain block of the same repetition and the median of these
@@ -39,6 +45,8 @@ allocations fault none. ``--malloc keep`` sets ``M_TRIM_THRESHOLD`` (2 GiB) and 
 ``mallopt`` at start-up (the same as ``MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_MMAP_THRESHOLD_=33554432`` in the
 environment), so freed memory stays in the process for the next step, as a caching allocator (jemalloc, tcmalloc,
 CUDA's) keeps it; ``--malloc default`` leaves glibc's defaults.
+
+The memory pass takes a fresh process per configuration; ``--memory-methods plain fast unrolled`` limits it.
 
 Usage::
 
@@ -72,10 +80,11 @@ from metareweight.data import Batch  # noqa: E402
 
 ARCHS = ["mlp256", "mlp1024", "mlp4096", "cnn", "resnet", "resnet_bn", "minilm_adamw", "minilm_sgd", "minilm_lora",
          "minilm_frozen"]
-PEERS_RUN_ON = ("mlp", "cnn", "resnet")  # higher / TorchOpt: the SGD models
+PEERS_RUN_ON = ("mlp", "cnn", "resnet", "minilm_sgd")  # higher / TorchOpt: the SGD models
 BERT_BATCH, BERT_TOKENS, CNN_BATCH = 16, 64, 64
 DEVICE = torch.device("cpu")  # --device cuda: models, batches and the weight net on the GPU, wall time synchronised
-METHODS = ["plain", "unrolled", "fast", "finite_difference", "higher", "torchopt", "fast_k5", "unrolled_k5"]
+METHODS = ["plain", "unrolled", "fast", "finite_difference", "higher", "torchopt", "fast_k5", "unrolled_k5",
+           "fast_lookahead"]
 BATCH = 128
 MALLOC = "default"  # --malloc
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
@@ -213,10 +222,11 @@ def make_runner(method: str, arch: str) -> Callable[[], None]:
             opt.step()
         return step
 
-    if method in ("unrolled", "fast", "finite_difference", "fast_k5", "unrolled_k5"):
+    if method in ("unrolled", "fast", "finite_difference", "fast_k5", "unrolled_k5", "fast_lookahead"):
         name, _, k = method.partition("_k")
+        name, real = ("fast", "lookahead") if name == "fast_lookahead" else (name, "recompute")  # commits θ'
         history, steps, interval = WeightHistory(), itertools.count(), int(k or 1)
-        stepper = MetaStep(model, opt, objective, name, adam_preconditioner="fixed",
+        stepper = MetaStep(model, opt, objective, name, adam_preconditioner="fixed", real_step=real,
                            record=lambda b, w: history.record(stepper.global_step, 0, b.index, w))
 
         def step():  # what MetaTrainer does per step: a meta step every `interval` steps, the weights recorded
@@ -250,7 +260,9 @@ def make_runner(method: str, arch: str) -> Callable[[], None]:
 
     if method == "torchopt":
         import torchopt
-        virtual = torchopt.MetaSGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+        group = opt.param_groups[0]  # the same SGD hyper-parameters as the real optimizer's
+        virtual = torchopt.MetaSGD(model, lr=group["lr"], momentum=group["momentum"],
+                                   weight_decay=group["weight_decay"])
 
         def step():
             b, mb = next(train_it), next(meta_it)
@@ -269,7 +281,8 @@ def make_runner(method: str, arch: str) -> Callable[[], None]:
 
 
 def methods_for(arch: str, methods: List[str]) -> List[str]:
-    """The peers (higher, TorchOpt) run the same SGD step as the library: only on the SGD models."""
+    """The peers (higher, TorchOpt) run the same SGD step as the library: only on the SGD models (the MLPs, the
+    CNNs and the BERT fine-tuned with SGD)."""
     return [m for m in methods if m not in ("higher", "torchopt") or arch.startswith(PEERS_RUN_ON)]
 
 
@@ -470,6 +483,8 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-methods", nargs="*", default=None, choices=METHODS,
+                    help="the methods of the memory pass (default: every timed method; plain is always included)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU read the wall-time ratios; the memory "
                                                      "measurement is CPU RSS and is skipped there)")
     ap.add_argument("--adam-gap", action="store_true", help="only measure fixed vs differentiable Adam hypergradients")
@@ -533,7 +548,7 @@ def main(argv=None):
         result["time"][arch] = time_arch(arch, arch_methods, reps, steps, warmup=warmup)
         if not args.no_memory:
             print(f"[memory] {arch} ...", flush=True)
-            mem_methods = ["plain", "fast"] if args.quick else arch_methods
+            mem_methods = ["plain", "fast"] if args.quick else ["plain"] + (args.memory_methods or arch_methods)
             result["memory"][arch] = memory_arch(arch, [m for m in arch_methods if m in mem_methods], steps=5)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result["targets"] = targets(result)

@@ -118,6 +118,21 @@ def test_samples_that_interact_take_the_exact_jvp_path(kind, monkeypatch):
     assert method.replay(problem.train_batches[0]) is None  # no per-sample reuse either
 
 
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_lookahead_parameters_and_state_equal_the_optimizers_step(opt):
+    """``Fast(lookahead=True)`` forms its virtual step in place; what ``real_step="lookahead"`` commits (θ' and the
+    optimizer state after the step) equals the functional optimizer's step that ``unrolled`` takes."""
+    problem = _problem("mlp", opt)
+    ours, ref = Fast(lookahead=True)(problem).lookahead, Unrolled()(problem).lookahead
+    for a, b in zip(ours, ref):
+        assert set(a) == set(b)
+    for n in ref[0]:
+        torch.testing.assert_close(ours[0][n], ref[0][n], rtol=1e-12, atol=1e-14)
+        assert set(ours[1].get(n, {})) == set(ref[1].get(n, {}))
+        for k, v in ref[1].get(n, {}).items():
+            torch.testing.assert_close(ours[1][n][k], v, rtol=1e-12, atol=1e-14)
+
+
 def test_refuses_what_it_cannot_do_exactly():
     with pytest.raises(ValueError, match="one inner step"):
         Fast()(make_problem("mlp", unroll=2))

@@ -12,8 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from bilevel_fixtures import DirectTermObjective, OPTS, central_difference, dot, make_problem, random_direction
-from metareweight import (BilevelProblem, Fast, LayerRule, MetaTrainer, MetaWeightNet, TensorIndexedDataset,
-                          Unrolled, register_layer_rule)
+from metareweight import (BilevelProblem, Fast, LayerRule, MetaStep, MetaTrainer, MetaWeightNet,
+                          TensorIndexedDataset, Unrolled, register_layer_rule)
 from metareweight.core.hypergrad import fast as fast_module
 from metareweight.core.layers import base as layer_base
 from metareweight.data import Batch, as_batch
@@ -103,6 +103,70 @@ def test_bert_replay_equals_the_real_step_gradient():
     for n, g in grads.items():
         torch.testing.assert_close(g, true[n], rtol=1e-9, atol=1e-12)
     assert set(grads) == {n for n, g in true.items() if g is not None}
+
+
+# ---- lookup tables stepped on the meta batch's rows only -------------------------------------------------------------
+class WordModel(nn.Module):
+    """A 60-token table with a padding row → tanh → mean over tokens → Linear; ``outside_on``: a batch size at which
+    the forward also reads the whole table outside its lookups (the meta batch's, so only the meta forward does)."""
+
+    def __init__(self, outside_on=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(60, 6, padding_idx=0)
+        self.fc = nn.Linear(6, 3)
+        self.outside_on = outside_on
+
+    def forward(self, idx):
+        out = self.fc(torch.tanh(self.emb(idx)).mean(1))
+        return out + self.emb.weight.sum() if idx.shape[0] == self.outside_on else out
+
+
+def word_batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, 60, (n, 4), generator=g)
+    idx[: n // 2, 3] = 0
+    return Batch(idx, torch.randint(0, 3, (n,), generator=g))
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adamw"])
+@pytest.mark.parametrize("model", ["bert", "words", "words read outside"])
+def test_sparse_table_step_matches_unrolled(model, opt):
+    make, batch, table = {"bert": (TinyBert, bert_batch, "bert.bert.embeddings.word_embeddings.weight"),
+                          "words": (WordModel, word_batch, "emb.weight"),
+                          "words read outside": (lambda: WordModel(outside_on=10), word_batch, "emb.weight")}[model]
+    problem = _problem(make(), batch, opt)
+    sparse = Fast(sparse="always")
+    grads = sparse(problem).grads
+    # a table the meta forward reads outside its lookups gets its whole θ' (planned second meta pass)
+    assert (table in sparse.last_sparse) == (model != "words read outside"), sparse.last_sparse
+    assert sparse.last_paths[table] == "direct"
+    _assert_close(grads, Unrolled()(problem).grads)
+    dense = Fast(sparse="never")
+    _assert_close(grads, dense(problem).grads, rtol=1e-10)
+    assert dense.last_sparse == set()
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adamw"])
+def test_sparse_table_step_leaves_the_real_step_as_it_was(opt):
+    """The real step moves every row the train batch reads (and, by momentum or weight decay, every row), as before."""
+    runs = []
+    train, meta = word_batch(8, 1), word_batch(10, 2)
+    for sparse in ("always", "never"):
+        model = WordModel().double()
+        cls, kw = OPTS[opt]
+        optimizer = cls(model.parameters(), **kw)
+        stepper = MetaStep(model, optimizer, DirectTermObjective(3, direct=True).double(), Fast(sparse=sparse),
+                           adam_preconditioner="fixed")
+        before = model.emb.weight.detach().clone()
+        for _ in range(2):
+            stepper.step([train], meta)
+        assert stepper.method.last_sparse == ({"emb.weight"} if sparse == "always" else set())
+        runs.append([p.detach().clone() for p in list(model.parameters()) + stepper.objective.meta_parameters()])
+    only_train = sorted(set(train.inputs.flatten().tolist()) - set(meta.inputs.flatten().tolist()) - {0})
+    assert only_train and not torch.equal(runs[0][0][only_train], before[only_train])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 # ---- normalisation layers, attention, a user layer ------------------------------------------------------------------

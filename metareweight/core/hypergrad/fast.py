@@ -18,7 +18,10 @@ One call runs these phases (:meth:`Fast.__call__`):
 3. **δ** — the output gradients ``δ_ik = ∂ℓ_ik/∂z_i`` of the captured calls, one backward per term ``k``;
 4. **virtual step** — ``θ'`` from ``Σ w_ik ∇ℓ_ik`` replayed from the captures. A Linear weight on the *Gram* route
    (``P`` a scalar, i.e. the SGD family, and fewer meta rows than features) stays at ``W'(0)``; its update enters
-   the meta forward as the low-rank correction ``−P (a' Aᵀ)(w ⊙ Δ)`` without materialising ``W'``;
+   the meta forward as the low-rank correction ``−P (a' Aᵀ)(w ⊙ Δ)`` without materialising ``W'``. A lookup
+   table (``Embedding``) with more rows than the meta batch reads takes the *sparse* route: ``θ'`` (and ``P``) only
+   on the rows the meta forward reads, formed when it reads them, since ``∇_θ' L_out`` and hence ``U`` vanish on
+   every other row (on a 30,522-token vocabulary that skips the step's passes over the whole table);
 5. **meta forward** — ``L_out(θ')`` and its gradients: ``∇_θ' L_out`` for direct/JVP parameters, the meta output
    gradients ``δ'`` for Gram layers;
 6. **c_ik** — direct form ``c_i = ⟨δ_i, op(a_i, U)⟩`` with ``U = P ⊙ ∇_W L_out``; Gram form
@@ -152,6 +155,7 @@ class _Plan:
     coupled: bool
     gram: Set[str] = field(default_factory=set)
     lowrank: Set[str] = field(default_factory=set)  # Gram weights whose W' is not materialised
+    sparse: Set[str] = field(default_factory=set)  # lookup tables stepped on the meta batch's rows only
 
     def route(self, name: str) -> str:
         return "gram" if name in self.gram else "direct" if name in self.closed else "jvp"
@@ -165,6 +169,7 @@ class _Step:
     new_state: dict
     scale: Dict[str, Tensor]
     grams: Dict[str, "_GramLayer"]
+    tables: Dict[str, "_SparseRows"] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +191,10 @@ class Fast(HypergradMethod):
         gram: ``"auto"`` picks the Gram/low-rank form per Linear layer when cheaper (SGD family only);
             ``"always"``/``"never"`` force it on or off.
         lookahead: also return the materialised virtual parameters (needed by ``real_step="lookahead"``).
+        sparse: ``"auto"`` forms the virtual step of a lookup table (a ``row_lookup`` rule: ``Embedding``) only on
+            the rows the meta forward reads when the table has more rows than the meta batch looks up;
+            ``"always"``/``"never"`` force it on or off. Exact either way; not with ``lookahead`` (which needs the
+            whole ``θ'``) or in a data-parallel run.
         verify: on the first call for a model, check the per-sample attribution against autograd with random
             weights; a mismatch (a layer couples samples) switches that model to the JVP path, with a warning.
     """
@@ -194,14 +203,18 @@ class Fast(HypergradMethod):
     gram: str = "auto"
     lookahead: bool = False
     verify: bool = True
+    sparse: str = "auto"
     name = "fast"
     exact = True
 
     def __post_init__(self):
         if self.gram not in GRAM_MODES:
             raise ValueError(f"gram must be one of {GRAM_MODES}, got {self.gram!r}")
+        if self.sparse not in GRAM_MODES:
+            raise ValueError(f"sparse must be one of {GRAM_MODES}, got {self.sparse!r}")
         self._capture: Optional[_Capture] = None
         self.last_paths: Dict[str, str] = {}  # parameter -> "gram" | "direct" | "jvp" in the last call
+        self.last_sparse: Set[str] = set()  # direct parameters whose virtual step ran on the meta batch's rows only
         self._verified = weakref.WeakSet()
         self._coupled = weakref.WeakSet()
 
@@ -232,12 +245,14 @@ class Fast(HypergradMethod):
             tcalls, deltas = [], []
         g_fallback = self._fallback_grads(train, plan)
         self._choose_gram(problem, train, plan, tcalls, ctx)
+        self._choose_sparse(problem, train, plan, tcalls, ctx)
         step = self._virtual_step(problem, train, plan, tcalls, deltas, g_fallback, ctx)
         meta = self._meta_pass(problem, train, plan, step, ctx)
         c = self._coefficients(problem, train, plan, tcalls, deltas, step, meta)
         grads = self._combine(problem, train.weights, c, meta.direct)
 
         self.last_paths = {n: plan.route(n) for n in plan.used}
+        self.last_sparse = set(plan.sparse)
         self._keep_for_replay(problem, train, plan, tcalls, deltas)
         lookahead = (detach_params(step.new_theta), detach_state(step.new_state)) if self.lookahead else None
         return HypergradResult(grads, float(meta.outer.detach()), lookahead)
@@ -388,6 +403,23 @@ class Fast(HypergradMethod):
         plan.gram = _agreed(gram, sorted(plan.closed), ctx, train.terms.device)
         plan.lowrank = set() if self.lookahead else set(plan.gram)
 
+    def _choose_sparse(self, problem, train: _TrainPass, plan: _Plan, tcalls: List[LayerCall], ctx) -> None:
+        """Which direct weights are stepped on the meta batch's rows only: every call a ``row_lookup`` rule without
+        bias, and (``"auto"``) more rows than the meta batch is expected to look up. Not with lookahead (it commits
+        the whole ``θ'``), not data-parallel, and only where this method forms the step itself."""
+        opt = problem.optimizer
+        if self.sparse == "never" or self.lookahead or ctx is not None or type(opt).step is not FunctionalOptimizer.step:
+            return
+        B = train.terms.shape[0]
+        by_param = _calls_by_param(tcalls)
+        for n in sorted(plan.closed - plan.gram):
+            cs = by_param.get(n, [])
+            if not cs or not all(c.rule.row_lookup and c.weight == n and c.bias is None for c in cs):
+                continue
+            lookups = problem.meta_batch.size * sum(c.input.numel() for c in cs) / B
+            if self.sparse == "always" or lookups < train.theta[n].shape[0]:
+                plan.sparse.add(n)
+
     # ---- 4. virtual step -----------------------------------------------------------------------------------
     def _virtual_step(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas, g_fallback, ctx) -> _Step:
         opt, state = problem.optimizer, problem.opt_state
@@ -401,25 +433,33 @@ class Fast(HypergradMethod):
                     g_step[n] = g_fallback[n]
                 elif n in plan.lowrank:
                     g_step[n] = None  # W'(0) below; the update itself enters as a low-rank correction
+                elif n in plan.sparse:
+                    continue  # stepped on the rows the meta forward reads, when it reads them (_SparseRows)
                 else:
                     g_step[n] = _param_grad(n, w, tcalls, deltas, memo)
-            # in-place steps unless the state is needed (lookahead) or the optimizer's step is its own (data-parallel)
-            own = self.lookahead or ctx is not None or type(opt).step is not FunctionalOptimizer.step
-            fused = {} if own else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+            # in-place steps unless the optimizer's step is its own (data-parallel); their state after the step
+            # only where it is committed (lookahead)
+            own = ctx is not None or type(opt).step is not FunctionalOptimizer.step
+            after: Dict[str, dict] = {}
+            out = after if self.lookahead else None
+            fused = {} if own else {n: _fixed_adam_step(opt.hypers[n], theta_d[n], g, state.get(n, {}), out, n)
                                     for n, g in g_step.items() if g is not None
                                     and opt.hypers[n].kind == "adam" and opt.preconditioner == "fixed"}
             rest = {n: g for n, g in g_step.items() if n not in fused}
             scale = opt.linear_scale(theta_d, {n: theta_d[n] if g is None else g for n, g in rest.items()}, state)
-            sgd = {} if own else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}))
+            sgd = {} if own else {n: _sgd_step(opt.hypers[n], theta_d[n], g, state.get(n, {}), out, n)
                                   for n, g in rest.items() if g is not None and opt.hypers[n].kind == "sgd"}
             new_theta, new_state = opt.step(theta_d, {n: g for n, g in rest.items() if n not in sgd}, state)
-            for n, (new, p) in fused.items():  # (the optimizer state after the step is only needed for lookahead)
+            for n, (new, p) in fused.items():
                 new_theta[n], scale[n] = new, p
             new_theta.update(sgd)
+            for n, st in after.items():
+                new_state[n] = {**new_state.get(n, {}), **st}
             for n in plan.lowrank:
                 new_theta[n] = _zero_gradient_step(opt.hypers[n], theta_d[n], state.get(n, {}))
             grams = {n: _GramLayer.build(n, tcalls, deltas, w, scale[n], ctx) for n in sorted(plan.gram)}
-        return _Step(new_theta, new_state, scale, grams)
+            tables = {n: _SparseRows(n, theta_d[n], opt, state.get(n, {}), tcalls, deltas, w) for n in plan.sparse}
+        return _Step(new_theta, new_state, scale, grams, tables)
 
     # ---- 5. meta forward -----------------------------------------------------------------------------------
     def _meta_pass(self, problem, train: _TrainPass, plan: _Plan, step: _Step, ctx) -> _MetaPass:
@@ -431,29 +471,43 @@ class Fast(HypergradMethod):
             meta_ids = {id(theta_p[n]): n for n in train.trainable}
 
             def low_rank(module, call):
-                return step.grams[call.weight].correct(call) if call.weight in plan.lowrank else None
+                if call.weight in plan.lowrank:
+                    return step.grams[call.weight].correct(call)
+                return step.tables[call.weight].lookup(call) if call.weight in plan.sparse else None
 
-            with capture_calls(problem.model, low_rank, meta_ids, only=plan.gram) as mcalls:
+            for table in step.tables.values():
+                table.reads.clear()
+            with capture_calls(problem.model, low_rank, meta_ids, only=plan.gram | plan.sparse) as mcalls:
                 outer = problem.outer_loss(theta_p)
             muses = leaf_uses([outer], meta_ids)
             mcalls = [c for c in mcalls if c.weight in plan.gram]
             partial = {n for n in plan.gram if muses[n] != sum(c.weight == n for c in mcalls)}
             partial = plan.gram - _agreed(plan.gram - partial, sorted(plan.gram), ctx, outer.device)
-            if not partial:
+            # a table whose θ' the meta forward also reads outside its lookups (its placeholder θ is in the graph)
+            outside = {n for n in plan.sparse if muses[n]}
+            if not partial and not outside:
                 break
             for n in partial:
                 if n in plan.lowrank:
                     step.new_theta[n] = step.grams[n].materialise(step.new_theta[n])
+            for n in outside:
+                step.new_theta[n], step.scale[n] = step.tables.pop(n).materialise()
             plan.gram -= partial
             plan.lowrank -= partial
+            plan.sparse -= outside
         vnames = [n for n in train.trainable if muses[n] and n not in plan.gram]
-        targets = [c.output for c in mcalls] + [theta_p[n] for n in vnames] + list(problem.meta_params)
-        got = torch.autograd.grad(outer, targets, allow_unused=True) if targets else ()
+        reads = [leaf for n in sorted(plan.sparse) for _, leaf, _ in step.tables[n].reads]
+        targets = [c.output for c in mcalls] + [theta_p[n] for n in vnames] + reads + list(problem.meta_params)
+        got = list(torch.autograd.grad(outer, targets, allow_unused=True)) if targets else []
         v = dict(zip(vnames, got[len(mcalls):len(mcalls) + len(vnames)]))
         if ctx is not None:  # ∇_θ' of the global meta loss, the mean of the ranks' (θ' is already the global step)
             _all_reduce_mean_(list(v.values()), ctx)
-        direct = [torch.zeros_like(p) if g is None else g for p, g in
-                  zip(problem.meta_params, got[len(mcalls) + len(vnames):])]
+        at = len(mcalls) + len(vnames)
+        for n in sorted(plan.sparse):
+            table = step.tables[n]
+            table.grads = got[at:at + len(table.reads)]
+            at += len(table.reads)
+        direct = [torch.zeros_like(p) if g is None else g for p, g in zip(problem.meta_params, got[at:])]
         return _MetaPass(outer, list(zip(mcalls, got[:len(mcalls)])), v, direct)
 
     # ---- 6. c_ik -------------------------------------------------------------------------------------------
@@ -465,7 +519,16 @@ class Fast(HypergradMethod):
             c = torch.zeros_like(terms)
             for n in sorted(plan.gram):  # sorted: a set's order follows PYTHONHASHSEED, and the sum's rounding too
                 c += step.grams[n].coefficients([(cl, d) for cl, d in meta.gram_calls if cl.weight == n], B)
-            for n in sorted(plan.closed - plan.gram):
+            for n in sorted(plan.sparse):
+                rows, U = step.tables[n].meta_direction()
+                if rows is None:
+                    continue
+                for i, cl in enumerate(tcalls):
+                    if cl.weight == n:
+                        out = cl.rule.op_on_rows(cl.module, cl.input, rows, U)
+                        for k, dk in enumerate(deltas[i]):
+                            c[:, k] += cl.per_sample_dot(dk, out)
+            for n in sorted(plan.closed - plan.gram - plan.sparse):
                 if meta.v.get(n) is None:
                     continue
                 U = step.scale[n] * meta.v[n]
@@ -601,6 +664,65 @@ class _GramLayer:
         return self.p * out
 
 
+class _SparseRows:
+    """A lookup table's virtual step on the rows the meta forward reads. The meta forward runs with ``θ`` itself as
+    the table (a placeholder it must not read outside the captured lookups); :meth:`lookup` replaces each lookup's
+    output by one from ``θ'`` on the rows it reads, a leaf whose gradient is ``∇_θ' L_out`` on those rows (zero on
+    every other row, so ``U = P ⊙ ∇_θ' L_out`` is too). The step is elementwise, so ``θ'`` and ``P`` of a row need only
+    that row of ``θ``, of the optimizer state and of ``Σ_ik w_ik ∇ℓ_ik`` (gathered from the train lookups)."""
+
+    def __init__(self, name: str, theta: Tensor, opt: FunctionalOptimizer, state, tcalls, deltas, w: Tensor):
+        self.name, self.theta, self.opt, self.state, self.w = name, theta, opt, state, w
+        self.calls = [(c, deltas[i]) for i, c in enumerate(tcalls) if c.weight == name]
+        self.reads: List[Tuple[Tensor, Tensor, Tensor]] = []  # per meta lookup: (rows, θ' on them as a leaf, P)
+        self.grads: List[Optional[Tensor]] = []  # ∇ of the meta loss with respect to each leaf
+
+    def _step(self, rows: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """``(θ', P)`` on ``rows`` (sorted, unique; None: every row)."""
+        theta = self.theta if rows is None else self.theta[rows]
+        g = torch.zeros_like(theta)
+        for call, deltas in self.calls:
+            ids = call.rule.rows_read(call.module, call.input)
+            d = call.rule.mask(call.module, call.input, _weighted_deltas(self.w, deltas)).reshape(ids.numel(), -1)
+            if rows is None:
+                g.index_add_(0, ids, d.to(g.dtype))
+                continue
+            pos = torch.searchsorted(rows, ids).clamp_(max=rows.numel() - 1)
+            hit = rows[pos] == ids
+            g.index_add_(0, pos[hit], d[hit].to(g.dtype))
+        shape = self.theta.shape
+        st = {k: (v if rows is None or not torch.is_tensor(v) or v.shape != shape else v[rows])
+              for k, v in self.state.items()}
+        h = self.opt.hypers[self.name]
+        if h.kind == "adam":
+            return _fixed_adam_step(h, theta, g, st)
+        return _sgd_step(h, theta, g, st), self.opt.linear_scale({self.name: theta}, {self.name: g},
+                                                                 {self.name: st})[self.name]
+
+    def lookup(self, call: LayerCall) -> Tensor:
+        rows = torch.unique(call.rule.rows_read(call.module, call.input))
+        with torch.no_grad():
+            new, p = self._step(rows)
+        leaf = new.requires_grad_()
+        self.reads.append((rows, leaf, p))
+        return call.rule.op_on_rows(call.module, call.input, rows, leaf)
+
+    def materialise(self) -> Tuple[Tensor, Tensor]:
+        """``(θ', P)`` on every row (the meta forward reads the table outside its lookups)."""
+        return self._step(None)
+
+    def meta_direction(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(rows, U on them)``: ``U = P ⊙ ∇_θ' L_out`` on the rows the meta forward read (None if it read none)."""
+        parts = [(rows, p * g) for (rows, _, p), g in zip(self.reads, self.grads) if g is not None]
+        if not parts:
+            return None, None
+        if len(parts) == 1:
+            return parts[0]
+        rows, inv = torch.unique(torch.cat([r for r, _ in parts]), return_inverse=True)
+        U = torch.zeros(rows.numel(), *parts[0][1].shape[1:], dtype=parts[0][1].dtype, device=rows.device)
+        return rows, U.index_add_(0, inv, torch.cat([u for _, u in parts]))
+
+
 class _LowRankUpdate(torch.autograd.Function):
     """``z − p Σ_k ((a' Aᵀ) ⊙ w_k) Δ_k`` for a meta call ``(a', z)`` at ``W'(0)``; stores ``S = a' Aᵀ`` and, in the
     backward, ``G_k = g Δ_kᵀ`` (``g`` is ``∂L_out/∂z``, the meta output gradient the coefficients need)."""
@@ -635,12 +757,14 @@ def _cat(parts: List[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
+def _fixed_adam_step(h, p: Tensor, g: Tensor, st, after: Optional[dict] = None, name: str = ""
+                     ) -> Tuple[Tensor, Tensor]:
     """``(θ', P)`` of one Adam/AdamW step with the preconditioner held fixed, in a few in-place passes (the
     functional optimizer's ``step`` + ``linear_scale`` allocate a tensor per operation, which on a 30k-token embedding
     cost more than the matrix products): ``P = (lr/bc1)(1−β1)/denom`` and
     ``θ' = θ·(1 − lr·wd) − P ⊙ (β1/(1−β1)·m + g)`` (decoupled decay; L2 decay is added to ``g``). Equal to
-    ``FunctionalOptimizer.step`` and ``linear_scale`` (the Adam tests of ``tests/test_fast.py`` compare them)."""
+    ``FunctionalOptimizer.step`` and ``linear_scale`` (the Adam tests of ``tests/test_fast.py`` compare them).
+    ``after``: where to put the state after the step, as ``after[name]`` (what lookahead commits)."""
     t = float(st.get("step", 0.0)) + 1
     bc1, bc2 = 1 - h.beta1 ** t, 1 - h.beta2 ** t
     if h.weight_decay and not h.decoupled:
@@ -648,8 +772,15 @@ def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
     P = torch.mul(g, g).mul_(1 - h.beta2)
     if "exp_avg_sq" in st:
         P.add_(st["exp_avg_sq"], alpha=h.beta2)
+    if after is not None:
+        m = torch.mul(g, 1 - h.beta1)
+        if "exp_avg" in st:
+            m.add_(st["exp_avg"], alpha=h.beta1)
+        after[name] = {"step": st.get("step", torch.tensor(0.0)) + 1, "exp_avg": m, "exp_avg_sq": P.clone()}
     if h.amsgrad and "max_exp_avg_sq" in st:
         torch.maximum(P, st["max_exp_avg_sq"], out=P)
+    if after is not None and h.amsgrad:
+        after[name]["max_exp_avg_sq"] = P.clone()
     P.sqrt_().div_(bc2 ** 0.5).add_(h.eps).reciprocal_().mul_(h.lr / bc1 * (1 - h.beta1))
     new = p * (1 - h.lr * h.weight_decay) if h.weight_decay and h.decoupled else p.clone()
     if "exp_avg" in st:
@@ -657,15 +788,20 @@ def _fixed_adam_step(h, p: Tensor, g: Tensor, st) -> Tuple[Tensor, Tensor]:
     return new.addcmul_(g, P, value=-1.0), P
 
 
-def _sgd_step(h, p: Tensor, g: Tensor, st) -> Tensor:
+def _sgd_step(h, p: Tensor, g: Tensor, st, after: Optional[dict] = None, name: str = "") -> Tensor:
     """``θ'`` of one SGD step (momentum, dampening, nesterov, L2 weight decay) with two or three allocations instead
     of the functional optimizer's five; equal to ``FunctionalOptimizer.step`` (``tests/test_fast.py`` compares the
-    hypergradients with ``unrolled`` and a central difference for each variant)."""
+    hypergradients with ``unrolled`` and a central difference for each variant). ``after``: where to put the state
+    after the step, as ``after[name]``."""
+    if after is not None:
+        after[name] = {}
     if h.weight_decay:
         g = torch.add(g, p, alpha=h.weight_decay)
     if h.momentum:
         buf = st.get("momentum_buffer")
         d = g if buf is None else torch.mul(buf, h.momentum).add_(g, alpha=1 - h.dampening)
+        if after is not None:
+            after[name]["momentum_buffer"] = d
         g = torch.add(g, d, alpha=h.momentum) if h.nesterov else d
     return torch.add(p, g, alpha=-h.lr)
 

@@ -49,11 +49,15 @@ class LayerRule:
         gram: whether the Gram / low-rank form applies (a weight used as ``a @ Wᵀ`` over rows of features).
         broadcast: whether a call whose captured activation has batch size 1 is shared by every sample (BERT's
             ``(1, L)`` position ids) and may be expanded over the batch, so that each sample gets its own ``δ_i``.
+        row_lookup: whether a call reads only the weight rows its activation indexes (a lookup table, no bias);
+            such a rule implements :meth:`rows_read` and :meth:`op_on_rows`, and ``Fast`` may then form the virtual
+            step and the meta gradient of the weight on the rows the meta batch reads alone.
     """
 
     kind: str = "custom"
     gram: bool = False
     broadcast: bool = False
+    row_lookup: bool = False
     composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
 
     # ---- which modules and parameters -------------------------------------------------------------------
@@ -87,6 +91,16 @@ class LayerRule:
     def mask(self, module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
         """Output gradients with the entries autograd gives no weight gradient zeroed (Embedding's padding row)."""
         return delta
+
+    def rows_read(self, module: nn.Module, a: Tensor) -> Tensor:
+        """(``row_lookup`` rules) the indices of the weight rows a call with activation ``a`` reads (any order,
+        repeats allowed)."""
+        raise NotImplementedError(f"{type(self).__name__} sets row_lookup and must implement rows_read")
+
+    def op_on_rows(self, module: nn.Module, a: Tensor, rows: Tensor, weight_rows: Tensor) -> Tensor:
+        """(``row_lookup`` rules) :meth:`op` for the weight whose rows ``rows`` (sorted, unique) are ``weight_rows``
+        and whose other rows are zero; differentiable in ``weight_rows`` as :meth:`op` is in the weight."""
+        raise NotImplementedError(f"{type(self).__name__} sets row_lookup and must implement op_on_rows")
 
     # ---- the closed forms -------------------------------------------------------------------------------
     def per_sample_dot(self, module: nn.Module, a: Tensor, delta: Tensor, out: Tensor) -> Tensor:

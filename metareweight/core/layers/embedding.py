@@ -11,10 +11,19 @@ from .base import LayerRule, register_layer_rule
 
 class EmbeddingRule(LayerRule):
     """Lookups ``(B, ...)`` of index tensors. Shared lookups of batch size 1 (position/token-type ids broadcast over
-    the batch) are expanded over the batch so each sample gets its own output gradient."""
+    the batch) are expanded over the batch so each sample gets its own output gradient. A lookup reads only the
+    rows its ids index (``row_lookup``): the fast method's virtual step of a large table runs on the rows the meta
+    batch reads.
+
+    Example (rows 2 and 5 of a 6-row table; the other rows read as zero):
+        >>> emb = nn.Embedding(6, 2)
+        >>> EmbeddingRule().op_on_rows(emb, torch.tensor([[5, 1]]), torch.tensor([2, 5]), torch.ones(2, 2)).tolist()
+        [[[1.0, 1.0], [0.0, 0.0]]]
+    """
 
     kind = "embedding"
     broadcast = True
+    row_lookup = True
 
     def applies(self, module):
         # max_norm edits the weight in place; scale_grad_by_freq couples samples; sparse gradients are not dense
@@ -25,6 +34,20 @@ class EmbeddingRule(LayerRule):
 
     def op(self, module: nn.Module, a: Tensor, weight: Tensor) -> Tensor:
         return F.embedding(a, weight, module.padding_idx)
+
+    def rows_read(self, module, a):
+        return a.reshape(-1).contiguous()
+
+    def op_on_rows(self, module, a, rows, weight_rows):
+        a = a.contiguous()
+        pos = torch.searchsorted(rows, a).clamp_(max=rows.numel() - 1)
+        hit = rows[pos] == a
+        pad = module.padding_idx
+        if pad is not None:  # the padding row gets no gradient, as autograd's lookup gives it none
+            at = int(torch.searchsorted(rows, torch.tensor(pad, device=rows.device)).clamp(max=rows.numel() - 1))
+            pad = at if int(rows[at]) == pad else None
+        out = F.embedding(pos, weight_rows, pad)
+        return out if bool(hit.all()) else out * hit.unsqueeze(-1).to(out.dtype)
 
     def mask(self, module, a, delta):
         if module.padding_idx is not None:
