@@ -113,14 +113,15 @@ class HealthMonitor(Callback):
                       "and labels match inputs, or check the weights have not collapsed")
 
     def check_ranking(self, w: np.ndarray, noisy: np.ndarray, labels: Optional[np.ndarray] = None,
-                      meta_lr: Optional[float] = None, meta_class_prior: Optional[str] = None) -> None:
+                      meta_lr: Optional[float] = None, meta_class_prior: Optional[str] = None,
+                      normalize=None) -> None:
         """Meta-Weight-Net's weights against known flips (``noisy``): inverted or not separating."""
         from .objectives.mwnet import weight_advice
 
         w, flags = np.asarray(w, np.float64).ravel(), np.asarray(noisy).ravel()
         keep = np.isfinite(w) & (flags >= 0)  # -1: a sample without a flag
         labels = None if labels is None else np.asarray(labels).ravel()[keep]
-        advice = weight_advice(w[keep], flags[keep].astype(bool), meta_lr, labels, meta_class_prior)
+        advice = weight_advice(w[keep], flags[keep].astype(bool), meta_lr, labels, meta_class_prior, normalize)
         if advice and "flipped" in advice:  # the ranking advice; spread and saturation have their own checks
             self.warn("inverted" if "above clean" in advice else "not_separating", advice)
 
@@ -175,4 +176,4 @@ class HealthMonitor(Callback):
         last = recent["epoch"] == recent["epoch"].max() if "epoch" in recent else slice(None)
         self.check_ranking(recent["weight"][last], recent["noisy"][last],
                            recent["target"][last] if "target" in recent else None,
-                           objective.meta_lr, objective.meta_class_prior)
+                           objective.meta_lr, objective.meta_class_prior, objective.normalize)

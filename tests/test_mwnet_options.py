@@ -86,6 +86,16 @@ def test_weight_advice_blames_the_class_prior_only_on_imbalanced_labels_without_
     assert "above clean" in unspread and "raising meta_lr would amplify" in unspread
 
 
+def test_weight_advice_suggests_per_class_normalisation_on_few_balanced_classes_only():
+    w, flipped = np.r_[np.full(70, 0.3), np.full(30, 0.6)], np.arange(100) >= 70
+    binary = np.arange(100) % 2
+    assert 'normalize="class"' in weight_advice(w, flipped, labels=binary)
+    assert 'normalize="class"' not in weight_advice(w, flipped, labels=binary, normalize="class")  # already on
+    assert 'normalize="class"' not in weight_advice(w, flipped, labels=np.arange(100) % 10)  # many classes
+    assert 'normalize="class"' not in weight_advice(w, flipped, labels=np.r_[np.zeros(80), np.ones(20)])  # imbalance
+    assert 'normalize="class"' not in weight_advice(w, flipped)  # no labels: nothing to go on
+
+
 def test_weight_advice_says_when_the_loss_carries_no_information_about_the_flips():
     rng = np.random.default_rng(0)
     w, flipped = rng.uniform(0.1, 0.9, 400), rng.random(400) < 0.3  # spread, but unrelated to the flips

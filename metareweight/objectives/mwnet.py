@@ -36,10 +36,11 @@ INVERTED = 0.4     # weight AUROC (clean vs noisy) below this: the ranking is in
 COLLAPSED = 0.05   # mean raw weight below this (or above 1 - this): saturating
 NOT_SEPARATING = 0.6  # weight AUROC below this (not inverted): the loss carries little information about the flips
 IMBALANCED = 2.0   # largest / smallest class share of the labels at or above this: imbalanced
+FEW_CLASSES = 3    # at most this many label classes: the hypergradient's class-level term can dominate
 
 
 def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=None,
-                  meta_class_prior: Optional[str] = None) -> Optional[str]:
+                  meta_class_prior: Optional[str] = None, normalize=None) -> Optional[str]:
     """One line of advice when Meta-Weight-Net's weights look wrong, or ``None`` when they look healthy.
 
     Args:
@@ -50,6 +51,8 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
         labels: optional (given) class labels of the same samples; an inverted ranking on imbalanced labels is
             blamed on the class prior (see ``MetaWeightNet(meta_class_prior="train")``).
         meta_class_prior: the objective's ``meta_class_prior`` (no class-prior advice when it is already ``"train"``).
+        normalize: the objective's ``normalize``; an inverted ranking on balanced labels of few classes (at most
+            :data:`FEW_CLASSES`) adds the advice ``normalize="class"`` unless it is already set.
 
     Checks, in order: with flags, the ranking is inverted (weight AUROC of clean vs noisy < 0.4: on imbalanced
     labels, the balanced meta set's class prior; with weights that spread, learning rates too large; with weights
@@ -87,6 +90,10 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
     spread = float(w.std() / max(w.mean(), 1e-12))
     if auc is not None and auc < INVERTED:
         prior = _imbalance(labels, w.size) if meta_class_prior is None else None
+        per_class = "" if prior or normalize == "class" or not _few_balanced_classes(labels, w.size) else (
+            " With few classes the one-step hypergradient of a weight is dominated by a class-level term (more of "
+            "whichever class the model under-predicts now) that a loss -> weight net turns into up-weighting "
+            "high-loss samples: try MetaWeightNet(normalize=\"class\") (weights normalised within each class).")
         if prior:
             return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}) and the "
                     f"labels are imbalanced ({prior}): against a class-balanced meta set the weight net learns to "
@@ -98,9 +105,9 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
                     f"weights barely spread (sd/mean {spread:.2f}): the loss does not identify the flipped labels on "
                     "this data, and raising meta_lr would amplify the wrong ranking. Compare with training on the "
                     "clean meta set alone, and look for better features or a model that fits the clean labels "
-                    "first.")
+                    "first." + per_class)
         return (f"Meta-Weight-Net ranks flipped samples above clean ones (weight AUROC {auc:.2f}): lower "
-                f"meta_lr ×10{now} and the model's learning rate (SGD 0.01 for a small MLP).")
+                f"meta_lr ×10{now} and the model's learning rate (SGD 0.01 for a small MLP)." + per_class)
     if spread < NO_SPREAD:
         chance = "" if auc is None or auc >= NOT_SEPARATING else (
             f" Their ranking of the flipped samples is near chance (weight AUROC {auc:.2f}): if a larger meta_lr "
@@ -166,6 +173,18 @@ def normalized_per_class(w: Tensor, labels: Tensor, collectives: Collectives) ->
     healthy = sums > COLLAPSED_WEIGHT * counts.detach()
     scale = counts.detach() / size.detach() / torch.where(healthy, sums, torch.ones_like(sums))
     return torch.where(healthy[y], w * scale[y], size.detach().reciprocal())
+
+
+def _few_balanced_classes(labels, n: int) -> bool:
+    """Integer labels of 2..FEW_CLASSES classes that are not imbalanced."""
+    import numpy as np
+
+    if labels is None or _imbalance(labels, n):
+        return False
+    y = np.asarray(labels).ravel()
+    if y.size != n or not y.size or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+        return False
+    return 2 <= np.unique(y).size <= FEW_CLASSES
 
 
 def _imbalance(labels, n: int) -> Optional[str]:
