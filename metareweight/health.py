@@ -72,8 +72,9 @@ class HealthMonitor(Callback):
             warnings.warn(message, HealthWarning, stacklevel=3)
 
     # ---- the checks ------------------------------------------------------------------------------------------
-    def check_weights(self, w: np.ndarray, meta_steps: int) -> None:
-        """Collapsed, saturated or unspread weights (``w``: the newest recorded weights)."""
+    def check_weights(self, w: np.ndarray, meta_steps: int, learned: bool = True) -> None:
+        """Collapsed, saturated or unspread weights (``w``: the newest recorded weights; ``learned=False``: a
+        fixed-weight baseline, never "unspread")."""
         w = np.asarray(w, dtype=np.float64)
         w = w[np.isfinite(w)]
         if w.size < 2 or (w < 0).any():  # signed "weights" (e.g. advantages) are not weights in [0, ∞)
@@ -92,7 +93,7 @@ class HealthMonitor(Callback):
                           "so they no longer rank the samples (and a ranking pushed to the edges can invert: noisy "
                           "samples up-weighted). The meta learning rate is too large: lower meta_lr about 10x")
                 return
-        if meta_steps >= self.spread_after and float(w.std()) < 1e-3 * max(mean, 1e-12):
+        if learned and meta_steps >= self.spread_after and float(w.std()) < 1e-3 * max(mean, 1e-12):
             self.warn("no_spread", f"weights do not spread after {meta_steps} meta steps (std {w.std():.1e} around "
                       f"{mean:.3f}): the weighting is uniform and does nothing. Raise the meta learning rate "
                       "(about 10x) or the number of meta steps")
@@ -148,12 +149,12 @@ class HealthMonitor(Callback):
             return
         recent = self._recent(trainer)
         if len(recent["step"]):
-            self.check_weights(recent["weight"], trainer.meta_steps)
+            self.check_weights(recent["weight"], trainer.meta_steps, _learns_weights(trainer))
 
     def on_epoch_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
         recent = self._recent(trainer)
         if len(recent["step"]):
-            self.check_weights(recent["weight"], trainer.meta_steps)
+            self.check_weights(recent["weight"], trainer.meta_steps, _learns_weights(trainer))
             target = recent.get("target")
             epochs_done = trainer.epoch + 1 - getattr(trainer, "_fit_start_epoch", 0)
             if target is not None and len(target) and "train_loss" in metrics:
@@ -177,3 +178,7 @@ class HealthMonitor(Callback):
         self.check_ranking(recent["weight"][last], recent["noisy"][last],
                            recent["target"][last] if "target" in recent else None,
                            objective.meta_lr, objective.meta_class_prior, objective.normalize)
+
+
+def _learns_weights(trainer: Any) -> bool:
+    return bool(getattr(getattr(trainer, "objective", None), "learns_weights", True))

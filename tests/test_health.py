@@ -41,6 +41,17 @@ def test_healthy_weights_and_early_uniform_weights_are_not_warned():
     assert _caught(lambda: monitor.check_weights(np.linspace(-1, 1, 64), 10)) == []  # signed: not weights
 
 
+def test_fixed_weight_baselines_are_never_unspread():
+    from metareweight import SelfTaughtRescaler, SourceTaskWeighting
+    from metareweight.health import _learns_weights
+
+    assert _caught(lambda: HealthMonitor().check_weights(np.full(64, 0.2), 500, learned=False)) == []
+    assert not _learns_weights(type("T", (), {"objective": SourceTaskWeighting(3, mode="uniform")})())
+    assert _learns_weights(type("T", (), {"objective": SourceTaskWeighting(3, mode="sample")})())
+    assert not _learns_weights(type("T", (), {"objective": SelfTaughtRescaler(2, meta_learning=False)})())
+    assert _learns_weights(type("T", (), {"objective": MetaWeightNet()})())
+
+
 def test_chance_loss_is_warned_after_enough_epochs():
     monitor = HealthMonitor(chance_after_epochs=3)
     assert _caught(lambda: monitor.check_loss(math.log(10) + 0.001, 10, 2)) == []

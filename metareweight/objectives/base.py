@@ -85,6 +85,7 @@ class MetaObjective(nn.Module):
     meta_lr: float = 1e-3
     meta_weight_decay: float = 0.0
     uses_hypergradient: bool = True
+    learns_weights: bool = True  # False for a fixed-weight baseline (no "weights do not spread" health warning)
     collectives: Collectives = Collectives()  # replaced by MetaStep with the run's strategy
 
     def inner_terms(self, forward: Forward, batch: Batch, *variables: Tensor) -> WeightedTerms:  # pragma: no cover

@@ -259,6 +259,7 @@ class SelfTaughtRescaler(MetaObjective):
         self.class_separation = class_separation
         self.meta_loss_rescaling = meta_loss_rescaling
         self.meta_learning = meta_learning
+        self.learns_weights = meta_learning
         self.meta_data = meta_data
         self.input_dropout = input_dropout
         self.bn_scope = bn_scope

@@ -217,6 +217,7 @@ class SourceTaskWeighting(MetaObjective):
             raise ValueError(f"meta_lr must be positive, got {meta_lr}")
         self.num_sources = num_sources
         self.mode = mode
+        self.learns_weights = mode != "uniform"  # the uniform baseline's weights are 1/S by design
         self.step_size = step_size
         self.meta_lr = meta_lr
         self.loss_fn = loss_fn or cross_entropy_terms
