@@ -89,8 +89,11 @@ def weight_advice(weights, noisy=None, meta_lr: Optional[float] = None, labels=N
     auc = auroc(w, ~flags) if flags is not None and flags.any() and (~flags).any() else None
     spread = float(w.std() / max(w.mean(), 1e-12))
     if auc is not None and auc < INVERTED:
-        prior = _imbalance(labels, w.size) if meta_class_prior is None else None
-        per_class = "" if prior or normalize == "class" or not _few_balanced_classes(labels, w.size) else (
+        shares = _class_shares(labels, w.size)
+        imbalanced = _imbalance(shares)
+        prior = imbalanced if meta_class_prior is None else None
+        few_balanced = shares is not None and not imbalanced and 2 <= shares.size <= FEW_CLASSES
+        per_class = "" if normalize == "class" or not few_balanced else (
             " With few classes the one-step hypergradient of a weight is dominated by a class-level term (more of "
             "whichever class the model under-predicts now) that a loss -> weight net turns into up-weighting "
             "high-loss samples: try MetaWeightNet(normalize=\"class\") (weights normalised within each class).")
@@ -175,20 +178,9 @@ def normalized_per_class(w: Tensor, labels: Tensor, collectives: Collectives) ->
     return torch.where(healthy[y], w * scale[y], size.detach().reciprocal())
 
 
-def _few_balanced_classes(labels, n: int) -> bool:
-    """Integer labels of 2..FEW_CLASSES classes that are not imbalanced."""
-    import numpy as np
-
-    if labels is None or _imbalance(labels, n):
-        return False
-    y = np.asarray(labels).ravel()
-    if y.size != n or not y.size or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-        return False
-    return 2 <= np.unique(y).size <= FEW_CLASSES
-
-
-def _imbalance(labels, n: int) -> Optional[str]:
-    """'largest class 55 %, smallest 6 %' when integer labels are imbalanced (ratio ≥ IMBALANCED), else None."""
+def _class_shares(labels, n: int):
+    """The shares of the classes present among ``n`` integer class labels, or None (no labels, or not ``n``
+    non-negative integers)."""
     import numpy as np
 
     if labels is None:
@@ -197,10 +189,14 @@ def _imbalance(labels, n: int) -> Optional[str]:
     if y.size != n or not y.size or not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0:
         return None
     share = np.bincount(y.astype(np.int64)) / y.size
-    share = share[share > 0]
-    if share.size < 2 or share.max() < IMBALANCED * share.min():
+    return share[share > 0]
+
+
+def _imbalance(shares) -> Optional[str]:
+    """'largest class 55 %, smallest 6 %' when the class shares are imbalanced (ratio ≥ IMBALANCED), else None."""
+    if shares is None or shares.size < 2 or shares.max() < IMBALANCED * shares.min():
         return None
-    return f"largest class {share.max():.0%}, smallest {share.min():.0%} of the labels"
+    return f"largest class {shares.max():.0%}, smallest {shares.min():.0%} of the labels"
 
 
 class MetaWeightNet(MetaObjective):
