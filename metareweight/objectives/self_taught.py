@@ -259,7 +259,6 @@ class SelfTaughtRescaler(MetaObjective):
         self.class_separation = class_separation
         self.meta_loss_rescaling = meta_loss_rescaling
         self.meta_learning = meta_learning
-        self.learns_weights = meta_learning
         self.meta_data = meta_data
         self.input_dropout = input_dropout
         self.bn_scope = bn_scope
@@ -279,6 +278,10 @@ class SelfTaughtRescaler(MetaObjective):
     # ---- weights --------------------------------------------------------------------------------------------
     @property
     def uses_hypergradient(self) -> bool:  # type: ignore[override]
+        return self.meta_learning
+
+    @property
+    def learns_weights(self) -> bool:  # type: ignore[override]
         return self.meta_learning
 
     def features_of(self, forward: Forward, batch: Batch, memory: str = "train"):

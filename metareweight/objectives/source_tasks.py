@@ -217,7 +217,6 @@ class SourceTaskWeighting(MetaObjective):
             raise ValueError(f"meta_lr must be positive, got {meta_lr}")
         self.num_sources = num_sources
         self.mode = mode
-        self.learns_weights = mode != "uniform"  # the uniform baseline's weights are 1/S by design
         self.step_size = step_size
         self.meta_lr = meta_lr
         self.loss_fn = loss_fn or cross_entropy_terms
@@ -263,6 +262,10 @@ class SourceTaskWeighting(MetaObjective):
         return ids
 
     # ---- the MetaObjective functions --------------------------------------------------------------------------
+    @property
+    def learns_weights(self) -> bool:  # type: ignore[override]
+        return self.mode != "uniform"  # the uniform baseline's weights are 1/S by design
+
     def inner_terms(self, forward: Forward, batch: Batch) -> WeightedTerms:
         """A plain weighted step on a mixed batch: each sample weighs ``π_t[source] / n_source``."""
         losses = self.loss_fn(forward(batch.inputs), batch.targets)
