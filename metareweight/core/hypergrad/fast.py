@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from ...data.batch import Batch
 from ...losses import ensure_finite
 from ..capture import LayerCall, capture_calls, leaf_uses
+from ..layers.base import row_positions
 from ..optim import FunctionalOptimizer
 from ..problem import BilevelProblem, HypergradResult, WeightedTerms, bind, detach_params, detach_state
 from .base import HypergradMethod
@@ -687,8 +688,7 @@ class _SparseRows:
             if rows is None:
                 g.index_add_(0, ids, d.to(g.dtype))
                 continue
-            pos = torch.searchsorted(rows, ids).clamp_(max=rows.numel() - 1)
-            hit = rows[pos] == ids
+            pos, hit = row_positions(rows, ids)
             g.index_add_(0, pos[hit], d[hit].to(g.dtype))
         shape = self.theta.shape
         st = {k: (v if rows is None or not torch.is_tensor(v) or v.shape != shape else v[rows])

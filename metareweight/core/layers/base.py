@@ -34,7 +34,7 @@ Example (a user-defined layer that scales its input feature-wise):
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Type
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -153,3 +153,16 @@ def rule_for(module: nn.Module) -> Optional[LayerRule]:
     """The rule registered for ``module``'s exact type, if it applies to this instance."""
     rule = _RULES.get(type(module))
     return rule if rule is not None and rule.applies(module) else None
+
+
+def row_positions(rows: Tensor, ids: Tensor) -> Tuple[Tensor, Tensor]:
+    """Where each of ``ids`` sits in the sorted unique ``rows`` (clamped into range), and whether it is there: the
+    remapping of lookups into a table gathered on ``rows`` (``row_lookup`` rules).
+
+    Example:
+        >>> pos, hit = row_positions(torch.tensor([2, 5]), torch.tensor([5, 1, 2]))
+        >>> pos.tolist(), hit.tolist()
+        ([1, 0, 0], [True, False, True])
+    """
+    pos = torch.searchsorted(rows, ids).clamp_(max=rows.numel() - 1)
+    return pos, rows[pos] == ids

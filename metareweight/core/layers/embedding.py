@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerRule, register_layer_rule
+from .base import LayerRule, register_layer_rule, row_positions
 
 
 class EmbeddingRule(LayerRule):
@@ -39,13 +39,11 @@ class EmbeddingRule(LayerRule):
         return a.reshape(-1).contiguous()
 
     def op_on_rows(self, module, a, rows, weight_rows):
-        a = a.contiguous()
-        pos = torch.searchsorted(rows, a).clamp_(max=rows.numel() - 1)
-        hit = rows[pos] == a
+        pos, hit = row_positions(rows, a.contiguous())
         pad = module.padding_idx
         if pad is not None:  # the padding row gets no gradient, as autograd's lookup gives it none
-            at = int(torch.searchsorted(rows, torch.tensor(pad, device=rows.device)).clamp(max=rows.numel() - 1))
-            pad = at if int(rows[at]) == pad else None
+            at, found = row_positions(rows, torch.tensor(pad, device=rows.device))
+            pad = int(at) if bool(found) else None
         out = F.embedding(pos, weight_rows, pad)
         return out if bool(hit.all()) else out * hit.unsqueeze(-1).to(out.dtype)
 
