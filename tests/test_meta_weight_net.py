@@ -117,3 +117,40 @@ def test_per_class_normalised_hypergradient_is_exact_with_fast_and_unrolled():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
     d = random_direction(problem, 1)
     assert dot(unrolled, d) == pytest.approx(central_difference(problem, d), rel=1e-6, abs=1e-10)
+
+
+def test_class_aware_net_weighs_by_label_and_its_hypergradient_is_exact():
+    import pytest
+
+    from bilevel_fixtures import MODELS, batches, central_difference, dot, random_direction
+    from metareweight import BilevelProblem, Fast, Unrolled
+
+    torch.manual_seed(0)
+    objective = MetaWeightNet(hidden=4, classes=3).double()
+    assert objective.net[0].in_features == 4  # the loss and a one-hot label
+    losses = torch.full((3,), 0.7, dtype=torch.float64)
+    w = objective.weight(losses, torch.tensor([0, 1, 2])).detach()
+    assert len({round(float(v), 12) for v in w}) == 3  # the same loss, three labels: three weights
+    model = MODELS["mlp"]().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-3)
+    problem = BilevelProblem.from_model(model, opt, objective, batches("mlp", 8, 1, 1), batches("mlp", 10, 1, 2)[0])
+    fast, unrolled = Fast()(problem).grads, Unrolled()(problem).grads
+    for a, b in zip(fast, unrolled):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    d = random_direction(problem, 1)
+    assert dot(unrolled, d) == pytest.approx(central_difference(problem, d), rel=1e-6, abs=1e-10)
+
+
+def test_class_aware_net_refuses_labels_it_cannot_encode():
+    import pytest
+
+    objective = MetaWeightNet(hidden=4, classes=2)
+    with pytest.raises(ValueError, match=r"MetaWeightNet\(classes=2\) .* needs one integer label in \[0, 2\)"):
+        objective.weight(torch.rand(3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"needs one integer label"):
+        objective.weight(torch.rand(3))  # a loss-only call
+    with pytest.raises(ValueError, match=r"needs one integer label"):
+        objective.weight(torch.rand(3), torch.rand(3))  # float targets (a regression)
+    for bad in (1, 2.0, True):
+        with pytest.raises(ValueError, match="classes must be None or the number of classes"):
+            MetaWeightNet(classes=bad)
