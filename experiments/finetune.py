@@ -12,8 +12,10 @@ texts; one fixed split per seed, truncated to ``max_length`` tokens. Settings (`
   ``mwnet_meta_batch``, 0 for ``batch_size``).
 - ``mwnet_imbalance``: the training split keeps ``imbalance`` samples of class 0 (rotten) per sample of each other
   class (Betty's BERT example is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs
-  ``mwnet`` (``mwnet_normalize_imbalance``, default ``batch``: per-class normalisation would forbid the class
-  rebalancing that is the point here).
+  ``balanced`` (fixed inverse-frequency class weights, ``metareweight.baselines.class_weights``: the usual remedy,
+  which knows the imbalance) vs ``mwnet`` (``mwnet_normalize_imbalance``, default ``batch``: per-class normalisation would forbid the class
+  rebalancing that is the point here; ``mwnet_class_aware_imbalance``, default true: the weight net also sees the
+  label, ``MetaWeightNet(classes=C)``).
 - ``storm_noise``: symmetric noise ``noise``, no clean data; ``plain`` vs ``no_rescaling`` (the rescaler kept at its
   initialisation, STORM's "w/o meta-learning" ablation) vs ``storm`` (meta batches from the noisy training set,
   ``real_step="lookahead"``, ``G = passes`` dropout passes).
@@ -59,18 +61,20 @@ from torch.utils.data import DataLoader
 
 from experiments.common import add_config_args, config_from_args, mean_sd, table, train_plain, write_json
 from metareweight import MetaTrainer, MetaWeightNet, SelfTaughtRescaler, model_forward, symmetric_noise, with_index
+from metareweight.baselines import class_weights
 from metareweight.data import as_batch
 from metareweight.hf import require_transformers, tiny_bert, word_tokenizer
 
 NORMALIZE = {"batch": True, "none": False, "class": "class"}  # mwnet_normalize -> MetaWeightNet(normalize=...)
-RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "mwnet"),
+RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "balanced", "mwnet"),
         "storm_noise": ("plain", "no_rescaling", "storm")}
 
 FULL = dict(
     model="minilm", dataset="rotten_tomatoes", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000,
     n_meta=100, n_test=1000, max_length=32, epochs=2, batch_size=16, lr=1e-4, head_lr=1e-3, warmup_steps=30,
-    freeze_layers=4, lora_r=0, cache_frozen=True, hypergrad="fast", meta_interval=2, meta_lr=1e-3, mwnet_hidden=100,
-    mwnet_normalize="batch", mwnet_normalize_imbalance="batch", mwnet_meta_batch=0,
+    freeze_layers=4, lora_r=0, cache_frozen=True, hypergrad="fast", meta_interval=2, mwnet_hidden=100,
+    meta_lr=1e-3, mwnet_normalize="batch", mwnet_normalize_imbalance="batch", mwnet_class_aware_imbalance=True,
+    mwnet_meta_batch=0,
     storm_meta_lr=1e-2, passes=3, adam_preconditioner="fixed",
 )
 QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
@@ -239,16 +243,17 @@ def test_accuracy(model, loader, classes: int):
     return correct / float(counts.sum()), (counts / counts.sum()).tolist()
 
 
-def plain_steps(model, optimizer, loader, steps: int) -> None:
-    """``steps`` ordinary fine-tuning steps (mean cross-entropy, the harness's ``train_plain``), cycling through
-    ``loader``."""
+def plain_steps(model, optimizer, loader, steps: int, class_weight=None) -> None:
+    """``steps`` ordinary fine-tuning steps (mean cross-entropy, the harness's ``train_plain``; with
+    ``class_weight``, each sample's term times its class's weight), cycling through ``loader``."""
     if steps <= 0:
         return
     forward = model_forward(model)
     model.train()
     batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
     train_plain(model, optimizer, batches, 1,
-                loss=lambda m, b, epoch: torch.nn.functional.cross_entropy(forward(b.inputs), b.targets))
+                loss=lambda m, b, epoch: torch.nn.functional.cross_entropy(forward(b.inputs), b.targets,
+                                                                           weight=class_weight))
 
 
 # ---- one run ---------------------------------------------------------------------------------------------------
@@ -302,17 +307,20 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
            "fed": "cached" if cfg["cache_frozen"] else "collator"}
     if cfg["warmup_steps"] > 0:
         row["acc_after_warmup"] = test_accuracy(model, test_loader, classes)[0]
-    if method == "plain":
+    if method in ("plain", "balanced"):
+        weight = class_weights(torch.as_tensor(tr_y), classes) if method == "balanced" else None
         curve = []
         for _ in range(cfg["epochs"]):  # the test accuracy after each epoch: where plain fine-tuning peaks
-            plain_steps(model, optimizer, train_loader, len(train_loader))
+            plain_steps(model, optimizer, train_loader, len(train_loader), weight)
             curve.append(test_accuracy(model, test_loader, classes)[0])
         row["curve"] = curve
     else:
         if method == "mwnet":
+            imbalance = setting == "mwnet_imbalance"
             objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"],
-                                      normalize=NORMALIZE[cfg["mwnet_normalize_imbalance" if setting ==
-                                                              "mwnet_imbalance" else "mwnet_normalize"]])
+                                      normalize=NORMALIZE[cfg["mwnet_normalize_imbalance" if imbalance
+                                                              else "mwnet_normalize"]],
+                                      classes=classes if imbalance and cfg["mwnet_class_aware_imbalance"] else None)
             meta = make_meta()
             extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["mwnet_meta_batch"] or cfg["batch_size"],
                                                 shuffle=True, generator=g, collate_fn=collate))
