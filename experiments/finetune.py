@@ -18,7 +18,9 @@ texts; one fixed split per seed, truncated to ``max_length`` tokens. Settings (`
   label, ``MetaWeightNet(classes=C)``).
 - ``storm_noise``: symmetric noise ``noise``, no clean data; ``plain`` vs ``no_rescaling`` (the rescaler kept at its
   initialisation, STORM's "w/o meta-learning" ablation) vs ``storm`` (meta batches from the noisy training set,
-  ``real_step="lookahead"``, ``G = passes`` dropout passes).
+  ``real_step="lookahead"``, ``G = passes`` dropout passes, ``storm_bn_scope``: the rescalers' BatchNorm over each
+  class's samples, ``class``, or over the whole batch, ``batch``, as the authors' code; see
+  ``SelfTaughtRescaler(bn_scope=...)``).
 
 Two ways to feed the model:
 
@@ -75,7 +77,7 @@ FULL = dict(
     freeze_layers=4, lora_r=0, cache_frozen=True, hypergrad="fast", meta_interval=2, mwnet_hidden=100,
     meta_lr=1e-3, mwnet_normalize="batch", mwnet_normalize_imbalance="batch", mwnet_class_aware_imbalance=True,
     mwnet_meta_batch=0,
-    storm_meta_lr=1e-2, passes=3, adam_preconditioner="fixed",
+    storm_meta_lr=1e-2, storm_bn_scope="class", passes=3, adam_preconditioner="fixed",
 )
 QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
              warmup_steps=2, meta_interval=1, lr=1e-3, freeze_layers=1, cache_frozen=True, mwnet_hidden=8)
@@ -327,6 +329,7 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
         else:
             objective = SelfTaughtRescaler(num_classes=classes, passes=cfg["passes"], meta_lr=cfg["storm_meta_lr"],
                                            singleton="neutral",  # a class seen once in a small batch (Women's)
+                                           bn_scope=cfg["storm_bn_scope"],
                                            meta_learning=method == "storm")
             extra = dict(real_step="lookahead")
         trainer = MetaTrainer(model, optimizer, train_loader, objective, hypergrad=cfg["hypergrad"],
