@@ -129,6 +129,9 @@ class _Capture:
     calls: List[LayerCall]
     deltas: List[List[Tensor]]  # per call, per term k
     names: List[str]
+    # the JVP parameters' part: the train terms with their graph kept, by one backward with the new weights
+    graph: Optional[Tuple[Tensor, List[str], List[Tensor]]] = None  # (terms, names, leaves)
+    buffers: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (model buffer, value after the train pass)
 
 
 @dataclass
@@ -244,7 +247,7 @@ class Fast(HypergradMethod):
         if check is not None and self._samples_interact(problem.model, train, plan, check, tcalls, deltas, ctx):
             plan = _Plan(plan.used, set(), list(plan.used), True)
             tcalls, deltas = [], []
-        g_fallback = self._fallback_grads(train, plan)
+        g_fallback = self._fallback_grads(train, plan, keep_graph=self._replays_graph(problem, train, plan))
         self._choose_gram(problem, train, plan, tcalls, ctx)
         self._choose_sparse(problem, train, plan, tcalls, ctx)
         step = self._virtual_step(problem, train, plan, tcalls, deltas, g_fallback, ctx)
@@ -260,8 +263,11 @@ class Fast(HypergradMethod):
 
     def replay(self, batch: Batch) -> Optional[Tuple[WeightedTerms, Dict[str, Tensor]]]:
         """The real step's ``(terms with current weights, Σ_ik w_ik ∇ℓ_ik by parameter name)`` for the batch of the
-        last call, or None when it cannot be reused (another batch, parameters changed since, or a model whose
-        samples interact). One use per call."""
+        last call, or None when it cannot be reused (another batch, parameters or buffers changed since, the
+        objective runs the model otherwise than once on the batch's inputs). Closed-form parameters from the
+        captures; JVP parameters (every parameter of a model whose samples interact) by one backward of the train
+        terms, whose graph the call kept. Buffers the train pass updated (BatchNorm running statistics) are written
+        into the model, as the real step's forward would. One use per call."""
         cap, self._capture = self._capture, None
         if cap is None or batch is not cap.batch or any(t._version != v for t, v in cap.versions):
             return None
@@ -286,6 +292,13 @@ class Fast(HypergradMethod):
                 for n, g in ((call.weight, call.weight_grad), (call.bias, call.bias_grad)):
                     if n in cap.names:
                         grads[n] = grads[n] + g(d) if n in grads else g(d)
+            for target, value in cap.buffers:
+                target.copy_(value)
+        if cap.graph is not None:
+            terms, names, leaves = cap.graph
+            for n, g in zip(names, torch.autograd.grad(terms, leaves, w.to(terms.dtype), allow_unused=True)):
+                if g is not None:
+                    grads[n] = g
         return wt, grads
 
     # ---- 1. capture ----------------------------------------------------------------------------------------
@@ -376,12 +389,23 @@ class Fast(HypergradMethod):
                 deltas[i].append(torch.zeros_like(c.output, dtype=dtype) if g is None else g.detach().to(dtype))
         return deltas, [_detached(c, train.theta) for c in tcalls]
 
-    def _fallback_grads(self, train: _TrainPass, plan: _Plan) -> Dict[str, Optional[Tensor]]:
+    def _fallback_grads(self, train: _TrainPass, plan: _Plan, keep_graph: bool) -> Dict[str, Optional[Tensor]]:
+        """``Σ_ik w_ik ∇ℓ_ik`` of the JVP parameters by one backward; ``keep_graph``: keep the train graph for
+        :meth:`replay` (the real step then needs only the backward, not the forward)."""
         if not plan.fallback:
             return {}
         gs = torch.autograd.grad(train.terms, [train.theta[n] for n in plan.fallback],
-                                 grad_outputs=train.weights.detach(), allow_unused=True)
+                                 grad_outputs=train.weights.detach(), retain_graph=keep_graph, allow_unused=True)
         return dict(zip(plan.fallback, gs))
+
+    def _replays_graph(self, problem, train: _TrainPass, plan: _Plan) -> bool:
+        """Whether to keep the train graph for :meth:`replay`: JVP parameters, a replayable objective (one model
+        call, on the batch's inputs), no lookahead (that real step commits θ') and no autocast (``MetaStep`` replays
+        in fp32 only)."""
+        if not plan.fallback or self.lookahead or not _single_call(train, problem.train_batches[0]):
+            return False
+        out = train.recorder.calls[0][1]
+        return not out.is_floating_point() or out.dtype == train.theta[plan.fallback[0]].dtype
 
     def _choose_gram(self, problem, train: _TrainPass, plan: _Plan, tcalls: List[LayerCall], ctx) -> None:
         """Which closed weights take the Gram / low-rank route: scalar ``P`` (the SGD family), a Gram rule, and
@@ -555,12 +579,24 @@ class Fast(HypergradMethod):
         return [d - m for d, m in zip(direct, mixed)]
 
     def _keep_for_replay(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas) -> None:
-        rec, batch = train.recorder, problem.train_batches[0]
-        if not plan.fallback and not plan.coupled and len(rec.calls) == 1 and rec.calls[0][0] is batch.inputs \
-                and all(torch.equal(train.buffers[k], problem.buffers[k]) for k in train.buffers):
-            self._capture = _Capture(batch, batch.inputs, rec.calls[0][1].detach(),
-                                     [(t, t._version) for t in problem.params.values()], problem.inner, tcalls,
-                                     deltas, sorted(plan.closed))
+        batch = problem.train_batches[0]
+        graph = None
+        if plan.fallback:
+            if not self._replays_graph(problem, train, plan):
+                return
+            graph = (train.terms, list(plan.fallback), [train.theta[n] for n in plan.fallback])
+        if not _single_call(train, batch):
+            return
+        buffers = [(problem.buffers[k], v) for k, v in train.buffers.items() if not torch.equal(v, problem.buffers[k])]
+        self._capture = _Capture(batch, batch.inputs, train.recorder.calls[0][1].detach(),
+                                 [(t, t._version) for t in [*problem.params.values(), *problem.buffers.values()]],
+                                 problem.inner, tcalls, deltas, sorted(plan.closed), graph, buffers)
+
+
+def _single_call(train: _TrainPass, batch: Batch) -> bool:
+    """Whether the objective ran the model once, on the batch's inputs (what :meth:`Fast.replay` can hand back)."""
+    calls = train.recorder.calls
+    return len(calls) == 1 and calls[0][0] is batch.inputs
 
 
 def _calls_by_param(calls: Sequence[LayerCall]) -> Dict[str, List[LayerCall]]:
