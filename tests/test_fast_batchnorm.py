@@ -129,3 +129,61 @@ def test_no_graph_kept_where_the_real_step_cannot_replay():
         method = Fast()
         method(problem)
     assert method.replay(make_problem("batchnorm", OPTS["momentum"]).train_batches[0]) is None  # another batch
+
+
+class InPlaceAfterConv(nn.Module):
+    """A conv whose output a ReLU overwrites in place (its recorded output is no longer the primal), then BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu_(self.conv(x))).mean((2, 3)))
+
+
+def _image_problem(model, opt="momentum"):
+    from bilevel_fixtures import DirectTermObjective
+    from metareweight import Batch, BilevelProblem
+
+    g = torch.Generator().manual_seed(3)
+
+    def batch(n):
+        return Batch(torch.randn(n, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+
+    model = model.double()
+    optimizer = _optimizer(opt, model)
+    return BilevelProblem.from_model(model, optimizer, DirectTermObjective(3, False).double(), [batch(8)], batch(10),
+                                     "fixed")
+
+
+@pytest.mark.parametrize("model,reused", [(BatchNormCNN, 4), (InPlaceAfterConv, 1)])
+@pytest.mark.parametrize("opt", ["momentum", "adamw"])
+def test_jvp_reuses_the_train_outputs_of_linear_and_conv_layers(model, reused, opt, monkeypatch):
+    """The forward-mode pass takes the train pass's Linear / Conv outputs as primals and computes only their tangents
+    (a conv output overwritten in place is recomputed instead); the hypergradient is unchanged."""
+    from metareweight import Unrolled
+
+    torch.manual_seed(0)
+    problem = _image_problem(model(), opt)
+    counts = {"reused": 0, "recomputed": 0}
+    tangent_only = fast_module._tangent_only_forward
+
+    def counting(module, original, pending, *args, **kwargs):
+        ran = []
+        out = tangent_only(module, lambda *a, **k: ran.append(1) or original(*a, **k), pending, *args, **kwargs)
+        counts["recomputed" if ran else "reused"] += 1
+        return out
+
+    monkeypatch.setattr(fast_module, "_tangent_only_forward", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        grads = Fast()(problem).grads
+        assert counts["reused"] == reused and counts["recomputed"] == (1 if model is InPlaceAfterConv else 0)
+        plain = Fast(reuse_primals=False)(problem).grads
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    for a, b in zip(grads, Unrolled()(problem).grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)

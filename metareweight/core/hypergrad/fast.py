@@ -14,7 +14,10 @@ One call runs these phases (:meth:`Fast.__call__`):
 2. **classify** — each trainable parameter takes the *direct* closed form (all its uses are captured, batched calls),
    or the exact forward-mode *JVP* fallback (no rule, or used outside its layer; announced once); a model whose
    samples interact (BatchNorm with batch statistics, announced; or a coupling found by the first-call check that
-   ``Σ r_i ∇ℓ_i`` from the captures equals autograd's for random ``r``) takes the JVP path for every parameter;
+   ``Σ r_i ∇ℓ_i`` from the captures equals autograd's for random ``r``) takes the JVP path for every parameter
+   (the *coupled* path: ``Σ w_ik ∇ℓ_ik`` by one backward of the train graph, ``c_ik`` by one forward-mode pass in
+   which Linear / Conv layers take the train pass's outputs as primals and compute only their tangents, and the
+   real step replayed from the kept graph, below);
 3. **δ** — the output gradients ``δ_ik = ∂ℓ_ik/∂z_i`` of the captured calls, one backward per term ``k``;
 4. **virtual step** — ``θ'`` from ``Σ w_ik ∇ℓ_ik`` replayed from the captures. A Linear weight on the *Gram* route
    (``P`` a scalar, i.e. the SGD family, and fewer meta rows than features) stays at ``W'(0)``; its update enters
@@ -38,8 +41,18 @@ materialises the virtual parameters. Under mixed precision (bf16/fp16 autocast) 
 are kept in the parameters' dtype, so the contractions run in float32.
 
 After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
-from the stored model outputs with the updated φ) from the captured ``(a_i, δ_i)``, while the parameters are unchanged;
-``MetaTrainer`` uses it so a meta step does not redo the forward and backward.
+from the stored model outputs with the updated φ), while the parameters are unchanged; ``MetaTrainer`` uses it so a
+meta step does not redo the real step's forward (nor, for the closed forms, its backward). Closed-form parameters
+come from the captured ``(a_i, δ_i)``. For the JVP parameters (all of them on the *coupled* path: a model whose
+samples interact) the call keeps the train graph after the virtual step's backward, and the replay is one backward
+of the kept terms with the new weights ``Jᵀ w_new``: on a ResNet with BatchNorm a meta step then costs the train
+forward, two backwards of it, the meta forward/backward and the JVP's tangents (about 10 convolution passes against
+plain's 3, where the fresh real step and the JVP's recomputed primals cost 12). The running statistics the train pass updated (BatchNorm; its own copy
+of the buffers) are written into the model by the replay, as the real step's forward would. No graph is kept under
+``lookahead`` (that real step commits ``θ'``), autocast (``MetaStep`` replays fp32 only) or an objective that runs
+the model otherwise than once on the batch's inputs; a replay that does not come (another batch, parameters or
+buffers changed since) leaves the graph to the next call. The replay uses the capture's dropout masks (the fresh
+real step draws new ones).
 
 On CPU with glibc, keep freed memory in the process (``MALLOC_TRIM_THRESHOLD_=2147483647
 MALLOC_MMAP_THRESHOLD_=33554432``, or jemalloc/tcmalloc): this method's peak memory exceeds a plain step's, and glibc
@@ -201,6 +214,8 @@ class Fast(HypergradMethod):
             whole ``θ'``) or in a data-parallel run.
         verify: on the first call for a model, check the per-sample attribution against autograd with random
             weights; a mismatch (a layer couples samples) switches that model to the JVP path, with a warning.
+        reuse_primals: in the forward-mode pass, Linear / Conv layers take the train pass's outputs as their
+            primal and compute only their tangent (False: the whole pass recomputed; for checks).
     """
 
     closed_forms: bool = True
@@ -208,6 +223,7 @@ class Fast(HypergradMethod):
     lookahead: bool = False
     verify: bool = True
     sparse: str = "auto"
+    reuse_primals: bool = True
     name = "fast"
     exact = True
 
@@ -567,8 +583,8 @@ class Fast(HypergradMethod):
                             c[:, k] += cl.bias_dot(dk, U)
         tangents = {n: step.scale[n] * meta.v[n] for n in plan.fallback if meta.v.get(n) is not None}
         if tangents:
-            c = c + _jvp_terms(problem, detach_params(train.theta), tangents, problem.train_batches[0], train.rng
-                               ).to(c.dtype)
+            c = c + _jvp_terms(problem, detach_params(train.theta), tangents, problem.train_batches[0], train.rng,
+                               train.calls if self.reuse_primals else ()).to(c.dtype)
         return c
 
     # ---- 7. combine ----------------------------------------------------------------------------------------
@@ -877,15 +893,17 @@ def _padding_has_no_derivative(module, args, output):
     return fwAD.make_dual(primal, tangent * keep)
 
 
-def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> Tensor:
+def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng, known: Sequence[LayerCall] = ()
+               ) -> Tensor:
     """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
-    (dropout masks) so that it differentiates the same function."""
+    (dropout masks) so that it differentiates the same function. ``known``: the train pass's calls, whose outputs
+    the Linear / Conv layers reuse instead of recomputing them (:class:`_KnownPrimals`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cpu, cuda = rng
     # the math attention kernel: the fused ones (flash, CPU and GPU) have no forward-mode derivative
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda is not None else []), \
-            torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
+            torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH), _KnownPrimals(known):
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
@@ -900,6 +918,58 @@ def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> T
                 h.remove()
         tangent = fwAD.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if tangent is None else tangent
+
+
+_BILINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # z = op(a, W) + b, linear in a and in W
+
+
+class _KnownPrimals:
+    """While open, each Linear / Conv layer of the train pass's calls computes, in the JVP, only its tangent
+    ``ż = op(ȧ, W) + op(a, Ẇ) + ḃ`` and takes the train pass's output as its primal, instead of the primal product
+    too (a third of the JVP's convolutions). A call is reused only if its input equals the recorded one (the same
+    layer, θ, batch and random numbers give the same output), its output was not modified in place since, and no
+    autocast is active; otherwise the layer runs as usual."""
+
+    def __init__(self, calls: Sequence[LayerCall]):
+        self.queues: Dict[nn.Module, List[LayerCall]] = {}
+        for c in calls:
+            if type(c.module) in _BILINEAR:
+                self.queues.setdefault(c.module, []).append(c)
+
+    def __enter__(self):
+        self.own = {m: m.__dict__.get("forward") for m in self.queues}  # a forward set on the instance (hooks)
+        for m, queue in self.queues.items():
+            m.forward = functools.partial(_tangent_only_forward, m, m.forward, queue[::-1])
+        return self
+
+    def __exit__(self, *exc):
+        for m, own in self.own.items():
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def _tangent_only_forward(module: nn.Module, original, pending: List[LayerCall], *args, **kwargs):
+    call = pending.pop() if pending else None
+    if call is None or len(args) != 1 or kwargs or torch.is_autocast_enabled(args[0].device.type):
+        return original(*args, **kwargs)
+    a, da = fwAD.unpack_dual(args[0])
+    z = call.output
+    if z._version != 0 or a.shape != call.input.shape or a.dtype != z.dtype or not torch.equal(a, call.input):
+        return original(*args, **kwargs)
+    rule = call.rule
+    w, dw = fwAD.unpack_dual(module.weight)
+    parts = [] if da is None else [rule.op(module, da, w)]
+    if dw is not None:
+        parts.append(rule.op(module, a, dw))
+    db = None if module.bias is None else fwAD.unpack_dual(module.bias).tangent
+    if not parts and db is None:
+        return z.detach()
+    dz = functools.reduce(torch.add, parts) if parts else torch.zeros_like(z)
+    if db is not None:
+        dz = dz + rule.bias_view(module, db, z)
+    return fwAD.make_dual(z.detach(), dz)
 
 
 # ---- data-parallel collectives: every distributed call of the fast method goes through these -----------------------
