@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class BatchNormCNN(nn.Module):
-    """conv → BatchNorm → ReLU → conv → BatchNorm (no affine) → mean pool → Linear → BatchNorm1d → Linear."""
+    """conv → BatchNorm → ReLU → conv → BatchNorm (no affine, cumulative) → mean pool → Linear → BatchNorm1d →
+    Linear."""
 
     def __init__(self):
         super().__init__()

@@ -47,12 +47,12 @@ come from the captured ``(a_i, δ_i)``. For the JVP parameters (all of them on t
 samples interact) the call keeps the train graph after the virtual step's backward, and the replay is one backward
 of the kept terms with the new weights ``Jᵀ w_new``: on a ResNet with BatchNorm a meta step then costs the train
 forward, two backwards of it, the meta forward/backward and the JVP's tangents (about 10 convolution passes against
-plain's 3, where the fresh real step and the JVP's recomputed primals cost 12). The running statistics the train pass updated (BatchNorm; its own copy
-of the buffers) are written into the model by the replay, as the real step's forward would. No graph is kept under
-``lookahead`` (that real step commits ``θ'``), autocast (``MetaStep`` replays fp32 only) or an objective that runs
-the model otherwise than once on the batch's inputs; a replay that does not come (another batch, parameters or
-buffers changed since) leaves the graph to the next call. The replay uses the capture's dropout masks (the fresh
-real step draws new ones).
+plain's 3, where the fresh real step and the JVP's recomputed primals cost 12). The running statistics the train
+pass updated (BatchNorm; in its own copy of the buffers) are written into the model by the replay, as the real
+step's forward would. No graph is kept under ``lookahead`` (that real step commits ``θ'``), autocast (``MetaStep``
+replays fp32 only) or an objective that runs the model otherwise than once on the batch's inputs; a replay that does
+not come (another batch, parameters or buffers changed since) leaves the graph to the next call. The replay uses the
+capture's dropout masks (the fresh real step draws new ones).
 
 On CPU with glibc, keep freed memory in the process (``MALLOC_TRIM_THRESHOLD_=2147483647
 MALLOC_MMAP_THRESHOLD_=33554432``, or jemalloc/tcmalloc): this method's peak memory exceeds a plain step's, and glibc
