@@ -188,3 +188,37 @@ def test_jvp_reuses_the_train_outputs_of_linear_and_conv_layers(model, reused, o
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
     for a, b in zip(grads, Unrolled()(problem).grads):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_under_autocast_no_graph_is_kept_and_the_jvp_recomputes_its_primals(monkeypatch):
+    """bf16 autocast: ``MetaStep`` replays fp32 only, so the train graph is not kept; the captured outputs are bf16
+    products, so the forward-mode pass recomputes its primals (under autocast) instead of reusing them."""
+    from metareweight import Batch, MetaStep
+
+    torch.manual_seed(0)
+    model = BatchNormCNN()
+    g = torch.Generator().manual_seed(2)
+
+    def batch(n):
+        return Batch(torch.randn(n, 1, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g), torch.arange(n))
+
+    counts = {"reused": 0, "recomputed": 0}
+    tangent_only = fast_module._tangent_only_forward
+
+    def counting(module, original, pending, *args, **kwargs):
+        ran = []
+        out = tangent_only(module, lambda *a, **k: ran.append(1) or original(*a, **k), pending, *args, **kwargs)
+        counts["recomputed" if ran else "reused"] += 1
+        return out
+
+    monkeypatch.setattr(fast_module, "_tangent_only_forward", counting)
+    step = MetaStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), MetaWeightNet(hidden=8), "fast",
+                    adam_preconditioner="fixed", precision="bf16")
+    before = model.body[1].running_mean.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = step.step(batch(8), batch(8))
+    assert step.method._capture is None  # nothing kept for a replay that will not come
+    assert counts == {"reused": 0, "recomputed": 4}
+    assert torch.isfinite(torch.tensor(out.metrics["meta_loss"]))
+    assert int(model.body[1].num_batches_tracked) == 1 and not torch.equal(model.body[1].running_mean, before)
