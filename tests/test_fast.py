@@ -115,7 +115,14 @@ def test_samples_that_interact_take_the_exact_jvp_path(kind, monkeypatch):
     _assert_close(grads, Unrolled()(problem).grads)
     d = random_direction(problem, 3)
     assert dot(grads, d) == pytest.approx(central_difference(problem, d), rel=1e-6, abs=1e-10)
-    assert method.replay(problem.train_batches[0]) is None  # no per-sample reuse either
+    # the real step from the kept train graph (one backward, no forward): the weighted gradient at θ
+    batch = problem.train_batches[0]
+    theta = problem.leaf_params()
+    true = problem.step_grads(problem.inner_terms(theta, batch), theta)
+    _, replayed = method.replay(batch)
+    assert set(replayed) == set(true)
+    for n, g in true.items():
+        torch.testing.assert_close(replayed[n], g, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adam", "adamw"])

@@ -14,7 +14,10 @@ One call runs these phases (:meth:`Fast.__call__`):
 2. **classify** — each trainable parameter takes the *direct* closed form (all its uses are captured, batched calls),
    or the exact forward-mode *JVP* fallback (no rule, or used outside its layer; announced once); a model whose
    samples interact (BatchNorm with batch statistics, announced; or a coupling found by the first-call check that
-   ``Σ r_i ∇ℓ_i`` from the captures equals autograd's for random ``r``) takes the JVP path for every parameter;
+   ``Σ r_i ∇ℓ_i`` from the captures equals autograd's for random ``r``) takes the JVP path for every parameter
+   (the *coupled* path: ``Σ w_ik ∇ℓ_ik`` by one backward of the train graph, ``c_ik`` by one forward-mode pass in
+   which Linear / Conv layers take the train pass's outputs as primals and compute only their tangents, and the
+   real step replayed from the kept graph, below);
 3. **δ** — the output gradients ``δ_ik = ∂ℓ_ik/∂z_i`` of the captured calls, one backward per term ``k``;
 4. **virtual step** — ``θ'`` from ``Σ w_ik ∇ℓ_ik`` replayed from the captures. A Linear weight on the *Gram* route
    (``P`` a scalar, i.e. the SGD family, and fewer meta rows than features) stays at ``W'(0)``; its update enters
@@ -38,8 +41,18 @@ materialises the virtual parameters. Under mixed precision (bf16/fp16 autocast) 
 are kept in the parameters' dtype, so the contractions run in float32.
 
 After a call, :meth:`Fast.replay` gives the real step's re-weighted gradient for the same batch (weights recomputed
-from the stored model outputs with the updated φ) from the captured ``(a_i, δ_i)``, while the parameters are unchanged;
-``MetaTrainer`` uses it so a meta step does not redo the forward and backward.
+from the stored model outputs with the updated φ), while the parameters are unchanged; ``MetaTrainer`` uses it so a
+meta step does not redo the real step's forward (nor, for the closed forms, its backward). Closed-form parameters
+come from the captured ``(a_i, δ_i)``. For the JVP parameters (all of them on the *coupled* path: a model whose
+samples interact) the call keeps the train graph after the virtual step's backward, and the replay is one backward
+of the kept terms with the new weights ``Jᵀ w_new``: on a ResNet with BatchNorm a meta step then costs the train
+forward, two backwards of it, the meta forward/backward and the JVP's tangents (about 10 convolution passes against
+plain's 3, where the fresh real step and the JVP's recomputed primals cost 12). The running statistics the train
+pass updated (BatchNorm; in its own copy of the buffers) are written into the model by the replay, as the real
+step's forward would. No graph is kept under ``lookahead`` (that real step commits ``θ'``), autocast (``MetaStep``
+replays fp32 only) or an objective that runs the model otherwise than once on the batch's inputs; a replay that does
+not come (another batch, parameters or buffers changed since) leaves the graph to the next call. The replay uses the
+capture's dropout masks (the fresh real step draws new ones).
 
 On CPU with glibc, keep freed memory in the process (``MALLOC_TRIM_THRESHOLD_=2147483647
 MALLOC_MMAP_THRESHOLD_=33554432``, or jemalloc/tcmalloc): this method's peak memory exceeds a plain step's, and glibc
@@ -129,6 +142,9 @@ class _Capture:
     calls: List[LayerCall]
     deltas: List[List[Tensor]]  # per call, per term k
     names: List[str]
+    # the JVP parameters' part: the train terms with their graph kept, by one backward with the new weights
+    graph: Optional[Tuple[Tensor, List[str], List[Tensor]]] = None  # (terms, names, leaves)
+    buffers: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (model buffer, value after the train pass)
 
 
 @dataclass
@@ -198,6 +214,8 @@ class Fast(HypergradMethod):
             whole ``θ'``) or in a data-parallel run.
         verify: on the first call for a model, check the per-sample attribution against autograd with random
             weights; a mismatch (a layer couples samples) switches that model to the JVP path, with a warning.
+        reuse_primals: in the forward-mode pass, Linear / Conv layers take the train pass's outputs as their
+            primal and compute only their tangent (False: the whole pass recomputed; for checks).
     """
 
     closed_forms: bool = True
@@ -205,6 +223,7 @@ class Fast(HypergradMethod):
     lookahead: bool = False
     verify: bool = True
     sparse: str = "auto"
+    reuse_primals: bool = True
     name = "fast"
     exact = True
 
@@ -244,7 +263,7 @@ class Fast(HypergradMethod):
         if check is not None and self._samples_interact(problem.model, train, plan, check, tcalls, deltas, ctx):
             plan = _Plan(plan.used, set(), list(plan.used), True)
             tcalls, deltas = [], []
-        g_fallback = self._fallback_grads(train, plan)
+        g_fallback = self._fallback_grads(train, plan, keep_graph=self._replays_graph(problem, train, plan))
         self._choose_gram(problem, train, plan, tcalls, ctx)
         self._choose_sparse(problem, train, plan, tcalls, ctx)
         step = self._virtual_step(problem, train, plan, tcalls, deltas, g_fallback, ctx)
@@ -260,8 +279,11 @@ class Fast(HypergradMethod):
 
     def replay(self, batch: Batch) -> Optional[Tuple[WeightedTerms, Dict[str, Tensor]]]:
         """The real step's ``(terms with current weights, Σ_ik w_ik ∇ℓ_ik by parameter name)`` for the batch of the
-        last call, or None when it cannot be reused (another batch, parameters changed since, or a model whose
-        samples interact). One use per call."""
+        last call, or None when it cannot be reused (another batch, parameters or buffers changed since, the
+        objective runs the model otherwise than once on the batch's inputs). Closed-form parameters from the
+        captures; JVP parameters (every parameter of a model whose samples interact) by one backward of the train
+        terms, whose graph the call kept. Buffers the train pass updated (BatchNorm running statistics) are written
+        into the model, as the real step's forward would. One use per call."""
         cap, self._capture = self._capture, None
         if cap is None or batch is not cap.batch or any(t._version != v for t, v in cap.versions):
             return None
@@ -286,6 +308,13 @@ class Fast(HypergradMethod):
                 for n, g in ((call.weight, call.weight_grad), (call.bias, call.bias_grad)):
                     if n in cap.names:
                         grads[n] = grads[n] + g(d) if n in grads else g(d)
+            for target, value in cap.buffers:
+                target.copy_(value)
+        if cap.graph is not None:
+            terms, names, leaves = cap.graph
+            for n, g in zip(names, torch.autograd.grad(terms, leaves, w.to(terms.dtype), allow_unused=True)):
+                if g is not None:
+                    grads[n] = g
         return wt, grads
 
     # ---- 1. capture ----------------------------------------------------------------------------------------
@@ -376,12 +405,23 @@ class Fast(HypergradMethod):
                 deltas[i].append(torch.zeros_like(c.output, dtype=dtype) if g is None else g.detach().to(dtype))
         return deltas, [_detached(c, train.theta) for c in tcalls]
 
-    def _fallback_grads(self, train: _TrainPass, plan: _Plan) -> Dict[str, Optional[Tensor]]:
+    def _fallback_grads(self, train: _TrainPass, plan: _Plan, keep_graph: bool) -> Dict[str, Optional[Tensor]]:
+        """``Σ_ik w_ik ∇ℓ_ik`` of the JVP parameters by one backward; ``keep_graph``: keep the train graph for
+        :meth:`replay` (the real step then needs only the backward, not the forward)."""
         if not plan.fallback:
             return {}
         gs = torch.autograd.grad(train.terms, [train.theta[n] for n in plan.fallback],
-                                 grad_outputs=train.weights.detach(), allow_unused=True)
+                                 grad_outputs=train.weights.detach(), retain_graph=keep_graph, allow_unused=True)
         return dict(zip(plan.fallback, gs))
+
+    def _replays_graph(self, problem, train: _TrainPass, plan: _Plan) -> bool:
+        """Whether to keep the train graph for :meth:`replay`: JVP parameters, a replayable objective (one model
+        call, on the batch's inputs), no lookahead (that real step commits θ') and no autocast (``MetaStep`` replays
+        in fp32 only)."""
+        if not plan.fallback or self.lookahead or not _single_call(train, problem.train_batches[0]):
+            return False
+        out = train.recorder.calls[0][1]
+        return not out.is_floating_point() or out.dtype == train.theta[plan.fallback[0]].dtype
 
     def _choose_gram(self, problem, train: _TrainPass, plan: _Plan, tcalls: List[LayerCall], ctx) -> None:
         """Which closed weights take the Gram / low-rank route: scalar ``P`` (the SGD family), a Gram rule, and
@@ -543,8 +583,8 @@ class Fast(HypergradMethod):
                             c[:, k] += cl.bias_dot(dk, U)
         tangents = {n: step.scale[n] * meta.v[n] for n in plan.fallback if meta.v.get(n) is not None}
         if tangents:
-            c = c + _jvp_terms(problem, detach_params(train.theta), tangents, problem.train_batches[0], train.rng
-                               ).to(c.dtype)
+            c = c + _jvp_terms(problem, detach_params(train.theta), tangents, problem.train_batches[0], train.rng,
+                               train.calls if self.reuse_primals else ()).to(c.dtype)
         return c
 
     # ---- 7. combine ----------------------------------------------------------------------------------------
@@ -555,12 +595,24 @@ class Fast(HypergradMethod):
         return [d - m for d, m in zip(direct, mixed)]
 
     def _keep_for_replay(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas) -> None:
-        rec, batch = train.recorder, problem.train_batches[0]
-        if not plan.fallback and not plan.coupled and len(rec.calls) == 1 and rec.calls[0][0] is batch.inputs \
-                and all(torch.equal(train.buffers[k], problem.buffers[k]) for k in train.buffers):
-            self._capture = _Capture(batch, batch.inputs, rec.calls[0][1].detach(),
-                                     [(t, t._version) for t in problem.params.values()], problem.inner, tcalls,
-                                     deltas, sorted(plan.closed))
+        batch = problem.train_batches[0]
+        graph = None
+        if plan.fallback:
+            if not self._replays_graph(problem, train, plan):
+                return
+            graph = (train.terms, list(plan.fallback), [train.theta[n] for n in plan.fallback])
+        if not _single_call(train, batch):
+            return
+        buffers = [(problem.buffers[k], v) for k, v in train.buffers.items() if not torch.equal(v, problem.buffers[k])]
+        self._capture = _Capture(batch, batch.inputs, train.recorder.calls[0][1].detach(),
+                                 [(t, t._version) for t in [*problem.params.values(), *problem.buffers.values()]],
+                                 problem.inner, tcalls, deltas, sorted(plan.closed), graph, buffers)
+
+
+def _single_call(train: _TrainPass, batch: Batch) -> bool:
+    """Whether the objective ran the model once, on the batch's inputs (what :meth:`Fast.replay` can hand back)."""
+    calls = train.recorder.calls
+    return len(calls) == 1 and calls[0][0] is batch.inputs
 
 
 def _calls_by_param(calls: Sequence[LayerCall]) -> Dict[str, List[LayerCall]]:
@@ -841,15 +893,17 @@ def _padding_has_no_derivative(module, args, output):
     return fwAD.make_dual(primal, tangent * keep)
 
 
-def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> Tensor:
+def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng, known: Sequence[LayerCall] = ()
+               ) -> Tensor:
     """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
-    (dropout masks) so that it differentiates the same function."""
+    (dropout masks) so that it differentiates the same function. ``known``: the train pass's calls, whose outputs
+    the Linear / Conv layers reuse instead of recomputing them (:class:`_KnownPrimals`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cpu, cuda = rng
     # the math attention kernel: the fused ones (flash, CPU and GPU) have no forward-mode derivative
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda is not None else []), \
-            torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
+            torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH), _KnownPrimals(known):
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
@@ -864,6 +918,58 @@ def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng) -> T
                 h.remove()
         tangent = fwAD.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if tangent is None else tangent
+
+
+_BILINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # z = op(a, W) + b, linear in a and in W
+
+
+class _KnownPrimals:
+    """While open, each Linear / Conv layer of the train pass's calls computes, in the JVP, only its tangent
+    ``ż = op(ȧ, W) + op(a, Ẇ) + ḃ`` and takes the train pass's output as its primal, instead of the primal product
+    too (a third of the JVP's convolutions). A call is reused only if its input equals the recorded one (the same
+    layer, θ, batch and random numbers give the same output), its output was not modified in place since, and no
+    autocast is active; otherwise the layer runs as usual."""
+
+    def __init__(self, calls: Sequence[LayerCall]):
+        self.queues: Dict[nn.Module, List[LayerCall]] = {}
+        for c in calls:
+            if type(c.module) in _BILINEAR:
+                self.queues.setdefault(c.module, []).append(c)
+
+    def __enter__(self):
+        self.own = {m: m.__dict__.get("forward") for m in self.queues}  # a forward set on the instance (hooks)
+        for m, queue in self.queues.items():
+            m.forward = functools.partial(_tangent_only_forward, m, m.forward, queue[::-1])
+        return self
+
+    def __exit__(self, *exc):
+        for m, own in self.own.items():
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def _tangent_only_forward(module: nn.Module, original, pending: List[LayerCall], *args, **kwargs):
+    call = pending.pop() if pending else None
+    if call is None or len(args) != 1 or kwargs or torch.is_autocast_enabled(args[0].device.type):
+        return original(*args, **kwargs)
+    a, da = fwAD.unpack_dual(args[0])
+    z = call.output
+    if z._version != 0 or a.shape != call.input.shape or a.dtype != z.dtype or not torch.equal(a, call.input):
+        return original(*args, **kwargs)
+    rule = call.rule
+    w, dw = fwAD.unpack_dual(module.weight)
+    parts = [] if da is None else [rule.op(module, da, w)]
+    if dw is not None:
+        parts.append(rule.op(module, a, dw))
+    db = None if module.bias is None else fwAD.unpack_dual(module.bias).tangent
+    if not parts and db is None:
+        return z.detach()
+    dz = functools.reduce(torch.add, parts) if parts else torch.zeros_like(z)
+    if db is not None:
+        dz = dz + rule.bias_view(module, db, z)
+    return fwAD.make_dual(z.detach(), dz)
 
 
 # ---- data-parallel collectives: every distributed call of the fast method goes through these -----------------------
