@@ -14,9 +14,9 @@ methods listed, default all):
 - ``mwnet_imbalance``: the training split keeps ``imbalance`` samples of class 0 (rotten) per sample of each other
   class (Betty's BERT example is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs
   ``balanced`` (fixed inverse-frequency class weights, ``metareweight.baselines.class_weights``: the usual remedy,
-  which knows the imbalance) vs ``mwnet`` (``mwnet_normalize_imbalance``, default ``batch``: per-class normalisation would forbid the class
-  rebalancing that is the point here; ``mwnet_class_aware_imbalance``, default true: the weight net also sees the
-  label, ``MetaWeightNet(classes=C)``).
+  which knows the imbalance) vs ``mwnet`` (``mwnet_normalize_imbalance``, default ``batch``: per-class
+  normalisation would forbid the class rebalancing that is the point here; ``mwnet_class_aware_imbalance``, default
+  true: the weight net also sees the label, ``MetaWeightNet(classes=C)``).
 - ``storm_noise``: symmetric noise ``noise``, no clean data; ``plain`` vs ``no_rescaling`` (the rescaler kept at its
   initialisation, STORM's "w/o meta-learning" ablation) vs ``storm`` (meta batches from the noisy training set,
   ``real_step="lookahead"``, ``G = passes`` dropout passes, ``storm_bn_scope``: the rescalers' BatchNorm over each
