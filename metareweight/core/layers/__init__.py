@@ -1,7 +1,11 @@
 """Closed-form layer rules for the fast hypergradient, one file per layer type, registered by module type.
 
 Built in: ``Linear`` (direct and Gram forms), ``Conv1d/2d/3d``, ``Embedding`` (incl. lookups broadcast over the
-batch), ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections (self-attention). Add your own with :func:`register_layer_rule` (see :mod:`.base`).
+batch), ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections (self-attention); and, registered by name so
+that ``transformers`` is not imported, Hugging Face's ``Conv1D`` (GPT-2), the RMSNorms it defines per model (the
+Llama form: Llama, Qwen2/3, Mistral, Phi-3, ...; Gemma's ``1 + W`` form; OLMo-2's and Helium's float32 forms;
+``T5LayerNorm``) and its scaled word embeddings (Gemma, BART), each matched by its forward's code (:mod:`.forms`).
+Add your own with :func:`register_layer_rule` (see :mod:`.base`).
 
 Example:
     >>> import torch
@@ -13,9 +17,13 @@ from .attention import InProjectionRule, MultiheadAttentionRule
 from .base import LayerRule, register_layer_rule, rule_for
 from .conv import ConvRule
 from .embedding import EmbeddingRule
+from .hf_conv1d import HFConv1DRule
+from .hf_embedding import HFScaledEmbeddingRule
+from .hf_rms_norm import HFGemmaRMSNormRule, HFRMSNormRule, HFT5LayerNormRule
 from .layer_norm import ElementwiseAffineRule, LayerNormRule
 from .linear import LinearRule
 from .rms_norm import RMSNormRule
 
 __all__ = ["LayerRule", "register_layer_rule", "rule_for", "LinearRule", "ConvRule", "EmbeddingRule",
-           "ElementwiseAffineRule", "LayerNormRule", "RMSNormRule", "MultiheadAttentionRule", "InProjectionRule"]
+           "ElementwiseAffineRule", "LayerNormRule", "RMSNormRule", "MultiheadAttentionRule", "InProjectionRule",
+           "HFConv1DRule", "HFRMSNormRule", "HFGemmaRMSNormRule", "HFT5LayerNormRule", "HFScaledEmbeddingRule"]

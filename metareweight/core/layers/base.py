@@ -12,7 +12,11 @@ and, where it is cheaper than autograd through ``op``, the adjoint ``op_a*`` (:m
 Rules with ``gram = True`` (``Linear``) also support the *Gram* form, which needs ``a`` and ``δ`` as rows.
 
 Rules are looked up by the module's exact type (a subclass may override ``forward``, and then the rule would not
-describe it); register a rule for your own layer with :func:`register_layer_rule`.
+describe it); register a rule for your own layer with :func:`register_layer_rule`. A layer class of an optional
+package (Hugging Face ``transformers``) is registered *by name* instead, so nothing imports the package: by its
+qualified name ``"package.module.Class"``, or by a pattern such as ``"transformers.models.*"`` for a family whose
+class names vary by model; such a rule's :meth:`LayerRule.describes` then checks the class itself (its forward's
+code, :mod:`.forms`), so a class that merely shares a name is not matched and keeps the exact JVP path.
 
 Example (a user-defined layer that scales its input feature-wise):
     >>> import torch
@@ -34,7 +38,8 @@ Example (a user-defined layer that scales its input feature-wise):
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Type
+import fnmatch
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +66,11 @@ class LayerRule:
     composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
 
     # ---- which modules and parameters -------------------------------------------------------------------
+    def describes(self, module_type: Type[nn.Module]) -> bool:
+        """Whether the rule describes this class (checked once per class for a rule registered by name or
+        pattern, e.g. that its forward has the form the rule assumes). Default: True."""
+        return True
+
     def applies(self, module: nn.Module) -> bool:
         """Whether this module instance is described by the rule (e.g. not an Embedding with ``max_norm``)."""
         return True
@@ -133,25 +143,74 @@ class LayerRule:
         return tensor.reshape(-1, tensor.shape[-1])
 
 
-_RULES: Dict[Type[nn.Module], LayerRule] = {}
+_RULES: Dict[Type[nn.Module], LayerRule] = {}  # by exact type
+_NAMED: Dict[str, LayerRule] = {}  # by qualified name, "package.module.Class"
+_PATTERNS: List[Tuple[str, LayerRule]] = []  # by fnmatch pattern over the qualified name, newest first
+_RESOLVED: Dict[type, Optional[LayerRule]] = {}  # the named/pattern lookup, once per class
 
 
-def register_layer_rule(module_type: Type[nn.Module], rule: LayerRule) -> None:
+def qualified_name(module_type: type) -> str:
+    """``"package.module.Class"``: the key of a rule registered by name.
+
+    Example:
+        >>> qualified_name(nn.Linear)
+        'torch.nn.modules.linear.Linear'
+    """
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRule) -> None:
     """Use ``rule`` for every module of exactly ``module_type`` (replacing a built-in or earlier rule).
+
+    ``module_type`` may also be a class's qualified name (``"transformers.pytorch_utils.Conv1D"``), which registers
+    the rule without importing the class's package, or a pattern over qualified names (``"transformers.models.*"``;
+    several rules may share a pattern, each checking its own form), tried newest first. A rule registered by name or
+    pattern is used for a class only where :meth:`LayerRule.describes` accepts it; one registered for the type itself
+    takes precedence.
 
     The rule is trusted: a wrong ``op`` gives a wrong hypergradient, though the first call on a model checks the
     attribution against autograd (``Fast(verify=True)``) and falls back to the exact JVP path on a mismatch.
     """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_layer_rule needs an nn.Module subclass, got {module_type!r}")
     if not isinstance(rule, LayerRule):
         raise TypeError(f"register_layer_rule needs a LayerRule instance (e.g. MyRule(), not MyRule), got {rule!r}")
+    if isinstance(module_type, str):
+        if "." not in module_type.strip("*."):
+            raise ValueError(f"register_layer_rule by name needs a qualified name such as 'package.module.Class' "
+                             f"or a pattern such as 'package.*', got {module_type!r}")
+        if any(c in module_type for c in "*?["):
+            _PATTERNS.insert(0, (module_type, rule))
+        else:
+            _NAMED[module_type] = rule
+        _RESOLVED.clear()
+        return
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer_rule needs an nn.Module subclass or a qualified class name, "
+                        f"got {module_type!r}")
     _RULES[module_type] = rule
 
 
+def _resolve(module_type: type) -> Optional[LayerRule]:
+    """The rule registered for the class by name, else by the newest matching pattern, that describes it."""
+    name = qualified_name(module_type)
+    rule = _NAMED.get(name)
+    if rule is not None and rule.describes(module_type):
+        return rule
+    for pattern, rule in _PATTERNS:
+        if fnmatch.fnmatchcase(name, pattern) and rule.describes(module_type):
+            return rule
+    return None
+
+
 def rule_for(module: nn.Module) -> Optional[LayerRule]:
-    """The rule registered for ``module``'s exact type, if it applies to this instance."""
-    rule = _RULES.get(type(module))
+    """The rule for ``module``'s exact type (registered for the type, else by name or pattern; the latter looked
+    up once per class), if it applies to this instance."""
+    cls = type(module)
+    rule = _RULES.get(cls)
+    if rule is None:
+        try:
+            rule = _RESOLVED[cls]
+        except KeyError:
+            rule = _RESOLVED[cls] = _resolve(cls)
     return rule if rule is not None and rule.applies(module) else None
 
 

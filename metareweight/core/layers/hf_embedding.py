@@ -1,0 +1,83 @@
+"""The scaled word embeddings Hugging Face ``transformers`` defines per model (``GemmaTextScaledWordEmbedding``,
+``BartScaledWordEmbedding``, ...): an ``nn.Embedding`` whose output is multiplied by a constant ``s``
+(``embed_scale``: √hidden in Gemma), registered by pattern so ``transformers`` is not imported.
+
+``z = s W[a]``: the lookup's per-sample contribution is ``s ⟨δ_i, U[a_i]⟩`` and each lookup adds ``s δ`` to its row's
+gradient. Matched by code (:mod:`.forms`): an ``nn.Embedding`` subclass under ``transformers.models`` whose forward
+is exactly one of the two forms below, copied from transformers 5.x.
+
+Example:
+    >>> from torch import nn
+    >>> from metareweight.core.layers import rule_for
+    >>> class GemmaTextScaledWordEmbedding(nn.Embedding):  # the name alone does not match
+    ...     def forward(self, input_ids):
+    ...         return super().forward(input_ids) * 2.0
+    >>> rule_for(GemmaTextScaledWordEmbedding(5, 2)) is None
+    True
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import register_layer_rule
+from .embedding import EmbeddingRule
+from .forms import forward_replaced, has_form, in_package
+
+PATTERN = "transformers.models.*"
+
+
+class _Gemma(nn.Embedding):  # the forms, verbatim (compared by code; never run)
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class _Bart(nn.Embedding):
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale
+
+
+class HFScaledEmbeddingRule(EmbeddingRule):
+    """``op(a, U) = s U[a]``; :meth:`mask` gives the rows' share ``s δ`` (padding row zeroed), which the embedding
+    adjoint and the fast method's row-wise step sum, so :meth:`per_sample_dot` pairs ``op``'s output with the
+    unscaled ``δ``."""
+
+    kind = "hf_scaled_embedding"
+
+    def __init__(self, reference: Callable):
+        self.reference = reference
+
+    def describes(self, module_type):
+        return in_package(module_type, "transformers.models") and has_form(module_type, (nn.Embedding,),
+                                                                           forward=self.reference)
+
+    def applies(self, module):
+        s = getattr(module, "embed_scale", None)
+        scalar = isinstance(s, numbers.Real) or (torch.is_tensor(s) and s.numel() == 1)
+        return scalar and not forward_replaced(module) and super().applies(module)
+
+    def scale(self, module, like: Tensor):
+        s = module.embed_scale
+        return s.to(module.weight.dtype).to(like.dtype) if torch.is_tensor(s) else s
+
+    def op(self, module, a, weight):
+        out = super().op(module, a, weight)
+        return out * self.scale(module, out)
+
+    def op_on_rows(self, module, a, rows, weight_rows):
+        out = super().op_on_rows(module, a, rows, weight_rows)
+        return out * self.scale(module, out)
+
+    def mask(self, module, a, delta):
+        return super().mask(module, a, delta) * self.scale(module, delta)
+
+    def per_sample_dot(self, module, a, delta, out):
+        return (super().mask(module, a, delta) * out).reshape(a.shape[0], -1).sum(1)
+
+
+for _ref in (_Gemma.forward, _Bart.forward):
+    register_layer_rule(PATTERN, HFScaledEmbeddingRule(_ref))
