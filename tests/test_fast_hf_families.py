@@ -1,0 +1,330 @@
+"""The fast hypergradient's closed forms on the Hugging Face decoder families users fine-tune: GPT-2 (``Conv1D``),
+Llama / Qwen2 (the Llama-form RMSNorm), Gemma (``1 + W`` RMSNorm, scaled word embedding), T5's encoder
+(``T5LayerNorm``), OLMo-2 / Helium (float32-product RMSNorms). Tiny random-init models in float64: ``Fast`` equals
+``Unrolled`` with no JVP fallback and no announcement; a central difference on GPT-2; a ``MetaTrainer`` run on GPT-2
+from ``DataCollatorWithPadding`` batches; the captures equal what each forward multiplies the weight by under mixed
+precision; and a user's layer of the same name, or of the same forward outside transformers, is not matched."""
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bilevel_fixtures import DirectTermObjective, OPTS, central_difference, dot, random_direction
+from metareweight import BilevelProblem, Fast, MetaTrainer, MetaWeightNet, Unrolled, with_index
+from metareweight.core.hypergrad import fast as fast_module
+from metareweight.core.layers import base as layer_base
+from metareweight.core.layers import rule_for
+from metareweight.data import Batch
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+             vocab_size=100, num_labels=3, pad_token_id=0, attn_implementation="eager")
+
+
+def _configs():
+    return {
+        "gpt2": (transformers.GPT2ForSequenceClassification,
+                 transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, num_labels=3,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")),
+        "llama": (transformers.LlamaForSequenceClassification, transformers.LlamaConfig(**SMALL)),
+        "qwen2": (transformers.Qwen2ForSequenceClassification, transformers.Qwen2Config(**SMALL)),
+        "gemma": (transformers.GemmaForSequenceClassification, transformers.GemmaConfig(head_dim=16, **SMALL)),
+        "t5": (transformers.T5ForTokenClassification,
+               transformers.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=100,
+                                     num_labels=3, dropout_rate=0.0, pad_token_id=0)),
+    }
+
+
+#: the closed-form kind each family's own layer takes
+KINDS = {"gpt2": "hf_conv1d", "llama": "hf_rms_norm", "qwen2": "hf_rms_norm", "gemma": "hf_gemma_rms_norm",
+         "t5": "hf_t5_layer_norm"}
+
+
+class Classifier(nn.Module):
+    """An HF sequence classifier called the HF way; inputs ``(B, L, 2)``: token ids and attention mask (T5's
+    token classifier reads its first token)."""
+
+    def __init__(self, family):
+        super().__init__()
+        cls, cfg = _configs()[family]
+        torch.manual_seed(0)
+        self.hf = cls(cfg).eval()  # eval: no dropout (also 0 in the configs)
+        self.first_token = family == "t5"
+
+    def forward(self, x):
+        logits = self.hf(input_ids=x[..., 0], attention_mask=x[..., 1]).logits
+        return logits[:, 0] if self.first_token else logits
+
+
+def hf_batch(n, seed, length=6):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[: n // 2, length - 2:] = 0  # right-padded sequences (pad token 0)
+    ids = torch.randint(1, 100, (n, length), generator=g) * mask
+    return Batch(torch.stack([ids, mask], -1), torch.randint(0, 3, (n,), generator=g))
+
+
+def _problem(model, make_batch=hf_batch, opt="momentum"):
+    """A float64 problem after two warm-up steps (non-trivial momentum / Adam state)."""
+    model = model.double()
+    objective = DirectTermObjective(3, direct=True).double()
+    cls, kw = OPTS[opt]
+    optimizer = cls(model.parameters(), **kw)
+    for seed in (100, 101):
+        b = make_batch(8, seed)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(b.inputs), b.targets).backward()
+        optimizer.step()
+    return BilevelProblem.from_model(model, optimizer, objective, [make_batch(8, 1)], make_batch(10, 2), "fixed")
+
+
+def _fast(problem, **kw):
+    """``Fast(**kw)`` on the problem: its grads, the method, and its announcements (all recorded afresh)."""
+    method = Fast(**kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = method(problem).grads
+    return grads, method, [str(w.message) for w in caught if "hypergrad='fast'" in str(w.message)]
+
+
+def _assert_close(a, b, rtol=1e-5):
+    err = max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))
+    assert err < rtol, err
+
+
+@pytest.fixture(autouse=True)
+def fresh_announcements(monkeypatch):
+    monkeypatch.setattr(fast_module, "_ANNOUNCED", set())  # announcements are once per process
+
+
+# ---- whole models ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt", ["momentum", "adamw"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma"])
+def test_decoder_takes_closed_forms_everywhere_and_matches_unrolled(family, opt):
+    model = Classifier(family)
+    problem = _problem(model, opt=opt)
+    grads, method, announced = _fast(problem)
+    assert announced == []  # no fallback, no (false) coupling
+    assert set(method.last_paths.values()) <= {"direct", "gram"}, \
+        sorted(n for n, r in method.last_paths.items() if r == "jvp")
+    assert len(method.last_paths) == sum(p.requires_grad for p in model.parameters())
+    assert KINDS[family] in {rule_for(m).kind for m in model.modules() if rule_for(m) is not None}
+    _assert_close(grads, Unrolled()(problem).grads)
+
+
+def test_gemma_scaled_embedding_on_the_sparse_route_matches_unrolled():
+    problem = _problem(Classifier("gemma"), opt="adamw")
+    table = "hf.model.embed_tokens.weight"
+    sparse, method, _ = _fast(problem, sparse="always")
+    assert table in method.last_sparse and method.last_paths[table] == "direct"
+    dense, method, _ = _fast(problem, sparse="never")
+    assert method.last_sparse == set()
+    _assert_close(sparse, dense, rtol=1e-10)
+    _assert_close(sparse, Unrolled()(problem).grads)
+
+
+def test_t5_encoder_layer_norms_are_closed_forms_and_the_relative_bias_is_announced():
+    """T5's relative position bias is one lookup shared by every sample without a batch dimension (not a
+    per-sample call): it keeps the exact JVP path, announced; everything else takes the closed forms."""
+    problem = _problem(Classifier("t5"))
+    grads, method, announced = _fast(problem)
+    jvp = sorted(n for n, r in method.last_paths.items() if r == "jvp")
+    assert jvp == ["hf.transformer.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    assert len(announced) == 1 and "no closed form for" in announced[0] and jvp[0] in announced[0]
+    assert method.last_paths["hf.transformer.encoder.final_layer_norm.weight"] == "direct"
+    _assert_close(grads, Unrolled()(problem).grads)
+
+
+def test_gpt2_fast_matches_a_central_difference():
+    """(SGD with momentum: a central difference of the true objective sees Adam's preconditioner move.)"""
+    problem = _problem(Classifier("gpt2"), opt="momentum")
+    grads, method, _ = _fast(problem)
+    assert method.last_paths["hf.transformer.h.0.attn.c_attn.weight"] == "direct"
+    d = random_direction(problem)
+    fd = central_difference(problem, d)
+    assert dot(grads, d) == pytest.approx(fd, rel=1e-6, abs=1e-10)
+
+
+def test_gpt2_replay_equals_the_real_step_gradient():
+    problem = _problem(Classifier("gpt2"), opt="sgd")
+    method = Fast()
+    method(problem)
+    wt, grads = method.replay(problem.train_batches[0])
+    theta = problem.leaf_params()
+    true = problem.step_grads(problem.inner_terms(theta, problem.train_batches[0]), theta)
+    assert "hf.transformer.h.1.mlp.c_fc.weight" in grads
+    for n, g in grads.items():
+        torch.testing.assert_close(g, true[n], rtol=1e-9, atol=1e-12)
+
+
+# ---- each norm form on its own ------------------------------------------------------------------------------------
+def _norm(path, cls_name, *args):
+    module = pytest.importorskip(f"transformers.models.{path}")
+    return getattr(module, cls_name)(*args)
+
+
+NORMS = {  # class -> (its module under transformers.models, the kind it must get)
+    "LlamaRMSNorm": ("llama.modeling_llama", "hf_rms_norm"),
+    "Qwen3RMSNorm": ("qwen3.modeling_qwen3", "hf_rms_norm"),
+    "MistralRMSNorm": ("mistral.modeling_mistral", "hf_rms_norm"),
+    "Olmo2RMSNorm": ("olmo2.modeling_olmo2", "hf_rms_norm_float32"),
+    "HeliumRMSNorm": ("helium.modeling_helium", "hf_rms_norm_float32"),
+    "GemmaRMSNorm": ("gemma.modeling_gemma", "hf_gemma_rms_norm"),
+    "Gemma3RMSNorm": ("gemma3.modeling_gemma3", "hf_gemma_rms_norm"),
+    "T5LayerNorm": ("t5.modeling_t5", "hf_t5_layer_norm"),
+}
+
+
+class NormModel(nn.Module):
+    """Linear → an HF norm → tanh → Linear over (batch, tokens, features)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm, self.out = nn.Linear(5, 8), norm, nn.Linear(8, 3)
+        with torch.no_grad():
+            norm.weight.add_(0.3 * torch.randn(8))  # not the identity (Gemma's starts at 0, the others at 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x))).mean(1))
+
+
+def seq_batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n, 3, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_each_norm_form_matches_unrolled(name):
+    path, kind = NORMS[name]
+    norm = _norm(path, name, 8)
+    assert rule_for(norm).kind == kind
+    problem = _problem(NormModel(norm), seq_batch, "adamw")
+    grads, method, announced = _fast(problem)
+    assert announced == [] and method.last_paths["norm.weight"] == "direct"
+    _assert_close(grads, Unrolled()(problem).grads)
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float64, torch.float64)])
+def test_the_capture_gives_the_weight_autograds_gradient_in_mixed_precision(name, dtypes):
+    """The captured x̂ is what each forward multiplies the weight by, in the same precision: the rule's weight
+    gradient equals autograd's for an input in one dtype and a weight in another."""
+    x_dtype, w_dtype = dtypes
+    path, _ = NORMS[name]
+    norm = _norm(path, name, 8).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(0)).to(w_dtype))
+    x = (3 * torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(1))).to(x_dtype)
+    out = norm(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+    (true,) = torch.autograd.grad((out * g).sum(), norm.weight)
+    rule = rule_for(norm)
+    a = rule.capture(norm, (x,), out)
+    ours = rule.weight_grad(norm, a.to(w_dtype), g.to(w_dtype))
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 2e-2}[w_dtype]
+    torch.testing.assert_close(ours, true, rtol=tol, atol=tol)
+
+
+# ---- only transformers' own classes, with the forms the rules were written for ------------------------------------------
+def _fake_class(name, module, forward, base=nn.Module):
+    """A class called ``name`` defined in ``module`` (a user's, or one pretending to be under transformers)."""
+    def init(self, d=4):
+        base.__init__(self)
+        self.weight = nn.Parameter(torch.ones(d, d) if name == "Conv1D" else torch.ones(d))
+        self.bias, self.nf = nn.Parameter(torch.zeros(d)), d
+        self.variance_epsilon = self.eps = 1e-6
+
+    cls = type(name, (base,), {"__init__": init, "forward": forward, "__module__": module})
+    cls.__qualname__ = name
+    return cls
+
+
+def test_a_user_layer_of_the_same_name_or_forward_is_not_matched():
+    llama = sys.modules["transformers.models.llama.modeling_llama"].LlamaRMSNorm
+    conv1d = transformers.pytorch_utils.Conv1D
+    cases = [  # (the same name as transformers', in the user's module), (the same forward, in the user's module)
+        _fake_class("Conv1D", "my_layers", lambda self, x: x @ self.weight),
+        _fake_class("LlamaRMSNorm", "my_layers", lambda self, x: x * self.weight),
+        _fake_class("LlamaRMSNorm", "my_layers", llama.forward),
+        _fake_class("Conv1D", "my_layers", conv1d.forward),
+        # under transformers.models but with another forward (a later version, or a different family's form)
+        _fake_class("LlamaRMSNorm", "transformers.models.llama.modeling_llama", lambda self, x: x * self.weight),
+        _fake_class("Conv1D", "transformers.pytorch_utils", lambda self, x: x @ self.weight),
+    ]
+    for cls in cases:
+        assert rule_for(cls()) is None, cls
+    # the classes themselves are matched; an instance whose forward was replaced (a kernel, a hook) is not
+    assert rule_for(conv1d(6, 4)).kind == "hf_conv1d" and rule_for(llama(4)).kind == "hf_rms_norm"
+    patched = llama(4)
+    patched.forward = lambda x: x
+    assert rule_for(patched) is None
+
+
+def test_a_rule_registered_by_name_needs_no_import_and_a_registration_by_type_wins(monkeypatch):
+    from metareweight.core.layers import HFConv1DRule, LinearRule, register_layer_rule
+
+    for attr in ("_RULES", "_NAMED", "_RESOLVED"):
+        monkeypatch.setattr(layer_base, attr, dict(getattr(layer_base, attr)))
+    monkeypatch.setattr(layer_base, "_PATTERNS", list(layer_base._PATTERNS))
+    conv1d = transformers.pytorch_utils.Conv1D
+    assert rule_for(conv1d(6, 4)).kind == "hf_conv1d"
+
+    class Mine(HFConv1DRule):
+        kind = "mine"
+
+    register_layer_rule("transformers.pytorch_utils.Conv1D", Mine())  # replaces the built-in (cache refreshed)
+    assert rule_for(conv1d(6, 4)).kind == "mine"
+    register_layer_rule(conv1d, LinearRule())  # by type: takes precedence
+    assert rule_for(conv1d(6, 4)).kind == "linear"
+    with pytest.raises(ValueError, match="qualified name"):
+        register_layer_rule("Conv1D", Mine())
+
+
+def test_importing_metareweight_does_not_import_transformers():
+    import subprocess
+
+    code = "import sys, metareweight, metareweight.core.layers; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---- MetaTrainer on GPT-2 from DataCollatorWithPadding batches ------------------------------------------------------
+WORDS = ["good", "great", "bad", "awful", "movie", "plot", "the", "was", "very"]
+
+
+def test_meta_trainer_fine_tunes_gpt2_from_a_collator_with_closed_forms_only():
+    from metareweight.hf import word_tokenizer
+
+    tok = word_tokenizer(WORDS)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))) for _ in range(32)]
+    items = with_index([dict(tok(t), label=int("good" in t or "great" in t)) for t in texts])
+    data = DataLoader(items, batch_size=8, collate_fn=transformers.DataCollatorWithPadding(tok))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=32,
+                                  num_labels=2, pad_token_id=tok.pad_token_id, bos_token_id=2, eos_token_id=3,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2ForSequenceClassification(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = Fast()
+    trainer = MetaTrainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, MetaWeightNet(hidden=8),
+                          meta_loader=data, hypergrad=method, adam_preconditioner="fixed", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(epochs=1)
+    assert not [str(w.message) for w in caught if "hypergrad='fast'" in str(w.message)]
+    assert trainer.meta_steps == 4 and len(trainer.weights_history) == 32
+    assert method.last_paths["transformer.h.0.attn.c_attn.weight"] == "direct"
+    assert set(method.last_paths.values()) <= {"direct", "gram"}
+    assert not torch.equal(before["transformer.h.1.mlp.c_proj.weight"], model.state_dict()["transformer.h.1.mlp.c_proj.weight"])
