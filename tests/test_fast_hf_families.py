@@ -15,11 +15,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bilevel_fixtures import DirectTermObjective, OPTS, central_difference, dot, random_direction
-from metareweight import BilevelProblem, Fast, MetaTrainer, MetaWeightNet, Unrolled, with_index
+from metareweight import (BilevelProblem, Fast, MetaTrainer, MetaWeightNet, TensorIndexedDataset, Unrolled,
+                          with_index)
 from metareweight.core.hypergrad import fast as fast_module
 from metareweight.core.layers import base as layer_base
 from metareweight.core.layers import rule_for
-from metareweight.data import Batch
+from metareweight.data import Batch, as_batch
+from metareweight.precision import Precision
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,6 +166,28 @@ def test_gpt2_replay_equals_the_real_step_gradient():
     assert "hf.transformer.h.1.mlp.c_fc.weight" in grads
     for n, g in grads.items():
         torch.testing.assert_close(g, true[n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])
+def test_bf16_fast_hypergradient_within_two_percent_of_float32(family):
+    """Under bf16 autocast the closed forms stay on (no fallback, no false coupling) and the hypergradient stays
+    within 2 % of float32's."""
+    b = hf_batch(32, 0)
+    ds = TensorIndexedDataset(b.inputs, b.targets)
+    model = Classifier(family)
+    torch.manual_seed(0)
+    trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), DataLoader(ds, 16),
+                          MetaWeightNet(hidden=8), meta_loader=DataLoader(ds, 16), hypergrad="fast", progress=False)
+    batches = [as_batch(x) for x in trainer.train_loader]
+    problem = lambda: trainer.build_problem(batches[:1], batches[1])  # noqa: E731
+    exact, _, _ = _fast(problem())
+    trainer.precision = Precision("bf16", torch.device("cpu"))
+    low, method, announced = _fast(problem())
+    assert announced == [] and "jvp" not in method.last_paths.values()
+    exact, low = torch.cat([g.reshape(-1) for g in exact]), torch.cat([g.reshape(-1) for g in low])
+    rel = float((low - exact).norm() / exact.norm())
+    print(f"{family}: bf16 fast hypergradient relative error {rel:.2e}")
+    assert 0 < rel < 2e-2, rel
 
 
 # ---- each norm form on its own ------------------------------------------------------------------------------------
