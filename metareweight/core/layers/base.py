@@ -175,8 +175,8 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
         raise TypeError(f"register_layer_rule needs a LayerRule instance (e.g. MyRule(), not MyRule), got {rule!r}")
     if isinstance(module_type, str):
         if "." not in module_type.strip("*."):
-            raise ValueError(f"register_layer_rule by name needs a qualified name such as 'package.module.Class' "
-                             f"or a pattern such as 'package.*', got {module_type!r}")
+            raise TypeError(f"register_layer_rule needs an nn.Module subclass, or by name a qualified class name "
+                            f"such as 'package.module.Class' or a pattern such as 'package.*', got {module_type!r}")
         if any(c in module_type for c in "*?["):
             _PATTERNS.insert(0, (module_type, rule))
         else:

@@ -22,30 +22,29 @@ Example:
 
 from __future__ import annotations
 
+import dis
 import types
 from typing import Callable, Tuple
 
 from torch import nn
 
 
-def _signature(fn: Callable) -> tuple:
-    code: types.CodeType = fn.__code__
-    consts = code.co_consts
-    if consts and isinstance(consts[0], str) and consts[0] == fn.__doc__:
-        consts = consts[1:]  # the docstring
-    consts = tuple(_signature_of_code(c) if isinstance(c, types.CodeType) else c for c in consts)
-    return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_argcount,
-            code.co_kwonlyargcount, consts)
-
-
-def _signature_of_code(code: types.CodeType) -> tuple:
-    return code.co_code, code.co_names, code.co_varnames, code.co_consts
+def _instructions(code: types.CodeType) -> tuple:
+    """The code's instructions as ``(operation, resolved argument)``: constant and name indices resolved (a
+    docstring shifts them), nested code compared the same way, line numbers left out."""
+    return tuple((i.opname, _instructions(i.argval) if isinstance(i.argval, types.CodeType) else i.argval)
+                 for i in dis.get_instructions(code))
 
 
 def same_code(fn: Callable, reference: Callable) -> bool:
-    """Whether two functions compile to the same code (ignoring docstrings, comments and annotations)."""
+    """Whether two functions compile to the same operations on the same names and constants (docstrings, comments,
+    annotations and line numbers aside)."""
     fn = getattr(fn, "__func__", fn)
-    return isinstance(fn, types.FunctionType) and _signature(fn) == _signature(reference)
+    if not isinstance(fn, types.FunctionType):
+        return False
+    a, b = fn.__code__, reference.__code__
+    return (a.co_argcount, a.co_kwonlyargcount, a.co_varnames, a.co_freevars) == \
+        (b.co_argcount, b.co_kwonlyargcount, b.co_varnames, b.co_freevars) and _instructions(a) == _instructions(b)
 
 
 def has_form(module_type: type, bases: Tuple[type, ...], **methods: Callable) -> bool:
