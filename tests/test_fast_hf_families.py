@@ -1,10 +1,12 @@
 """The fast hypergradient's closed forms on the Hugging Face decoder families users fine-tune: GPT-2 (``Conv1D``),
 Llama / Qwen2 (the Llama-form RMSNorm), Gemma (``1 + W`` RMSNorm, scaled word embedding), T5's encoder
-(``T5LayerNorm``, the relative position bias), OLMo-2 / Helium (float32-product RMSNorms). Tiny random-init models in float64: ``Fast`` equals
-``Unrolled`` with no JVP fallback and no announcement; a central difference on GPT-2; a ``MetaTrainer`` run on GPT-2
-from ``DataCollatorWithPadding`` batches; the captures equal what each forward multiplies the weight by under mixed
-precision; and a user's layer of the same name, or of the same forward outside transformers, is not matched."""
+(``T5LayerNorm``, the relative position bias), OLMo-2 / Helium / Gemma 3n-4 (the other RMSNorm forms). Tiny
+random-init models in float64: ``Fast`` equals ``Unrolled`` with no JVP fallback and no announcement; a central
+difference on GPT-2; a ``MetaTrainer`` run on GPT-2 from ``DataCollatorWithPadding`` batches; the captures equal what
+each forward multiplies the weight by under mixed precision; and a user's layer of the same name, or of the same
+forward outside transformers, is not matched."""
 
+import importlib
 import sys
 import warnings
 
@@ -206,6 +208,8 @@ NORMS = {  # class -> (its module under transformers.models, the kind it must ge
     "HeliumRMSNorm": ("helium.modeling_helium", "hf_rms_norm_float32"),
     "GemmaRMSNorm": ("gemma.modeling_gemma", "hf_gemma_rms_norm"),
     "Gemma3RMSNorm": ("gemma3.modeling_gemma3", "hf_gemma_rms_norm"),
+    "Gemma3nRMSNorm": ("gemma3n.modeling_gemma3n", "hf_gemma4_rms_norm"),
+    "Gemma4RMSNorm": ("gemma4.modeling_gemma4", "hf_gemma4_rms_norm"),
     "T5LayerNorm": ("t5.modeling_t5", "hf_t5_layer_norm"),
 }
 
@@ -262,7 +266,7 @@ def test_the_capture_gives_the_weight_autograds_gradient_in_mixed_precision(name
     torch.testing.assert_close(ours, true, rtol=tol, atol=tol)
 
 
-# ---- only transformers' own classes, with the forms the rules were written for ------------------------------------------
+# ---- only transformers' own classes, with the forms the rules were written for ---------------------------------
 def _fake_class(name, module, forward, base=nn.Module):
     """A class called ``name`` defined in ``module`` (a user's, or one pretending to be under transformers)."""
     def init(self, d=4):
@@ -277,7 +281,7 @@ def _fake_class(name, module, forward, base=nn.Module):
 
 
 def test_a_user_layer_of_the_same_name_or_forward_is_not_matched():
-    llama = sys.modules["transformers.models.llama.modeling_llama"].LlamaRMSNorm
+    llama = importlib.import_module("transformers.models.llama.modeling_llama").LlamaRMSNorm
     conv1d = transformers.pytorch_utils.Conv1D
     cases = [  # (the same name as transformers', in the user's module), (the same forward, in the user's module)
         _fake_class("Conv1D", "my_layers", lambda self, x: x @ self.weight),
@@ -313,8 +317,11 @@ def test_a_rule_registered_by_name_needs_no_import_and_a_registration_by_type_wi
     assert rule_for(conv1d(6, 4)).kind == "mine"
     register_layer_rule(conv1d, LinearRule())  # by type: takes precedence
     assert rule_for(conv1d(6, 4)).kind == "linear"
-    with pytest.raises(TypeError, match="qualified class name"):
-        register_layer_rule("Conv1D", Mine())
+    for bad in ("Conv1D", "*.*"):
+        with pytest.raises(TypeError, match="qualified class name"):
+            register_layer_rule(bad, Mine())
+    register_layer_rule("my_package.*", Mine())  # a pattern: accepted, matches nothing here
+    assert rule_for(conv1d(6, 4)).kind == "linear"
 
 
 def test_importing_metareweight_does_not_import_transformers():
@@ -353,4 +360,5 @@ def test_meta_trainer_fine_tunes_gpt2_from_a_collator_with_closed_forms_only():
     assert trainer.meta_steps == 4 and len(trainer.weights_history) == 32
     assert method.last_paths["transformer.h.0.attn.c_attn.weight"] == "direct"
     assert set(method.last_paths.values()) <= {"direct", "gram"}
-    assert not torch.equal(before["transformer.h.1.mlp.c_proj.weight"], model.state_dict()["transformer.h.1.mlp.c_proj.weight"])
+    name = "transformer.h.1.mlp.c_proj.weight"
+    assert not torch.equal(before[name], model.state_dict()[name])

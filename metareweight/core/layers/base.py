@@ -174,7 +174,7 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
     if not isinstance(rule, LayerRule):
         raise TypeError(f"register_layer_rule needs a LayerRule instance (e.g. MyRule(), not MyRule), got {rule!r}")
     if isinstance(module_type, str):
-        if "." not in module_type.strip("*."):
+        if "." not in module_type or not module_type.replace("*", "").replace("?", "").strip("."):
             raise TypeError(f"register_layer_rule needs an nn.Module subclass, or by name a qualified class name "
                             f"such as 'package.module.Class' or a pattern such as 'package.*', got {module_type!r}")
         if any(c in module_type for c in "*?["):

@@ -3,9 +3,9 @@
 A rule for a family of classes it cannot import (Hugging Face defines a copy of its RMSNorm per model,
 ``LlamaRMSNorm``, ``Qwen2RMSNorm``, ...) checks each class once: same base classes, and each listed method of the
 class compiles to the same operations on the same names, constants and local variables as the rule's reference
-function (comments, docstrings, annotations and line numbers do not count). A class whose forward differs in any operation, or a later library
-version that changes it, is not matched and keeps the exact JVP path. Instances whose ``forward`` was replaced
-(``module.forward = ...``: kernels, offloading hooks) are refused by :func:`forward_replaced`.
+function (comments, docstrings, annotations and line numbers do not count). A class whose forward differs in any
+operation, or a later library version that changes it, is not matched and keeps the exact JVP path. Instances whose
+``forward`` was replaced (``module.forward = ...``: kernels, offloading hooks) are refused by :func:`forward_replaced`.
 
 Example:
     >>> from torch import nn

@@ -1,6 +1,6 @@
 """The RMSNorms Hugging Face ``transformers`` defines per model (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``MistralRMSNorm``,
-``GemmaRMSNorm``, ``T5LayerNorm``, ...): ``z = x̂ ⊙ (c + W)`` (``c`` = 0, or 1 in Gemma's form), element-wise like
-LayerNorm, registered by pattern so ``transformers`` is not imported.
+``GemmaRMSNorm``, ``Gemma4RMSNorm``, ``T5LayerNorm``, ...): ``z = x̂ ⊙ (c + W)`` (``c`` = 0, or 1 in Gemma 1-3's
+form), element-wise like LayerNorm, registered by pattern so ``transformers`` is not imported.
 
 Each form below is matched by code (:mod:`.forms`): a class under ``transformers.models`` whose forward (and
 ``_norm``) compiles to the same code as the form's reference, copied from transformers 5.x. The captured ``x̂`` is
@@ -74,6 +74,18 @@ class _Gemma(nn.Module):
         output = self._norm(x.float())
         output = output * (1.0 + self.weight.float())
         return output.type_as(x)
+
+
+class _Gemma4(nn.Module):
+    def _norm(self, hidden_states):
+        mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
+        return hidden_states * torch.pow(mean_squared, -0.5)
+
+    def forward(self, hidden_states):
+        normed_output = self._norm(hidden_states.float())
+        if self.with_scale:
+            normed_output = normed_output * self.weight.float()
+        return normed_output.type_as(hidden_states)
 
 
 class _T5(nn.Module):
@@ -152,6 +164,21 @@ class HFGemmaRMSNormRule(HFRMSNormRule):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps(module))
 
 
+class HFGemma4RMSNormRule(HFRMSNormRule):
+    """Gemma 3n's and 4's ``(x̂ ⊙ W.float()).type_as(x)`` with ``x̂ = x·(mean(x²) + eps)^-½`` in float32 (a module
+    built with ``with_scale=False`` has no weight and needs no rule)."""
+
+    kind = "hf_gemma4_rms_norm"
+    reference = {"_norm": _Gemma4._norm, "forward": _Gemma4.forward}
+
+    def applies(self, module):
+        return getattr(module, "with_scale", False) is True and super().applies(module)
+
+    def normalise(self, module, x):
+        x = x.float()
+        return x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps(module), -0.5)
+
+
 class HFT5LayerNormRule(HFRMSNormRule):
     """T5's ``W ⊙ x̂`` with the mean square in float32 and ``x̂`` in the input's dtype, cast to the weight's when
     that is float16/bfloat16 (T5, mT5, LongT5, Switch Transformers, ...)."""
@@ -166,5 +193,5 @@ class HFT5LayerNormRule(HFRMSNormRule):
 
 
 for _rule in (HFRMSNormRule(), HFFloat32RMSNormRule(_Olmo2.forward), HFFloat32RMSNormRule(_Helium.forward),
-              HFGemmaRMSNormRule(), HFT5LayerNormRule()):
+              HFGemmaRMSNormRule(), HFGemma4RMSNormRule(), HFT5LayerNormRule()):
     register_layer_rule(PATTERN, _rule)
