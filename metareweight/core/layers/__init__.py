@@ -5,7 +5,8 @@ batch), ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections (self-a
 that ``transformers`` is not imported, Hugging Face's ``Conv1D`` (GPT-2), the RMSNorms it defines per model (the
 Llama form: Llama, Qwen2/3, Mistral, Phi-3, ...; Gemma 1-3's ``1 + W`` form; Gemma 3n's / 4's; OLMo-2's and Helium's
 float32 forms; ``T5LayerNorm``), T5's relative position bias (a lookup shared by every sample) and its scaled word
-embeddings (Gemma, BART), each matched by its forward's code (:mod:`.forms`).
+embeddings (Gemma, BART), each matched by its behaviour: the class's forward, run once on small probe inputs, must
+give what the rule states the layer computes (:mod:`.behaviour`).
 Add your own with :func:`register_layer_rule` (see :mod:`.base`).
 
 Example:

@@ -15,8 +15,11 @@ Rules are looked up by the module's exact type (a subclass may override ``forwar
 describe it); register a rule for your own layer with :func:`register_layer_rule`. A layer class of an optional
 package (Hugging Face ``transformers``) is registered *by name* instead, so nothing imports the package: by its
 qualified name ``"package.module.Class"``, or by a pattern such as ``"transformers.models.*"`` for a family whose
-class names vary by model; such a rule's :meth:`LayerRule.describes` then checks the class itself (its forward's
-code, :mod:`.forms`), so a class that merely shares a name is not matched and keeps the exact JVP path.
+class names vary by model. Such a rule is checked against the class's behaviour once, on the first instance seen
+(:mod:`.behaviour`): a cheap pre-filter on the class (:meth:`LayerRule.describes`), then the class's forward run on
+small probe inputs must give what the rule states the layer computes (:meth:`LayerRule.expected_output`), in each
+probe's dtype. A class that merely shares a name, or computes something else, is not matched and keeps the exact JVP
+path.
 
 Example (a user-defined layer that scales its input feature-wise):
     >>> import torch
@@ -39,10 +42,12 @@ Example (a user-defined layer that scales its input feature-wise):
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
+
+from .behaviour import behaves_as_stated, forward_replaced
 
 
 class LayerRule:
@@ -64,16 +69,37 @@ class LayerRule:
     broadcast: bool = False
     row_lookup: bool = False
     composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
+    probe_method: str = "forward"  # the class's method the behavioural check runs (rules registered by name)
 
     # ---- which modules and parameters -------------------------------------------------------------------
     def describes(self, module_type: Type[nn.Module]) -> bool:
-        """Whether the rule describes this class (checked once per class for a rule registered by name or
-        pattern, e.g. that its forward has the form the rule assumes). Default: True."""
+        """(Rules registered by name or pattern) a cheap pre-filter: whether the class may be the rule's layer
+        (e.g. defined in the package, a subclass of ``nn.Embedding``); the behavioural check runs only on such
+        classes. Default: True."""
         return True
+
+    def probes(self, module: nn.Module, generator: torch.Generator) -> Iterable[Tuple[nn.Module, tuple]]:
+        """(Rules registered by name or pattern) the behavioural check's probes for an instance the rule applies
+        to: ``(target, args)`` pairs; the check compares ``type(module).<probe_method>(target, *args)`` with
+        :meth:`expected_output` ``(target, *args)``. ``target`` is the module or a :func:`.behaviour.stand_in` with
+        probe parameters (random values from ``generator``, on the module's device); sized from the instance's
+        shapes. Default: none, and the rule is trusted for every class :meth:`describes` accepts."""
+        return ()
+
+    def expected_output(self, module: nn.Module, *args) -> Tensor:
+        """What the layer computes on ``args``, from the rule's own formulas (the behavioural check compares it
+        with the class's own output: dtype, shape and values to a few ulps)."""
+        raise NotImplementedError(f"{type(self).__name__} has probes and must implement expected_output")
 
     def applies(self, module: nn.Module) -> bool:
         """Whether this module instance is described by the rule (e.g. not an Embedding with ``max_norm``)."""
         return True
+
+    def inconclusive(self, module: nn.Module) -> bool:
+        """(Rules registered by name or pattern) for an instance the rule does not apply to: whether its class may
+        still be the rule's layer (its forward replaced, a layer built without the weight the probes need), so the
+        class is checked again on a later instance rather than refused. Default: the forward was replaced."""
+        return forward_replaced(module)
 
     def weight(self, module: nn.Module) -> Optional[Tensor]:
         return getattr(module, "weight", None)
@@ -146,7 +172,8 @@ class LayerRule:
 _RULES: Dict[Type[nn.Module], LayerRule] = {}  # by exact type
 _NAMED: Dict[str, LayerRule] = {}  # by qualified name, "package.module.Class"
 _PATTERNS: List[Tuple[str, LayerRule]] = []  # by fnmatch pattern over the qualified name, newest first
-_RESOLVED: Dict[type, Optional[LayerRule]] = {}  # the named/pattern lookup, once per class
+_RESOLVED: Dict[type, Optional[LayerRule]] = {}  # the named/pattern lookup, once decided for a class
+_VERDICTS: Dict[Tuple[type, LayerRule], bool] = {}  # each behavioural check, once per (class, rule)
 
 
 def qualified_name(module_type: type) -> str:
@@ -164,9 +191,10 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
 
     ``module_type`` may also be a class's qualified name (``"transformers.pytorch_utils.Conv1D"``), which registers
     the rule without importing the class's package, or a pattern over qualified names (``"transformers.models.*"``;
-    several rules may share a pattern, each checking its own form), tried newest first. A rule registered by name or
-    pattern is used for a class only where :meth:`LayerRule.describes` accepts it; one registered for the type itself
-    takes precedence.
+    several rules may share a pattern, each stating its own layer's output), tried newest first. A rule registered by
+    name or pattern is used for a class only where :meth:`LayerRule.describes` accepts it and the class's forward,
+    run once on the probes of :meth:`LayerRule.probes`, gives :meth:`LayerRule.expected_output`
+    (:mod:`.behaviour`); one registered for the type itself takes precedence and is not checked.
 
     The rule is trusted: a wrong ``op`` gives a wrong hypergradient, though the first call on a model checks the
     attribution against autograd (``Fast(verify=True)``) and falls back to the exact JVP path on a mismatch.
@@ -182,6 +210,7 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
         else:
             _NAMED[module_type] = rule
         _RESOLVED.clear()
+        _VERDICTS.clear()
         return
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_layer_rule needs an nn.Module subclass or a qualified class name, "
@@ -189,28 +218,54 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
     _RULES[module_type] = rule
 
 
-def _resolve(module_type: type) -> Optional[LayerRule]:
-    """The rule registered for the class by name, else by the newest matching pattern, that describes it."""
+def _candidates(module_type: type) -> List[LayerRule]:
+    """The rules registered for the class's name, then those of its matching patterns (newest first), that
+    :meth:`LayerRule.describes` accepts."""
     name = qualified_name(module_type)
-    rule = _NAMED.get(name)
-    if rule is not None and rule.describes(module_type):
-        return rule
-    for pattern, rule in _PATTERNS:
-        if fnmatch.fnmatchcase(name, pattern) and rule.describes(module_type):
-            return rule
-    return None
+    rules = [_NAMED[name]] if name in _NAMED else []
+    rules += [rule for pattern, rule in _PATTERNS if fnmatch.fnmatchcase(name, pattern)]
+    return [rule for rule in rules if rule.describes(module_type)]
+
+
+def _verdict(rule: LayerRule, module: nn.Module) -> Optional[bool]:
+    """Whether the module's class is the rule's layer (once per class and rule), None if this instance cannot
+    tell."""
+    key = (type(module), rule)
+    if key not in _VERDICTS:
+        if rule.applies(module):
+            verdict = behaves_as_stated(rule, module)
+        else:
+            verdict = None if rule.inconclusive(module) else False
+        if verdict is None:
+            return None
+        _VERDICTS[key] = verdict
+    return _VERDICTS[key]
+
+
+def _resolve(module: nn.Module) -> Tuple[Optional[LayerRule], bool]:
+    """The first candidate rule whose behavioural check the module's class passes, and whether that is decided for
+    the class (False where an earlier candidate could not tell on this instance)."""
+    decided = True
+    for rule in _candidates(type(module)):
+        verdict = _verdict(rule, module)
+        if verdict:
+            return rule, decided
+        decided = decided and verdict is not None
+    return None, decided
 
 
 def rule_for(module: nn.Module) -> Optional[LayerRule]:
-    """The rule for ``module``'s exact type (registered for the type, else by name or pattern; the latter looked
-    up once per class), if it applies to this instance."""
+    """The rule for ``module``'s exact type (registered for the type, else by name or pattern; the latter decided
+    once per class, on its first instance), if it applies to this instance."""
     cls = type(module)
     rule = _RULES.get(cls)
     if rule is None:
         try:
             rule = _RESOLVED[cls]
         except KeyError:
-            rule = _RESOLVED[cls] = _resolve(cls)
+            rule, decided = _resolve(module)
+            if decided:
+                _RESOLVED[cls] = rule
     return rule if rule is not None and rule.applies(module) else None
 
 

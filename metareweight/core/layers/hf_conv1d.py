@@ -5,7 +5,10 @@ The direct form is the Linear's with the weight transposed: ``op(a, U) = a U`` a
 rows. The Gram form is not offered (``gram = False``): the fast method's low-rank route materialises ``W'`` in the
 ``(out, in)`` layout when a weight is also used outside its layer.
 
-Example (the rule is found by the class's qualified name, and only for the forward it was written for):
+Matched by behaviour (:mod:`.behaviour`): the class's forward, run on a stand-in with random ``(in, out)`` weight and
+bias on inputs ``(2, 3, in)`` in float64 and float32, must give ``a W + b``.
+
+Example (the rule is found by the class's qualified name, and only for a class that computes ``a W + b``):
     >>> import torch
     >>> from torch import nn
     >>> from metareweight.core.layers import rule_for
@@ -22,20 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from .base import register_layer_rule
-from .forms import forward_replaced, has_form
+from .behaviour import forward_replaced, probe_tensor, stand_in
 from .linear import LinearRule
 
 NAME = "transformers.pytorch_utils.Conv1D"
-
-
-class _Reference(nn.Module):
-    """The forward the rule describes (transformers 4.x-5.x): compared by code with the class's own."""
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        x = x.view(size_out)
-        return x
 
 
 class HFConv1DRule(LinearRule):
@@ -44,13 +37,20 @@ class HFConv1DRule(LinearRule):
     kind = "hf_conv1d"
     gram = False
 
-    def describes(self, module_type):
-        return has_form(module_type, (nn.Module,), forward=_Reference.forward)
-
     def applies(self, module):
         w = getattr(module, "weight", None)
         return not forward_replaced(module) and torch.is_tensor(w) and w.dim() == 2 \
             and torch.is_tensor(getattr(module, "bias", None))
+
+    def probes(self, module, generator):
+        device = module.weight.device
+        for dtype in (torch.float64, torch.float32):
+            weight, bias = (probe_tensor(generator, t.shape, dtype, device) for t in (module.weight, module.bias))
+            x = probe_tensor(generator, (2, 3, weight.shape[0]), dtype, device)
+            yield stand_in(module, weight=weight, bias=bias), (x,)
+
+    def expected_output(self, module, x):
+        return self.op(module, x, module.weight) + module.bias
 
     def op(self, module: nn.Module, a: Tensor, weight: Tensor) -> Tensor:
         return a @ weight.to(a.dtype)

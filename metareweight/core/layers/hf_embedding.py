@@ -3,8 +3,9 @@
 (``embed_scale``: √hidden in Gemma), registered by pattern so ``transformers`` is not imported.
 
 ``z = s W[a]``: the lookup's per-sample contribution is ``s ⟨δ_i, U[a_i]⟩`` and each lookup adds ``s δ`` to its row's
-gradient. Matched by code (:mod:`.forms`): an ``nn.Embedding`` subclass under ``transformers.models`` whose forward
-is exactly one of the two forms below, copied from transformers 5.x.
+gradient. Matched by behaviour (:mod:`.behaviour`): an ``nn.Embedding`` subclass under ``transformers.models`` with a
+scalar ``embed_scale`` whose forward, on random ids within its vocabulary, gives ``W[a]`` times ``s`` (a tensor
+``s`` cast to the weight's dtype first, as Gemma's; a number as BART's), in the weight's dtype.
 
 Example:
     >>> from torch import nn
@@ -19,26 +20,15 @@ Example:
 from __future__ import annotations
 
 import numbers
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .base import register_layer_rule
+from .behaviour import forward_replaced, in_package, stand_in
 from .embedding import EmbeddingRule
-from .forms import forward_replaced, has_form, in_package
 
 PATTERN = "transformers.models.*"
-
-
-class _Gemma(nn.Embedding):  # the forms, verbatim (compared by code; never run)
-    def forward(self, input_ids):
-        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
-
-
-class _Bart(nn.Embedding):
-    def forward(self, input_ids):
-        return super().forward(input_ids) * self.embed_scale
 
 
 class HFScaledEmbeddingRule(EmbeddingRule):
@@ -48,12 +38,15 @@ class HFScaledEmbeddingRule(EmbeddingRule):
 
     kind = "hf_scaled_embedding"
 
-    def __init__(self, reference: Callable):
-        self.reference = reference
-
     def describes(self, module_type):
-        return in_package(module_type, "transformers.models") and has_form(module_type, (nn.Embedding,),
-                                                                           forward=self.reference)
+        return in_package(module_type, "transformers.models") and issubclass(module_type, nn.Embedding)
+
+    def probes(self, module, generator):
+        ids = torch.randint(0, module.num_embeddings, (2, 3), generator=generator).to(module.weight.device)
+        yield stand_in(module), (ids,)
+
+    def expected_output(self, module, ids):
+        return self.op(module, ids, module.weight)
 
     def applies(self, module):
         s = getattr(module, "embed_scale", None)
@@ -79,5 +72,4 @@ class HFScaledEmbeddingRule(EmbeddingRule):
         return (super().mask(module, a, delta) * out).reshape(a.shape[0], -1).sum(1)
 
 
-for _ref in (_Gemma.forward, _Bart.forward):
-    register_layer_rule(PATTERN, HFScaledEmbeddingRule(_ref))
+register_layer_rule(PATTERN, HFScaledEmbeddingRule())

@@ -2,17 +2,21 @@
 ``GemmaRMSNorm``, ``Gemma4RMSNorm``, ``T5LayerNorm``, ...): ``z = x̂ ⊙ (c + W)`` (``c`` = 0, or 1 in Gemma 1-3's
 form), element-wise like LayerNorm, registered by pattern so ``transformers`` is not imported.
 
-Each form below is matched by code (:mod:`.forms`): a class under ``transformers.models`` whose forward (and
-``_norm``) compiles to the same code as the form's reference, copied from transformers 5.x. The captured ``x̂`` is
-recomputed exactly as that forward computes the tensor it multiplies by the weight, in the same precision (the
-Llama form normalises in float32 and casts back to the input's dtype before the product; Gemma's and OLMo-2's keep
-float32 and cast the product), so mixed precision gives the weight the gradient autograd gives it. The constant
-``c`` does not enter the per-sample contribution ``⟨δ_i, x̂_i ⊙ U⟩``. Any other form (a different cast, a
-learned scale with a shift, ``F.rms_norm``, a replaced instance forward) keeps the exact JVP path.
+The forms differ in where they cast: ``x̂`` normalised in float32 and cast back to the input's dtype before the
+product (Llama), the product in float32 and then cast (OLMo-2, Helium, Gemma's ``1 + W``, Gemma 3n / 4), or ``x̂`` in
+the input's dtype, cast to a half-precision weight's (T5). Each rule states its form's output
+(:meth:`HFRMSNormRule.expected_output`: its ``x̂``, the constant ``c``, whether the weight is taken in float32 and
+whether the product is cast back), and a class under ``transformers.models`` takes the first rule whose statement its
+forward reproduces (:mod:`.behaviour`): run on a stand-in with a random weight, on inputs ``(2, 3, d)`` in float64
+(float64 weight), float32 (float32 weight) and bfloat16 (float32 and bfloat16 weights), the output must have the
+rule's dtype and values. The captured ``x̂`` is what the forward multiplies the weight by, in the same precision, so
+mixed precision gives the weight the gradient autograd gives it; ``c`` does not enter the per-sample contribution
+``⟨δ_i, x̂_i ⊙ U⟩``. Any other form (another cast, a mean subtracted, a learned shift, a replaced instance forward)
+keeps the exact JVP path.
 
 Example:
     >>> from torch import nn
-    >>> class LlamaRMSNorm(nn.Module):  # same name and forward, but not transformers' class
+    >>> class LlamaRMSNorm(nn.Module):  # same name, but outside transformers (and no normalisation)
     ...     def __init__(self):
     ...         super().__init__()
     ...         self.weight, self.variance_epsilon = nn.Parameter(torch.ones(4)), 1e-6
@@ -26,100 +30,56 @@ Example:
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Dict
 
 import torch
 from torch import Tensor, nn
 
 from .base import register_layer_rule
-from .forms import forward_replaced, has_form, in_package
+from .behaviour import forward_replaced, in_package, probe_tensor, stand_in
 from .layer_norm import ElementwiseAffineRule
 
 PATTERN = "transformers.models.*"
 
-
-# ---- the forms, verbatim from transformers (compared by code; the bodies never run) --------------------------------
-class _Llama(nn.Module):
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+#: the behavioural check's (weight, input) dtypes: the casts tell the forms apart
+PROBE_DTYPES = ((torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                (torch.bfloat16, torch.bfloat16))
 
 
-class _Olmo2(nn.Module):
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return (self.weight * hidden_states).to(input_dtype)
-
-
-class _Helium(nn.Module):
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
-
-
-class _Gemma(nn.Module):
-    def _norm(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x):
-        output = self._norm(x.float())
-        output = output * (1.0 + self.weight.float())
-        return output.type_as(x)
-
-
-class _Gemma4(nn.Module):
-    def _norm(self, hidden_states):
-        mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
-        return hidden_states * torch.pow(mean_squared, -0.5)
-
-    def forward(self, hidden_states):
-        normed_output = self._norm(hidden_states.float())
-        if self.with_scale:
-            normed_output = normed_output * self.weight.float()
-        return normed_output.type_as(hidden_states)
-
-
-class _T5(nn.Module):
-    def forward(self, hidden_states):
-        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        if self.weight.dtype in [torch.float16, torch.bfloat16]:
-            hidden_states = hidden_states.to(self.weight.dtype)
-        return self.weight * hidden_states
-
-
-# ---- the rules ------------------------------------------------------------------------------------------------------
 def _rms_float32(x: Tensor, eps: float) -> Tensor:
-    """``x / sqrt(mean(x²) + eps)`` in float32, as the Llama, OLMo-2 and Helium forms compute it."""
+    """``x / sqrt(mean(x²) + eps)`` over the last dim, in float32."""
     x = x.to(torch.float32)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class HFRMSNormRule(ElementwiseAffineRule):
     """The Llama form ``W ⊙ x̂.to(input dtype)`` (``x̂`` normalised in float32), epsilon ``variance_epsilon``.
-    Subclasses: the other forms, each with its reference methods and its ``x̂``."""
+    Subclasses: the other forms, each with its ``x̂`` (:meth:`normalise`) and its casts."""
 
     kind = "hf_rms_norm"
     eps_attribute = "variance_epsilon"
-    reference: Dict[str, Callable] = {"forward": _Llama.forward}
+    shift = 0.0  # c in z = x̂ ⊙ (c + W)
+    weight_in_float32 = False  # whether the product takes W.float()
+    cast_to_input = False  # whether the product is cast to the input's dtype
 
     def describes(self, module_type):
-        return in_package(module_type, "transformers.models") and has_form(module_type, (nn.Module,),
-                                                                           **self.reference)
+        return in_package(module_type, "transformers.models")
 
     def applies(self, module):
         w = getattr(module, "weight", None)
         return not forward_replaced(module) and isinstance(w, torch.Tensor) and w.dim() == 1 \
             and isinstance(getattr(module, self.eps_attribute, None), numbers.Real)
+
+    def probes(self, module, generator):
+        device = module.weight.device
+        for w_dtype, x_dtype in PROBE_DTYPES:
+            weight = probe_tensor(generator, module.weight.shape, w_dtype, device)
+            x = probe_tensor(generator, (2, 3, module.weight.shape[0]), x_dtype, device)
+            yield stand_in(module, weight=weight), (x,)
+
+    def expected_output(self, module, x):
+        w = module.weight.float() if self.weight_in_float32 else module.weight
+        out = self.normalise(module, x) * (w + self.shift if self.shift else w)
+        return out.to(x.dtype) if self.cast_to_input else out
 
     def eps(self, module) -> float:
         return getattr(module, self.eps_attribute)
@@ -140,39 +100,45 @@ class HFRMSNormRule(ElementwiseAffineRule):
 
 
 class HFFloat32RMSNormRule(HFRMSNormRule):
-    """OLMo-2's ``(W ⊙ x̂).to(input dtype)`` and Helium's / Nemotron-H's ``(W.float() ⊙ x̂).to(input dtype)``: the
-    product in float32."""
+    """OLMo-2's ``(W ⊙ x̂).to(input dtype)`` and, with ``weight_in_float32``, Helium's / Nemotron-H's
+    ``(W.float() ⊙ x̂).to(input dtype)``: the product in float32 (or the weight's wider dtype), then cast."""
 
     kind = "hf_rms_norm_float32"
+    cast_to_input = True
 
-    def __init__(self, reference: Callable):
-        self.reference = {"forward": reference}
+    def __init__(self, weight_in_float32: bool = False):
+        self.weight_in_float32 = weight_in_float32
 
     def normalise(self, module, x):
         return _rms_float32(x, self.eps(module))
 
 
-class HFGemmaRMSNormRule(HFRMSNormRule):
-    """Gemma's ``(x̂ ⊙ (1 + W.float())).type_as(x)`` (Gemma, Gemma 2 and 3, RecurrentGemma, ...), epsilon ``eps``."""
+class HFGemmaRMSNormRule(HFFloat32RMSNormRule):
+    """Gemma's ``(x̂ ⊙ (1 + W.float())).to(input dtype)`` (Gemma, Gemma 2 and 3, RecurrentGemma, ...), epsilon
+    ``eps``."""
 
     kind = "hf_gemma_rms_norm"
     eps_attribute = "eps"
-    reference = {"_norm": _Gemma._norm, "forward": _Gemma.forward}
+    shift = 1.0
 
-    def normalise(self, module, x):
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps(module))
+    def __init__(self):
+        super().__init__(weight_in_float32=True)
 
 
-class HFGemma4RMSNormRule(HFRMSNormRule):
-    """Gemma 3n's and 4's ``(x̂ ⊙ W.float()).type_as(x)`` with ``x̂ = x·(mean(x²) + eps)^-½`` in float32 (a module
-    built with ``with_scale=False`` has no weight and needs no rule)."""
+class HFGemma4RMSNormRule(HFFloat32RMSNormRule):
+    """Gemma 3n's and 4's ``(x̂ ⊙ W.float()).to(input dtype)`` with ``x̂ = x·(mean(x²) + eps)^-½`` in float32 (a
+    module built with ``with_scale=False`` has no weight and needs no rule)."""
 
     kind = "hf_gemma4_rms_norm"
-    reference = {"_norm": _Gemma4._norm, "forward": _Gemma4.forward}
+
+    def __init__(self):
+        super().__init__(weight_in_float32=True)
 
     def applies(self, module):
         return getattr(module, "with_scale", False) is True and super().applies(module)
+
+    def inconclusive(self, module):
+        return getattr(module, "with_scale", None) is False or super().inconclusive(module)
 
     def normalise(self, module, x):
         x = x.float()
@@ -180,18 +146,17 @@ class HFGemma4RMSNormRule(HFRMSNormRule):
 
 
 class HFT5LayerNormRule(HFRMSNormRule):
-    """T5's ``W ⊙ x̂`` with the mean square in float32 and ``x̂`` in the input's dtype, cast to the weight's when
-    that is float16/bfloat16 (T5, mT5, LongT5, Switch Transformers, ...)."""
+    """T5's ``W ⊙ x̂`` with the mean square in float32 and ``x̂`` in the input's dtype (or wider), cast to the
+    weight's when that is float16/bfloat16 (T5, mT5, LongT5, Switch Transformers, ...)."""
 
     kind = "hf_t5_layer_norm"
-    reference = {"forward": _T5.forward}
 
     def normalise(self, module, x):
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        out = x * torch.rsqrt(variance + self.eps(module))
+        inv_rms = torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + self.eps(module))
+        out = x * inv_rms
         return out.to(module.weight.dtype) if module.weight.dtype in (torch.float16, torch.bfloat16) else out
 
 
-for _rule in (HFRMSNormRule(), HFFloat32RMSNormRule(_Olmo2.forward), HFFloat32RMSNormRule(_Helium.forward),
+for _rule in (HFRMSNormRule(), HFFloat32RMSNormRule(), HFFloat32RMSNormRule(weight_in_float32=True),
               HFGemmaRMSNormRule(), HFGemma4RMSNormRule(), HFT5LayerNormRule()):
     register_layer_rule(PATTERN, _rule)
