@@ -3,11 +3,13 @@ Llama / Qwen2 (the Llama-form RMSNorm), Gemma (``1 + W`` RMSNorm, scaled word em
 (``T5LayerNorm``, the relative position bias), OLMo-2 / Helium / Gemma 3n-4 (the other RMSNorm forms). Tiny
 random-init models in float64: ``Fast`` equals ``Unrolled`` with no JVP fallback and no announcement; a central
 difference on GPT-2; a ``MetaTrainer`` run on GPT-2 from ``DataCollatorWithPadding`` batches; the captures equal what
-each forward multiplies the weight by under mixed precision; and a user's layer of the same name, or of the same
-forward outside transformers, is not matched."""
+each forward multiplies the weight by under mixed precision; and the behavioural check: a user's layer of the same
+name, or of the same forward outside transformers, or under transformers' name but computing something else, is not
+matched, one with the same math in other code is, and the probe leaves the module and the random state untouched."""
 
 import importlib
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -266,7 +268,7 @@ def test_the_capture_gives_the_weight_autograds_gradient_in_mixed_precision(name
     torch.testing.assert_close(ours, true, rtol=tol, atol=tol)
 
 
-# ---- only transformers' own classes, with the forms the rules were written for ---------------------------------
+# ---- only transformers' classes that compute what the rules state -------------------------------------------------
 def _fake_class(name, module, forward, base=nn.Module):
     """A class called ``name`` defined in ``module`` (a user's, or one pretending to be under transformers)."""
     def init(self, d=4):
@@ -301,10 +303,143 @@ def test_a_user_layer_of_the_same_name_or_forward_is_not_matched():
     assert rule_for(patched) is None
 
 
+def _fake_transformers_module(**forwards):
+    """A module object ``transformers.models.fake.modeling_fake`` holding one class per ``name=(forward, base,
+    eps attribute)``: each named as transformers' classes are, under transformers' package, with its own forward."""
+    module = types.ModuleType("transformers.models.fake.modeling_fake")
+    for name, (forward, base, eps) in forwards.items():
+        def init(self, d=6, base=base, eps=eps):
+            if base is nn.Embedding:
+                base.__init__(self, 11, d, padding_idx=0)
+                self.embed_scale = 1.7
+            else:
+                base.__init__(self)
+                self.weight = nn.Parameter(torch.ones(d))
+                setattr(self, eps, 1e-6)
+
+        cls = type(name, (base,), {"__init__": init, "forward": forward, "__module__": module.__name__})
+        cls.__qualname__ = name
+        setattr(module, name, cls)
+    return module
+
+
+def _llama_math_in_other_code(self, h):
+    dtype = h.dtype
+    h = h.float()
+    inv_rms = (h * h).mean(dim=-1, keepdim=True).add(self.variance_epsilon).rsqrt()
+    return self.weight * (h * inv_rms).to(dtype)
+
+
+def _without_the_cast(self, h):  # the Llama math, but the product stays in float32
+    h = h.float()
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _mean_subtracted(self, h):  # a LayerNorm without bias under an RMSNorm's name
+    h = h.float()
+    h = h - h.mean(-1, keepdim=True)
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(self.weight.dtype)
+
+
+def _gemma_math_in_other_code(self, x):
+    y = x.to(torch.float32)
+    scale = 1.0 + self.weight.to(torch.float32)
+    return (scale * (y * (y * y).mean(-1, keepdim=True).add(self.eps).rsqrt())).to(x.dtype)
+
+
+def test_behaviour_not_name_decides_under_transformers_package():
+    """Classes named as transformers' and defined under its package: matched only where their forward computes what
+    a rule states, written in any code."""
+    fake = _fake_transformers_module(
+        LlamaRMSNorm=(_llama_math_in_other_code, nn.Module, "variance_epsilon"),
+        Qwen9RMSNorm=(_without_the_cast, nn.Module, "variance_epsilon"),
+        Olmo9RMSNorm=(_mean_subtracted, nn.Module, "variance_epsilon"),
+        GemmaRMSNorm=(_gemma_math_in_other_code, nn.Module, "eps"),
+        GemmaTextScaledWordEmbedding=(lambda self, ids: nn.functional.embedding(ids, self.weight) * self.embed_scale,
+                                      nn.Embedding, None),
+        BartScaledWordEmbedding=(lambda self, ids: nn.functional.embedding(ids, self.weight) + self.embed_scale,
+                                 nn.Embedding, None),
+    )
+    kinds = {name: getattr(rule_for(getattr(fake, name)()), "kind", None) for name in
+             ("LlamaRMSNorm", "Qwen9RMSNorm", "Olmo9RMSNorm", "GemmaRMSNorm", "GemmaTextScaledWordEmbedding",
+              "BartScaledWordEmbedding")}
+    assert kinds == {"LlamaRMSNorm": "hf_rms_norm", "Qwen9RMSNorm": None, "Olmo9RMSNorm": None,
+                     "GemmaRMSNorm": "hf_gemma_rms_norm", "GemmaTextScaledWordEmbedding": "hf_scaled_embedding",
+                     "BartScaledWordEmbedding": None}
+    # Conv1D by its qualified name: a + W + b in other code is matched, without the bias it is not
+    adds = _fake_class("Conv1D", "transformers.pytorch_utils", lambda self, x: torch.matmul(x, self.weight) + self.bias)
+    assert rule_for(adds()).kind == "hf_conv1d"
+
+
+def test_the_forms_that_differ_only_in_casts_are_told_apart():
+    """Llama casts x̂ back before the product, OLMo-2 after it, Helium also takes the weight in float32, T5 keeps the
+    input's dtype: the same values in float32, so each is matched by its own statement in the other dtypes."""
+    modules = {"llama": "LlamaRMSNorm", "olmo2": "Olmo2RMSNorm", "helium": "HeliumRMSNorm", "t5": "T5LayerNorm"}
+    rules = {}
+    for family, name in modules.items():
+        rule = rule_for(_norm(f"{family}.modeling_{family}", name, 8))
+        rules[family] = (rule.kind, getattr(rule, "weight_in_float32", None))
+    assert rules == {"llama": ("hf_rms_norm", False), "olmo2": ("hf_rms_norm_float32", False),
+                     "helium": ("hf_rms_norm_float32", True), "t5": ("hf_t5_layer_norm", False)}
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """The behavioural checks run afresh (their per-class caches emptied for the test)."""
+    monkeypatch.setattr(layer_base, "_RESOLVED", {})
+    monkeypatch.setattr(layer_base, "_VERDICTS", {})
+
+
+def test_the_probe_leaves_the_module_its_hooks_and_the_random_state_untouched(fresh_checks):
+    t5 = transformers.T5Config(d_model=8, d_kv=4, num_heads=2, relative_attention_num_buckets=8)
+    modules = {
+        "hf_t5_relative_bias": importlib.import_module("transformers.models.t5.modeling_t5").T5Attention(
+            t5, has_relative_attention_bias=True),
+        "hf_rms_norm": _norm("llama.modeling_llama", "LlamaRMSNorm", 8),
+        "hf_gemma_rms_norm": _norm("gemma.modeling_gemma", "GemmaRMSNorm", 8),
+        "hf_conv1d": transformers.pytorch_utils.Conv1D(6, 4),
+        "hf_scaled_embedding": _norm("gemma.modeling_gemma", "GemmaTextScaledWordEmbedding", 10, 4, 0, 3.0),
+    }
+    calls = []
+    for module in modules.values():
+        for m in module.modules():
+            m.register_forward_pre_hook(lambda *a: calls.append(a))
+            m.register_forward_hook(lambda *a: calls.append(a))
+    before = {k: {n: t.clone() for n, t in m.state_dict(keep_vars=True).items()} for k, m in modules.items()}
+    attributes = {k: dict(m.__dict__) for k, m in modules.items()}
+    rng = torch.get_rng_state()
+    for kind, module in modules.items():
+        assert type(module) not in layer_base._RESOLVED
+        assert rule_for(module).kind == kind
+        assert layer_base._RESOLVED[type(module)].kind == kind  # decided for the class, on its first instance
+    assert torch.equal(torch.get_rng_state(), rng) and calls == []
+    for kind, module in modules.items():
+        after = module.state_dict(keep_vars=True)
+        assert set(after) == set(before[kind]) and all(torch.equal(after[n], t) for n, t in before[kind].items())
+        assert all(p.grad is None for p in module.parameters())
+        assert module.__dict__.keys() == attributes[kind].keys()
+        assert all(module.__dict__[k] is v for k, v in attributes[kind].items() if not k.startswith("_"))
+
+
+def test_an_instance_that_cannot_tell_leaves_the_class_undecided(fresh_checks):
+    """A norm on the meta device (no values to compare), one whose forward was replaced, or a Gemma 4 norm built
+    without a weight: not matched, and its class is checked again on the next instance."""
+    llama = importlib.import_module("transformers.models.llama.modeling_llama").LlamaRMSNorm
+    gemma4 = importlib.import_module("transformers.models.gemma4.modeling_gemma4").Gemma4RMSNorm
+    with torch.device("meta"):
+        on_meta = llama(8)
+    patched = llama(8)
+    patched.forward = lambda x: x
+    for module in (on_meta, patched, gemma4(8, with_scale=False)):
+        assert rule_for(module) is None and type(module) not in layer_base._RESOLVED
+    assert rule_for(llama(8)).kind == "hf_rms_norm" and rule_for(gemma4(8)).kind == "hf_gemma4_rms_norm"
+    assert rule_for(on_meta) is not None and rule_for(patched) is None  # (the class matched; the instance not)
+
+
 def test_a_rule_registered_by_name_needs_no_import_and_a_registration_by_type_wins(monkeypatch):
     from metareweight.core.layers import HFConv1DRule, LinearRule, register_layer_rule
 
-    for attr in ("_RULES", "_NAMED", "_RESOLVED"):
+    for attr in ("_RULES", "_NAMED", "_RESOLVED", "_VERDICTS"):
         monkeypatch.setattr(layer_base, attr, dict(getattr(layer_base, attr)))
     monkeypatch.setattr(layer_base, "_PATTERNS", list(layer_base._PATTERNS))
     conv1d = transformers.pytorch_utils.Conv1D
