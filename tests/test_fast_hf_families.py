@@ -24,6 +24,7 @@ from metareweight import (BilevelProblem, Fast, MetaTrainer, MetaWeightNet, Tens
 from metareweight.core.hypergrad import fast as fast_module
 from metareweight.core.layers import base as layer_base
 from metareweight.core.layers import rule_for
+from metareweight.core.layers.behaviour import configuration
 from metareweight.data import Batch, as_batch
 from metareweight.precision import Precision
 
@@ -371,6 +372,32 @@ def test_behaviour_not_name_decides_under_transformers_package():
     assert rule_for(adds()).kind == "hf_conv1d"
 
 
+def _grouped(self, x):  # the Gemma form, normalised over groups of features when the instance sets group_size
+    y = x.float()
+    if self.group_size is not None:
+        y = y.reshape(*y.shape[:-1], -1, self.group_size)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (y.reshape(x.shape) * (1.0 + self.weight.float())).type_as(x)
+
+
+def test_each_configuration_is_checked_and_a_forward_with_more_inputs_or_parameters_is_not_matched():
+    """Checked once per class *and* configuration (plain attributes, shapes): an instance whose attributes make it
+    compute something else is refused although its class was matched. A forward taking a second input (a gate), or a
+    layer with a parameter the rule does not know of, is not matched."""
+    fake = _fake_transformers_module(
+        GroupedRMSNorm=(_grouped, nn.Module, "eps"),
+        GatedRMSNorm=(lambda self, h, gate=None: _llama_math_in_other_code(self, h if gate is None else h * gate),
+                      nn.Module, "variance_epsilon"),
+        ShiftedRMSNorm=(lambda self, h: _llama_math_in_other_code(self, h) + self.shift, nn.Module,
+                        "variance_epsilon"))
+    plain, grouped = fake.GroupedRMSNorm(), fake.GroupedRMSNorm()
+    plain.group_size, grouped.group_size = None, 3
+    assert rule_for(plain).kind == "hf_gemma_rms_norm" and rule_for(grouped) is None
+    shifted = fake.ShiftedRMSNorm()
+    shifted.shift = nn.Parameter(torch.zeros(6))  # zero: the probe could not tell; the extra parameter does
+    assert rule_for(fake.GatedRMSNorm()) is None and rule_for(shifted) is None
+
+
 def test_the_forms_that_differ_only_in_casts_are_told_apart():
     """Llama casts x̂ back before the product, OLMo-2 after it, Helium also takes the weight in float32, T5 keeps the
     input's dtype: the same values in float32, so each is matched by its own statement in the other dtypes."""
@@ -386,8 +413,8 @@ def test_the_forms_that_differ_only_in_casts_are_told_apart():
 @pytest.fixture
 def fresh_checks(monkeypatch):
     """The behavioural checks run afresh (their per-class caches emptied for the test)."""
-    monkeypatch.setattr(layer_base, "_RESOLVED", {})
-    monkeypatch.setattr(layer_base, "_VERDICTS", {})
+    for cache in ("_CANDIDATES", "_RESOLVED", "_VERDICTS"):
+        monkeypatch.setattr(layer_base, cache, {})
 
 
 def test_the_probe_leaves_the_module_its_hooks_and_the_random_state_untouched(fresh_checks):
@@ -409,9 +436,9 @@ def test_the_probe_leaves_the_module_its_hooks_and_the_random_state_untouched(fr
     attributes = {k: dict(m.__dict__) for k, m in modules.items()}
     rng = torch.get_rng_state()
     for kind, module in modules.items():
-        assert type(module) not in layer_base._RESOLVED
+        assert not [key for key in layer_base._RESOLVED if key[0] is type(module)]
         assert rule_for(module).kind == kind
-        assert layer_base._RESOLVED[type(module)].kind == kind  # decided for the class, on its first instance
+        assert layer_base._RESOLVED[type(module), configuration(module)].kind == kind  # decided on the first instance
     assert torch.equal(torch.get_rng_state(), rng) and calls == []
     for kind, module in modules.items():
         after = module.state_dict(keep_vars=True)
@@ -422,16 +449,18 @@ def test_the_probe_leaves_the_module_its_hooks_and_the_random_state_untouched(fr
 
 
 def test_an_instance_that_cannot_tell_leaves_the_class_undecided(fresh_checks):
-    """A norm on the meta device (no values to compare), one whose forward was replaced, or a Gemma 4 norm built
-    without a weight: not matched, and its class is checked again on the next instance."""
+    """A norm on the meta device (no values to compare) or one whose forward was replaced: not matched, and its
+    class is checked again on the next instance; a Gemma 4 norm built without a weight is not matched, the class
+    still is with one."""
     llama = importlib.import_module("transformers.models.llama.modeling_llama").LlamaRMSNorm
     gemma4 = importlib.import_module("transformers.models.gemma4.modeling_gemma4").Gemma4RMSNorm
     with torch.device("meta"):
         on_meta = llama(8)
     patched = llama(8)
     patched.forward = lambda x: x
-    for module in (on_meta, patched, gemma4(8, with_scale=False)):
-        assert rule_for(module) is None and type(module) not in layer_base._RESOLVED
+    for module in (on_meta, patched):
+        assert rule_for(module) is None and not [key for key in layer_base._RESOLVED if key[0] is llama]
+    assert rule_for(gemma4(8, with_scale=False)) is None
     assert rule_for(llama(8)).kind == "hf_rms_norm" and rule_for(gemma4(8)).kind == "hf_gemma4_rms_norm"
     assert rule_for(on_meta) is not None and rule_for(patched) is None  # (the class matched; the instance not)
 
@@ -439,7 +468,7 @@ def test_an_instance_that_cannot_tell_leaves_the_class_undecided(fresh_checks):
 def test_a_rule_registered_by_name_needs_no_import_and_a_registration_by_type_wins(monkeypatch):
     from metareweight.core.layers import HFConv1DRule, LinearRule, register_layer_rule
 
-    for attr in ("_RULES", "_NAMED", "_RESOLVED", "_VERDICTS"):
+    for attr in ("_RULES", "_NAMED", "_CANDIDATES", "_RESOLVED", "_VERDICTS"):
         monkeypatch.setattr(layer_base, attr, dict(getattr(layer_base, attr)))
     monkeypatch.setattr(layer_base, "_PATTERNS", list(layer_base._PATTERNS))
     conv1d = transformers.pytorch_utils.Conv1D

@@ -16,9 +16,9 @@ describe it); register a rule for your own layer with :func:`register_layer_rule
 package (Hugging Face ``transformers``) is registered *by name* instead, so nothing imports the package: by its
 qualified name ``"package.module.Class"``, or by a pattern such as ``"transformers.models.*"`` for a family whose
 class names vary by model. Such a rule is checked against the class's behaviour once, on the first instance seen
-(:mod:`.behaviour`): a cheap pre-filter on the class (:meth:`LayerRule.describes`), then the class's forward run on
-small probe inputs must give what the rule states the layer computes (:meth:`LayerRule.expected_output`), in each
-probe's dtype. A class that merely shares a name, or computes something else, is not matched and keeps the exact JVP
+(:mod:`.behaviour`; once per configuration: an instance whose plain attributes or shapes differ is checked again): a
+cheap pre-filter on the class (:meth:`LayerRule.describes`), then the class's forward run on small probe inputs must
+give what the rule states the layer computes (:meth:`LayerRule.expected_output`), in each probe's dtype. A class that merely shares a name, or computes something else, is not matched and keeps the exact JVP
 path.
 
 Example (a user-defined layer that scales its input feature-wise):
@@ -47,7 +47,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import Tensor, nn
 
-from .behaviour import behaves_as_stated, forward_replaced
+from .behaviour import behaves_as_stated, configuration, forward_replaced
 
 
 class LayerRule:
@@ -62,6 +62,8 @@ class LayerRule:
         row_lookup: whether a call reads only the weight rows its activation indexes (a lookup table, no bias);
             such a rule implements :meth:`rows_read` and :meth:`op_on_rows`, and ``Fast`` may then form the virtual
             step and the meta gradient of the weight on the rows the meta batch reads alone.
+        probe_method: (rules registered by name or pattern) the class's method the behavioural check runs on
+            :meth:`probes` (``"forward"``; T5's attention: ``"compute_bias"``).
     """
 
     kind: str = "custom"
@@ -69,7 +71,7 @@ class LayerRule:
     broadcast: bool = False
     row_lookup: bool = False
     composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
-    probe_method: str = "forward"  # the class's method the behavioural check runs (rules registered by name)
+    probe_method: str = "forward"
 
     # ---- which modules and parameters -------------------------------------------------------------------
     def describes(self, module_type: Type[nn.Module]) -> bool:
@@ -94,12 +96,6 @@ class LayerRule:
     def applies(self, module: nn.Module) -> bool:
         """Whether this module instance is described by the rule (e.g. not an Embedding with ``max_norm``)."""
         return True
-
-    def inconclusive(self, module: nn.Module) -> bool:
-        """(Rules registered by name or pattern) for an instance the rule does not apply to: whether its class may
-        still be the rule's layer (its forward replaced, a layer built without the weight the probes need), so the
-        class is checked again on a later instance rather than refused. Default: the forward was replaced."""
-        return forward_replaced(module)
 
     def weight(self, module: nn.Module) -> Optional[Tensor]:
         return getattr(module, "weight", None)
@@ -172,9 +168,9 @@ class LayerRule:
 _RULES: Dict[Type[nn.Module], LayerRule] = {}  # by exact type
 _NAMED: Dict[str, LayerRule] = {}  # by qualified name, "package.module.Class"
 _PATTERNS: List[Tuple[str, LayerRule]] = []  # by fnmatch pattern over the qualified name, newest first
-_RESOLVED: Dict[type, Optional[LayerRule]] = {}  # the named/pattern lookup, once decided for a class
-_VERDICTS: Dict[Tuple[type, LayerRule], bool] = {}  # each behavioural check, once per (class, rule)
-
+_CANDIDATES: Dict[type, List[LayerRule]] = {}  # the rules registered by name/pattern that describe a class
+_RESOLVED: Dict[Tuple[type, tuple], Optional[LayerRule]] = {}  # decided, per class and configuration
+_VERDICTS: Dict[Tuple[type, tuple, LayerRule], bool] = {}  # each behavioural check, once
 
 def qualified_name(module_type: type) -> str:
     """``"package.module.Class"``: the key of a rule registered by name.
@@ -198,6 +194,24 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
 
     The rule is trusted: a wrong ``op`` gives a wrong hypergradient, though the first call on a model checks the
     attribution against autograd (``Fast(verify=True)``) and falls back to the exact JVP path on a mismatch.
+
+    Example (by name; two classes called ``my_layers.Double``, one computing what the rule states):
+        >>> class DoubleRule(LayerRule):
+        ...     kind = "double"
+        ...     def op(self, module, a, weight):
+        ...         return 2 * a * weight
+        ...     def probes(self, module, generator):
+        ...         return [(module, (torch.randn(2, 3, generator=generator),))]
+        ...     def expected_output(self, module, x):
+        ...         return self.op(module, x, module.weight)
+        >>> register_layer_rule("my_layers.Double", DoubleRule())
+        >>> def double(forward):
+        ...     cls = type("Double", (nn.Module,), {"forward": forward, "__module__": "my_layers"})
+        ...     module = cls()
+        ...     module.weight = nn.Parameter(torch.ones(3))
+        ...     return module
+        >>> rule_for(double(lambda self, x: self.weight * (x + x))).kind, rule_for(double(lambda self, x: x))
+        ('double', None)
     """
     if not isinstance(rule, LayerRule):
         raise TypeError(f"register_layer_rule needs a LayerRule instance (e.g. MyRule(), not MyRule), got {rule!r}")
@@ -209,8 +223,8 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
             _PATTERNS.insert(0, (module_type, rule))
         else:
             _NAMED[module_type] = rule
-        _RESOLVED.clear()
-        _VERDICTS.clear()
+        for cache in (_CANDIDATES, _RESOLVED, _VERDICTS):
+            cache.clear()
         return
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_layer_rule needs an nn.Module subclass or a qualified class name, "
@@ -220,34 +234,38 @@ def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRul
 
 def _candidates(module_type: type) -> List[LayerRule]:
     """The rules registered for the class's name, then those of its matching patterns (newest first), that
-    :meth:`LayerRule.describes` accepts."""
+    :meth:`LayerRule.describes` accepts (once per class)."""
+    try:
+        return _CANDIDATES[module_type]
+    except KeyError:
+        pass
     name = qualified_name(module_type)
     rules = [_NAMED[name]] if name in _NAMED else []
     rules += [rule for pattern, rule in _PATTERNS if fnmatch.fnmatchcase(name, pattern)]
-    return [rule for rule in rules if rule.describes(module_type)]
+    rules = _CANDIDATES[module_type] = [rule for rule in rules if rule.describes(module_type)]
+    return rules
 
 
-def _verdict(rule: LayerRule, module: nn.Module) -> Optional[bool]:
-    """Whether the module's class is the rule's layer (once per class and rule), None if this instance cannot
-    tell."""
-    key = (type(module), rule)
-    if key not in _VERDICTS:
+def _verdict(rule: LayerRule, module: nn.Module, key: tuple) -> Optional[bool]:
+    """Whether the module's class, in the module's configuration, is the rule's layer (checked once); None if this
+    instance cannot tell (its forward replaced, its tensors on the meta device)."""
+    if (*key, rule) not in _VERDICTS:
         if rule.applies(module):
             verdict = behaves_as_stated(rule, module)
         else:
-            verdict = None if rule.inconclusive(module) else False
+            verdict = None if forward_replaced(module) else False
         if verdict is None:
             return None
-        _VERDICTS[key] = verdict
-    return _VERDICTS[key]
+        _VERDICTS[(*key, rule)] = verdict
+    return _VERDICTS[(*key, rule)]
 
 
-def _resolve(module: nn.Module) -> Tuple[Optional[LayerRule], bool]:
-    """The first candidate rule whose behavioural check the module's class passes, and whether that is decided for
-    the class (False where an earlier candidate could not tell on this instance)."""
+def _resolve(module: nn.Module, candidates: List[LayerRule], key: tuple) -> Tuple[Optional[LayerRule], bool]:
+    """The first candidate rule whose behavioural check the module passes, and whether that is decided for its
+    class and configuration (not where an earlier candidate could not tell on this instance)."""
     decided = True
-    for rule in _candidates(type(module)):
-        verdict = _verdict(rule, module)
+    for rule in candidates:
+        verdict = _verdict(rule, module, key)
         if verdict:
             return rule, decided
         decided = decided and verdict is not None
@@ -255,17 +273,22 @@ def _resolve(module: nn.Module) -> Tuple[Optional[LayerRule], bool]:
 
 
 def rule_for(module: nn.Module) -> Optional[LayerRule]:
-    """The rule for ``module``'s exact type (registered for the type, else by name or pattern; the latter decided
-    once per class, on its first instance), if it applies to this instance."""
+    """The rule for ``module``'s exact type, if it applies to this instance: registered for the type (a dict
+    lookup), else by name or pattern, decided once per class and :func:`.behaviour.configuration` (the instance's
+    plain attributes and shapes) by the behavioural check, then looked up by both."""
     cls = type(module)
     rule = _RULES.get(cls)
     if rule is None:
+        candidates = _candidates(cls)
+        if not candidates:
+            return None
+        key = (cls, configuration(module))
         try:
-            rule = _RESOLVED[cls]
+            rule = _RESOLVED[key]
         except KeyError:
-            rule, decided = _resolve(module)
+            rule, decided = _resolve(module, candidates, key)
             if decided:
-                _RESOLVED[cls] = rule
+                _RESOLVED[key] = rule
     return rule if rule is not None and rule.applies(module) else None
 
 

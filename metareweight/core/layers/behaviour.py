@@ -9,7 +9,10 @@ same values to a few units in the last place. A probe runs on a :func:`stand_in`
 attributes, its parameters swapped for probe tensors or detached views), on the module's device, with probe tensors
 drawn from a local generator: the module, its parameters and buffers, its hooks and the global random state are left
 untouched. A forward that raises, or an output that differs, refuses the class; a module on the ``meta`` device
-cannot be judged (no values), and the check is left for a later instance.
+cannot be judged (no values), and the check is left for a later instance. The comparison is strict on purpose: forms
+that differ only in where they cast (Hugging Face's RMSNorms) differ in an output's dtype or in its low bits, and the
+check must tell them apart; a class computing the same formula with other roundings (``x / sqrt(v)`` for
+``x * rsqrt(v)``) is refused too, and keeps the exact JVP path.
 
 Example (a rule for a layer that doubles its input, and two classes claiming to be it):
     >>> import torch
@@ -33,6 +36,7 @@ Example (a rule for a layer that doubles its input, and two classes claiming to 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -58,6 +62,49 @@ def in_package(module_type: type, package: str) -> bool:
     return mod == package or mod.startswith(package + ".")
 
 
+def takes_one_input(method) -> bool:
+    """Whether ``method(self, x)`` takes exactly one input besides ``self`` (a forward with more, a norm's ``gate``
+    say, may compute something else with them than its probe shows).
+
+    Example:
+        >>> takes_one_input(nn.Linear.forward), takes_one_input(nn.MultiheadAttention.forward)
+        (True, False)
+    """
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 2 and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+
+
+def own_parameters(module: nn.Module) -> set:
+    """The names of the module's own parameters (not its sub-modules'): a layer with a parameter the rule does not
+    know of computes something with it that the rule does not describe."""
+    return {name for name, p in module._parameters.items() if p is not None}
+
+
+def configuration(module: nn.Module) -> tuple:
+    """What may make two instances of a class behave differently, beyond their parameter values: their plain
+    attributes (numbers, strings, flags: ``eps``, ``with_scale``, ``group_size``, ...) and their own parameters'
+    and buffers' shapes. The behavioural check runs once per class and configuration.
+
+    Example:
+        >>> configuration(nn.LayerNorm(3))
+        (('elementwise_affine', True), ('eps', 1e-05), ('normalized_shape', (3,)), ('bias', (3,)), ('weight', (3,)))
+    """
+    plain = tuple(sorted((k, v) for k, v in vars(module).items()
+                         if not k.startswith("_") and k != "training" and _is_plain(v)))
+    shapes = tuple(sorted((k, tuple(t.shape)) for store in (module._parameters, module._buffers)
+                          for k, t in store.items() if t is not None))
+    return plain + shapes
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def stand_in(module: nn.Module, **replace) -> nn.Module:
     """An object of ``module``'s class with its attributes, on which a probe runs instead of the module: the
     parameters and buffers named in ``replace`` (tensors) and sub-modules (modules) swapped for the given ones, the
@@ -72,7 +119,7 @@ def stand_in(module: nn.Module, **replace) -> nn.Module:
     twin = object.__new__(type(module))
     state = dict(module.__dict__)
     for key, value in state.items():
-        if key.endswith("hooks") and isinstance(value, dict):
+        if "hooks" in key and isinstance(value, dict):
             state[key] = type(value)()
     state["_parameters"] = {k: None if v is None else v.detach() for k, v in module._parameters.items()}
     state["_buffers"] = {k: None if v is None else v.detach() for k, v in module._buffers.items()}

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import register_layer_rule
-from .behaviour import forward_replaced, probe_tensor, stand_in
+from .behaviour import forward_replaced, own_parameters, probe_tensor, stand_in, takes_one_input
 from .linear import LinearRule
 
 NAME = "transformers.pytorch_utils.Conv1D"
@@ -37,10 +37,12 @@ class HFConv1DRule(LinearRule):
     kind = "hf_conv1d"
     gram = False
 
+    def describes(self, module_type):
+        return takes_one_input(module_type.forward)
+
     def applies(self, module):
-        w = getattr(module, "weight", None)
-        return not forward_replaced(module) and torch.is_tensor(w) and w.dim() == 2 \
-            and torch.is_tensor(getattr(module, "bias", None))
+        return not forward_replaced(module) and own_parameters(module) == {"weight", "bias"} \
+            and module.weight.dim() == 2 and module.bias.dim() == 1
 
     def probes(self, module, generator):
         device = module.weight.device

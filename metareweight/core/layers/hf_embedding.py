@@ -4,8 +4,9 @@
 
 ``z = s W[a]``: the lookup's per-sample contribution is ``s ⟨δ_i, U[a_i]⟩`` and each lookup adds ``s δ`` to its row's
 gradient. Matched by behaviour (:mod:`.behaviour`): an ``nn.Embedding`` subclass under ``transformers.models`` with a
-scalar ``embed_scale`` whose forward, on random ids within its vocabulary, gives ``W[a]`` times ``s`` (a tensor
-``s`` cast to the weight's dtype first, as Gemma's; a number as BART's), in the weight's dtype.
+scalar ``embed_scale`` and no other parameter whose forward, on ids within its vocabulary (its first, last and
+padding rows and random ones), gives ``W[a]`` times ``s`` (a tensor ``s`` cast to the weight's dtype first, as
+Gemma's; a number as BART's), in the weight's dtype.
 
 Example:
     >>> from torch import nn
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import register_layer_rule
-from .behaviour import forward_replaced, in_package, stand_in
+from .behaviour import forward_replaced, in_package, own_parameters, stand_in, takes_one_input
 from .embedding import EmbeddingRule
 
 PATTERN = "transformers.models.*"
@@ -39,11 +40,14 @@ class HFScaledEmbeddingRule(EmbeddingRule):
     kind = "hf_scaled_embedding"
 
     def describes(self, module_type):
-        return in_package(module_type, "transformers.models") and issubclass(module_type, nn.Embedding)
+        return in_package(module_type, "transformers.models") and issubclass(module_type, nn.Embedding) \
+            and takes_one_input(module_type.forward)
 
     def probes(self, module, generator):
-        ids = torch.randint(0, module.num_embeddings, (2, 3), generator=generator).to(module.weight.device)
-        yield stand_in(module), (ids,)
+        n = module.num_embeddings
+        ends = [0, n - 1] + ([] if module.padding_idx is None else [module.padding_idx % n])
+        ids = torch.cat([torch.tensor(ends), torch.randint(0, n, (6 - len(ends),), generator=generator)])
+        yield stand_in(module), (ids.reshape(2, 3).to(module.weight.device),)
 
     def expected_output(self, module, ids):
         return self.op(module, ids, module.weight)
@@ -51,7 +55,8 @@ class HFScaledEmbeddingRule(EmbeddingRule):
     def applies(self, module):
         s = getattr(module, "embed_scale", None)
         scalar = isinstance(s, numbers.Real) or (torch.is_tensor(s) and s.numel() == 1)
-        return scalar and not forward_replaced(module) and super().applies(module)
+        return scalar and not forward_replaced(module) and own_parameters(module) == {"weight"} \
+            and super().applies(module)
 
     def scale(self, module, like: Tensor):
         s = module.embed_scale

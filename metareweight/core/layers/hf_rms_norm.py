@@ -1,6 +1,7 @@
 """The RMSNorms Hugging Face ``transformers`` defines per model (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``MistralRMSNorm``,
 ``GemmaRMSNorm``, ``Gemma4RMSNorm``, ``T5LayerNorm``, ...): ``z = x̂ ⊙ (c + W)`` (``c`` = 0, or 1 in Gemma 1-3's
-form), element-wise like LayerNorm, registered by pattern so ``transformers`` is not imported.
+form), element-wise like LayerNorm, registered by pattern so ``transformers`` is not imported: a class under
+``transformers.models`` whose forward takes one input and whose only parameter is a weight vector.
 
 The forms differ in where they cast: ``x̂`` normalised in float32 and cast back to the input's dtype before the
 product (Llama), the product in float32 and then cast (OLMo-2, Helium, Gemma's ``1 + W``, Gemma 3n / 4), or ``x̂`` in
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import register_layer_rule
-from .behaviour import forward_replaced, in_package, probe_tensor, stand_in
+from .behaviour import forward_replaced, in_package, own_parameters, probe_tensor, stand_in, takes_one_input
 from .layer_norm import ElementwiseAffineRule
 
 PATTERN = "transformers.models.*"
@@ -62,11 +63,11 @@ class HFRMSNormRule(ElementwiseAffineRule):
     cast_to_input = False  # whether the product is cast to the input's dtype
 
     def describes(self, module_type):
-        return in_package(module_type, "transformers.models")
+        return in_package(module_type, "transformers.models") and takes_one_input(module_type.forward)
 
     def applies(self, module):
         w = getattr(module, "weight", None)
-        return not forward_replaced(module) and isinstance(w, torch.Tensor) and w.dim() == 1 \
+        return not forward_replaced(module) and own_parameters(module) == {"weight"} and w.dim() == 1 \
             and isinstance(getattr(module, self.eps_attribute, None), numbers.Real)
 
     def probes(self, module, generator):
@@ -136,9 +137,6 @@ class HFGemma4RMSNormRule(HFFloat32RMSNormRule):
 
     def applies(self, module):
         return getattr(module, "with_scale", False) is True and super().applies(module)
-
-    def inconclusive(self, module):
-        return getattr(module, "with_scale", None) is False or super().inconclusive(module)
 
     def normalise(self, module, x):
         x = x.float()

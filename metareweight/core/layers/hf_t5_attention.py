@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import LayerRule, register_layer_rule
-from .behaviour import forward_replaced, in_package, probe_tensor, stand_in
+from .behaviour import forward_replaced, in_package, own_parameters, probe_tensor, stand_in
 
 PATTERN = "transformers.models.*"
 
@@ -59,10 +59,7 @@ class T5RelativeBiasRule(LayerRule):
 
     def applies(self, module):
         return bool(getattr(module, "has_relative_attention_bias", False)) and not forward_replaced(module) \
-            and type(getattr(module, "relative_attention_bias", None)) is nn.Embedding
-
-    def inconclusive(self, module):
-        return getattr(module, "has_relative_attention_bias", None) is False or super().inconclusive(module)
+            and type(getattr(module, "relative_attention_bias", None)) is nn.Embedding and not own_parameters(module)
 
     def probes(self, module, generator):
         weight = module.relative_attention_bias.weight
