@@ -2,8 +2,9 @@
 
 A rule registered by name or pattern (:func:`~metareweight.core.layers.base.register_layer_rule`) may state its
 layer's output in its own terms (:meth:`LayerRule.expected_output`) and the inputs to try it on
-(:meth:`LayerRule.probes`). :func:`behaves_as_stated` then runs the *class's* method (``type(module).forward``, so no
-hook fires and an instance whose forward was replaced is judged by its class) on each probe, under
+(:meth:`LayerRule.probes`). Once per class and :func:`configuration` (an instance's plain attributes and shapes),
+:func:`behaves_as_stated` then runs the *class's* method (``type(module).forward``: no hook fires, and a forward
+replaced on an instance is never what is judged) on each probe, under
 ``torch.no_grad()`` with autocast off, and compares the output with the rule's: the same dtype and shape, and the
 same values to a few units in the last place. A probe runs on a :func:`stand_in` of the module (the same class and
 attributes, its parameters swapped for probe tensors or detached views), on the module's device, with probe tensors
@@ -201,4 +202,5 @@ def behaves_as_stated(rule, module: nn.Module) -> Optional[bool]:
 
 def probe_tensor(generator: torch.Generator, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Standard normal values drawn from ``generator`` (on the CPU), as ``dtype`` on ``device``."""
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    drawn = dtype if dtype in (torch.float64, torch.float32) else torch.float32
+    return torch.randn(shape, generator=generator, dtype=drawn).to(device=device, dtype=dtype)
