@@ -9,7 +9,9 @@ One call runs these phases (:meth:`Fast.__call__`):
 
 1. **capture** — the train forward with hooks on every layer that has a closed-form rule
    (:mod:`metareweight.core.layers`: ``Linear`` over any leading dims, ``Conv1d/2d/3d``, ``Embedding`` incl. lookups
-   broadcast over the batch, ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections, user-registered
+   broadcast over the batch, ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections; Hugging Face's
+   ``Conv1D`` (GPT-2), per-model RMSNorms (Llama, Qwen, Mistral, Gemma, OLMo-2, T5, ...), T5's relative position
+   bias and scaled word embeddings (Gemma), registered by name without importing ``transformers``; user-registered
    rules: :func:`metareweight.register_layer_rule`), recording ``(a_i, z_i)``;
 2. **classify** — each trainable parameter takes the *direct* closed form (all its uses are captured, batched calls),
    or the exact forward-mode *JVP* fallback (no rule, or used outside its layer; announced once); a model whose

@@ -12,7 +12,14 @@ and, where it is cheaper than autograd through ``op``, the adjoint ``op_a*`` (:m
 Rules with ``gram = True`` (``Linear``) also support the *Gram* form, which needs ``a`` and ``δ`` as rows.
 
 Rules are looked up by the module's exact type (a subclass may override ``forward``, and then the rule would not
-describe it); register a rule for your own layer with :func:`register_layer_rule`.
+describe it); register a rule for your own layer with :func:`register_layer_rule`. A layer class of an optional
+package (Hugging Face ``transformers``) is registered *by name* instead, so nothing imports the package: by its
+qualified name ``"package.module.Class"``, or by a pattern such as ``"transformers.models.*"`` for a family whose
+class names vary by model. Such a rule is checked against the class's behaviour once, on the first instance seen
+(:mod:`.behaviour`; once per configuration: an instance whose plain attributes or shapes differ is checked again): a
+cheap pre-filter on the class (:meth:`LayerRule.describes`), then the class's forward run on small probe inputs must
+give what the rule states the layer computes (:meth:`LayerRule.expected_output`), in each probe's dtype. A class that merely shares a name, or computes something else, is not matched and keeps the exact JVP
+path.
 
 Example (a user-defined layer that scales its input feature-wise):
     >>> import torch
@@ -34,10 +41,13 @@ Example (a user-defined layer that scales its input feature-wise):
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Type
+import fnmatch
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
+
+from .behaviour import behaves_as_stated, configuration, forward_replaced
 
 
 class LayerRule:
@@ -52,6 +62,8 @@ class LayerRule:
         row_lookup: whether a call reads only the weight rows its activation indexes (a lookup table, no bias);
             such a rule implements :meth:`rows_read` and :meth:`op_on_rows`, and ``Fast`` may then form the virtual
             step and the meta gradient of the weight on the rows the meta batch reads alone.
+        probe_method: (rules registered by name or pattern) the class's method the behavioural check runs on
+            :meth:`probes` (``"forward"``; T5's attention: ``"compute_bias"``).
     """
 
     kind: str = "custom"
@@ -59,8 +71,28 @@ class LayerRule:
     broadcast: bool = False
     row_lookup: bool = False
     composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
+    probe_method: str = "forward"
 
     # ---- which modules and parameters -------------------------------------------------------------------
+    def describes(self, module_type: Type[nn.Module]) -> bool:
+        """(Rules registered by name or pattern) a cheap pre-filter: whether the class may be the rule's layer
+        (e.g. defined in the package, a subclass of ``nn.Embedding``); the behavioural check runs only on such
+        classes. Default: True."""
+        return True
+
+    def probes(self, module: nn.Module, generator: torch.Generator) -> Iterable[Tuple[nn.Module, tuple]]:
+        """(Rules registered by name or pattern) the behavioural check's probes for an instance the rule applies
+        to: ``(target, args)`` pairs; the check compares ``type(module).<probe_method>(target, *args)`` with
+        :meth:`expected_output` ``(target, *args)``. ``target`` is the module or a :func:`.behaviour.stand_in` with
+        probe parameters (random values from ``generator``, on the module's device); sized from the instance's
+        shapes. Default: none, and the rule is trusted for every class :meth:`describes` accepts."""
+        return ()
+
+    def expected_output(self, module: nn.Module, *args) -> Tensor:
+        """What the layer computes on ``args``, from the rule's own formulas (the behavioural check compares it
+        with the class's own output: dtype, shape and values to a few ulps)."""
+        raise NotImplementedError(f"{type(self).__name__} has probes and must implement expected_output")
+
     def applies(self, module: nn.Module) -> bool:
         """Whether this module instance is described by the rule (e.g. not an Embedding with ``max_norm``)."""
         return True
@@ -133,25 +165,130 @@ class LayerRule:
         return tensor.reshape(-1, tensor.shape[-1])
 
 
-_RULES: Dict[Type[nn.Module], LayerRule] = {}
+_RULES: Dict[Type[nn.Module], LayerRule] = {}  # by exact type
+_NAMED: Dict[str, LayerRule] = {}  # by qualified name, "package.module.Class"
+_PATTERNS: List[Tuple[str, LayerRule]] = []  # by fnmatch pattern over the qualified name, newest first
+_CANDIDATES: Dict[type, List[LayerRule]] = {}  # the rules registered by name/pattern that describe a class
+_RESOLVED: Dict[Tuple[type, tuple], Optional[LayerRule]] = {}  # decided, per class and configuration
+_VERDICTS: Dict[Tuple[type, tuple, LayerRule], bool] = {}  # each behavioural check, once
+
+def qualified_name(module_type: type) -> str:
+    """``"package.module.Class"``: the key of a rule registered by name.
+
+    Example:
+        >>> qualified_name(nn.Linear)
+        'torch.nn.modules.linear.Linear'
+    """
+    return f"{module_type.__module__}.{module_type.__qualname__}"
 
 
-def register_layer_rule(module_type: Type[nn.Module], rule: LayerRule) -> None:
+def register_layer_rule(module_type: Union[Type[nn.Module], str], rule: LayerRule) -> None:
     """Use ``rule`` for every module of exactly ``module_type`` (replacing a built-in or earlier rule).
+
+    ``module_type`` may also be a class's qualified name (``"transformers.pytorch_utils.Conv1D"``), which registers
+    the rule without importing the class's package, or a pattern over qualified names (``"transformers.models.*"``;
+    several rules may share a pattern, each stating its own layer's output), tried newest first. A rule registered by
+    name or pattern is used for a class only where :meth:`LayerRule.describes` accepts it and the class's forward,
+    run once on the probes of :meth:`LayerRule.probes`, gives :meth:`LayerRule.expected_output`
+    (:mod:`.behaviour`); one registered for the type itself takes precedence and is not checked.
 
     The rule is trusted: a wrong ``op`` gives a wrong hypergradient, though the first call on a model checks the
     attribution against autograd (``Fast(verify=True)``) and falls back to the exact JVP path on a mismatch.
+
+    Example (by name; two classes called ``my_layers.Double``, one computing what the rule states):
+        >>> class DoubleRule(LayerRule):
+        ...     kind = "double"
+        ...     def op(self, module, a, weight):
+        ...         return 2 * a * weight
+        ...     def probes(self, module, generator):
+        ...         return [(module, (torch.randn(2, 3, generator=generator),))]
+        ...     def expected_output(self, module, x):
+        ...         return self.op(module, x, module.weight)
+        >>> register_layer_rule("my_layers.Double", DoubleRule())
+        >>> def double(forward):
+        ...     cls = type("Double", (nn.Module,), {"forward": forward, "__module__": "my_layers"})
+        ...     module = cls()
+        ...     module.weight = nn.Parameter(torch.ones(3))
+        ...     return module
+        >>> rule_for(double(lambda self, x: self.weight * (x + x))).kind, rule_for(double(lambda self, x: x))
+        ('double', None)
     """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_layer_rule needs an nn.Module subclass, got {module_type!r}")
     if not isinstance(rule, LayerRule):
         raise TypeError(f"register_layer_rule needs a LayerRule instance (e.g. MyRule(), not MyRule), got {rule!r}")
+    if isinstance(module_type, str):
+        if "." not in module_type or not module_type.replace("*", "").replace("?", "").strip("."):
+            raise TypeError(f"register_layer_rule needs an nn.Module subclass, or by name a qualified class name "
+                            f"such as 'package.module.Class' or a pattern such as 'package.*', got {module_type!r}")
+        if any(c in module_type for c in "*?["):
+            _PATTERNS.insert(0, (module_type, rule))
+        else:
+            _NAMED[module_type] = rule
+        for cache in (_CANDIDATES, _RESOLVED, _VERDICTS):
+            cache.clear()
+        return
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer_rule needs an nn.Module subclass or a qualified class name, "
+                        f"got {module_type!r}")
     _RULES[module_type] = rule
 
 
+def _candidates(module_type: type) -> List[LayerRule]:
+    """The rules registered for the class's name, then those of its matching patterns (newest first), that
+    :meth:`LayerRule.describes` accepts (once per class)."""
+    try:
+        return _CANDIDATES[module_type]
+    except KeyError:
+        pass
+    name = qualified_name(module_type)
+    rules = [_NAMED[name]] if name in _NAMED else []
+    rules += [rule for pattern, rule in _PATTERNS if fnmatch.fnmatchcase(name, pattern)]
+    rules = _CANDIDATES[module_type] = [rule for rule in rules if rule.describes(module_type)]
+    return rules
+
+
+def _verdict(rule: LayerRule, module: nn.Module, key: tuple) -> Optional[bool]:
+    """Whether the module's class, in the module's configuration, is the rule's layer (checked once); None if this
+    instance cannot tell (its forward replaced, its tensors on the meta device)."""
+    if (*key, rule) not in _VERDICTS:
+        if rule.applies(module):
+            verdict = behaves_as_stated(rule, module)
+        else:
+            verdict = None if forward_replaced(module) else False
+        if verdict is None:
+            return None
+        _VERDICTS[(*key, rule)] = verdict
+    return _VERDICTS[(*key, rule)]
+
+
+def _resolve(module: nn.Module, candidates: List[LayerRule], key: tuple) -> Tuple[Optional[LayerRule], bool]:
+    """The first candidate rule whose behavioural check the module passes, and whether that is decided for its
+    class and configuration (not where an earlier candidate could not tell on this instance)."""
+    decided = True
+    for rule in candidates:
+        verdict = _verdict(rule, module, key)
+        if verdict:
+            return rule, decided
+        decided = decided and verdict is not None
+    return None, decided
+
+
 def rule_for(module: nn.Module) -> Optional[LayerRule]:
-    """The rule registered for ``module``'s exact type, if it applies to this instance."""
-    rule = _RULES.get(type(module))
+    """The rule for ``module``'s exact type, if it applies to this instance: registered for the type (a dict
+    lookup), else by name or pattern, decided once per class and :func:`.behaviour.configuration` (the instance's
+    plain attributes and shapes) by the behavioural check, then looked up by both."""
+    cls = type(module)
+    rule = _RULES.get(cls)
+    if rule is None:
+        candidates = _candidates(cls)
+        if not candidates:
+            return None
+        key = (cls, configuration(module))
+        try:
+            rule = _RESOLVED[key]
+        except KeyError:
+            rule, decided = _resolve(module, candidates, key)
+            if decided:
+                _RESOLVED[key] = rule
     return rule if rule is not None and rule.applies(module) else None
 
 
