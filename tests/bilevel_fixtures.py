@@ -199,3 +199,18 @@ def random_direction(problem, seed=7):
 
 def dot(a, b) -> float:
     return float(sum((x * y).sum() for x, y in zip(a, b)))
+
+
+def warmed_problem(model, make_batch, opt="momentum", classes=3):
+    """A float64 problem on ``model`` after two warm-up steps (non-trivial momentum / Adam state): train batch of 8,
+    meta batch of 10 from ``make_batch(n, seed)``, the direct-term objective, Adam's preconditioner fixed."""
+    model = model.double()
+    objective = DirectTermObjective(classes, direct=True).double()
+    cls, kw = OPTS[opt]
+    optimizer = cls(model.parameters(), **kw)
+    for seed in (100, 101):
+        b = make_batch(8, seed)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(b.inputs), b.targets).backward()
+        optimizer.step()
+    return BilevelProblem.from_model(model, optimizer, objective, [make_batch(8, 1)], make_batch(10, 2), "fixed")

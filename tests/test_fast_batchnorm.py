@@ -160,15 +160,9 @@ def _image_problem(model, opt="momentum"):
                                      "fixed")
 
 
-@pytest.mark.parametrize("model,reused", [(BatchNormCNN, 4), (InPlaceAfterConv, 1)])
-@pytest.mark.parametrize("opt", ["momentum", "adamw"])
-def test_jvp_reuses_the_train_outputs_of_linear_and_conv_layers(model, reused, opt, monkeypatch):
-    """The forward-mode pass takes the train pass's Linear / Conv outputs as primals and computes only their tangents
-    (a conv output overwritten in place is recomputed instead); the hypergradient is unchanged."""
-    from metareweight import Unrolled
-
-    torch.manual_seed(0)
-    problem = _image_problem(model(), opt)
+def _count_primal_reuse(monkeypatch):
+    """``{"reused": n, "recomputed": m}``: how many Linear / Conv calls of the forward-mode pass took the train
+    pass's output as their primal, and how many ran their forward again."""
     counts = {"reused": 0, "recomputed": 0}
     tangent_only = fast_module._tangent_only_forward
 
@@ -179,6 +173,19 @@ def test_jvp_reuses_the_train_outputs_of_linear_and_conv_layers(model, reused, o
         return out
 
     monkeypatch.setattr(fast_module, "_tangent_only_forward", counting)
+    return counts
+
+
+@pytest.mark.parametrize("model,reused", [(BatchNormCNN, 4), (InPlaceAfterConv, 1)])
+@pytest.mark.parametrize("opt", ["momentum", "adamw"])
+def test_jvp_reuses_the_train_outputs_of_linear_and_conv_layers(model, reused, opt, monkeypatch):
+    """The forward-mode pass takes the train pass's Linear / Conv outputs as primals and computes only their tangents
+    (a conv output overwritten in place is recomputed instead); the hypergradient is unchanged."""
+    from metareweight import Unrolled
+
+    torch.manual_seed(0)
+    problem = _image_problem(model(), opt)
+    counts = _count_primal_reuse(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         grads = Fast()(problem).grads
@@ -202,16 +209,7 @@ def test_under_autocast_no_graph_is_kept_and_the_jvp_recomputes_its_primals(monk
     def batch(n):
         return Batch(torch.randn(n, 1, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g), torch.arange(n))
 
-    counts = {"reused": 0, "recomputed": 0}
-    tangent_only = fast_module._tangent_only_forward
-
-    def counting(module, original, pending, *args, **kwargs):
-        ran = []
-        out = tangent_only(module, lambda *a, **k: ran.append(1) or original(*a, **k), pending, *args, **kwargs)
-        counts["recomputed" if ran else "reused"] += 1
-        return out
-
-    monkeypatch.setattr(fast_module, "_tangent_only_forward", counting)
+    counts = _count_primal_reuse(monkeypatch)
     step = MetaStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), MetaWeightNet(hidden=8), "fast",
                     adam_preconditioner="fixed", precision="bf16")
     before = model.body[1].running_mean.clone()

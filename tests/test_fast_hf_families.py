@@ -18,9 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bilevel_fixtures import DirectTermObjective, OPTS, central_difference, dot, random_direction
-from metareweight import (BilevelProblem, Fast, MetaTrainer, MetaWeightNet, TensorIndexedDataset, Unrolled,
-                          with_index)
+from bilevel_fixtures import central_difference, dot, random_direction, warmed_problem
+from metareweight import Fast, MetaTrainer, MetaWeightNet, TensorIndexedDataset, Unrolled, with_index
 from metareweight.core.hypergrad import fast as fast_module
 from metareweight.core.layers import base as layer_base
 from metareweight.core.layers import rule_for
@@ -81,17 +80,7 @@ def hf_batch(n, seed, length=6):
 
 
 def _problem(model, make_batch=hf_batch, opt="momentum"):
-    """A float64 problem after two warm-up steps (non-trivial momentum / Adam state)."""
-    model = model.double()
-    objective = DirectTermObjective(3, direct=True).double()
-    cls, kw = OPTS[opt]
-    optimizer = cls(model.parameters(), **kw)
-    for seed in (100, 101):
-        b = make_batch(8, seed)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(b.inputs), b.targets).backward()
-        optimizer.step()
-    return BilevelProblem.from_model(model, optimizer, objective, [make_batch(8, 1)], make_batch(10, 2), "fixed")
+    return warmed_problem(model, make_batch, opt)
 
 
 def _fast(problem, **kw):

@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from bilevel_fixtures import DirectTermObjective, OPTS, central_difference, dot, make_problem, random_direction
-from metareweight import (BilevelProblem, Fast, LayerRule, MetaStep, MetaTrainer, MetaWeightNet,
+from bilevel_fixtures import (DirectTermObjective, OPTS, central_difference, dot, make_problem, random_direction,
+                              warmed_problem)
+from metareweight import (Fast, LayerRule, MetaStep, MetaTrainer, MetaWeightNet,
                           TensorIndexedDataset, Unrolled, register_layer_rule)
 from metareweight.core.hypergrad import fast as fast_module
 from metareweight.core.layers import base as layer_base
@@ -28,18 +29,7 @@ def _assert_close(a, b, rtol=1e-5):
     assert err < rtol, err
 
 
-def _problem(model, make_batch, opt="momentum", classes=3):
-    """A float64 problem on ``model`` after two warm-up steps (non-trivial momentum / Adam state)."""
-    model = model.double()
-    objective = DirectTermObjective(classes, direct=True).double()
-    cls, kw = OPTS[opt]
-    optimizer = cls(model.parameters(), **kw)
-    for seed in (100, 101):
-        b = make_batch(8, seed)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(b.inputs), b.targets).backward()
-        optimizer.step()
-    return BilevelProblem.from_model(model, optimizer, objective, [make_batch(8, 1)], make_batch(10, 2), "fixed")
+_problem = warmed_problem
 
 
 def _fast_warnings(call):
