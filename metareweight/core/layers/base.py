@@ -172,6 +172,7 @@ _CANDIDATES: Dict[type, List[LayerRule]] = {}  # the rules registered by name/pa
 _RESOLVED: Dict[Tuple[type, tuple], Optional[LayerRule]] = {}  # decided, per class and configuration
 _VERDICTS: Dict[Tuple[type, tuple, LayerRule], bool] = {}  # each behavioural check, once
 
+
 def qualified_name(module_type: type) -> str:
     """``"package.module.Class"``: the key of a rule registered by name.
 
