@@ -33,7 +33,7 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import register_layer_rule
 from .behaviour import forward_replaced, in_package, own_parameters, probe_tensor, stand_in, takes_one_input
