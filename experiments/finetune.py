@@ -10,7 +10,8 @@ methods listed, default all):
 - ``mwnet_noise``: symmetric label noise ``noise`` on the training split, ``n_meta`` clean meta samples;
   ``plain`` (fine-tuning on the noisy labels) vs ``mwnet`` (Meta-Weight-Net, meta batches from the clean set;
   ``mwnet_normalize``: ``batch``, ``none`` or ``class``, see ``MetaWeightNet(normalize=...)``; meta batches of
-  ``mwnet_meta_batch``, 0 for ``batch_size``).
+  ``mwnet_meta_batch``, 0 for ``batch_size``; ``mwnet_meta_class_prior``: ``none`` or ``train``, see
+  ``MetaWeightNet(meta_class_prior=...)``: for imbalanced labels, such as Women's departments).
 - ``mwnet_imbalance``: the training split keeps ``imbalance`` samples of class 0 (rotten) per sample of each other
   class (Betty's BERT example is the same idea on SST-2); the meta and test sets are balanced. ``plain`` vs
   ``balanced`` (fixed inverse-frequency class weights, ``metareweight.baselines.class_weights``: the usual remedy,
@@ -69,6 +70,7 @@ from metareweight.data import as_batch
 from metareweight.hf import require_transformers, tiny_bert, word_tokenizer
 
 NORMALIZE = {"batch": True, "none": False, "class": "class"}  # mwnet_normalize -> MetaWeightNet(normalize=...)
+PRIOR = {"none": None, "train": "train"}  # mwnet_meta_class_prior -> MetaWeightNet(meta_class_prior=...)
 RUNS = {"mwnet_noise": ("plain", "mwnet"), "mwnet_imbalance": ("plain", "balanced", "mwnet"),
         "storm_noise": ("plain", "no_rescaling", "storm")}
 
@@ -77,7 +79,7 @@ FULL = dict(
     n_meta=100, n_test=1000, max_length=32, epochs=2, batch_size=16, lr=1e-4, head_lr=1e-3, warmup_steps=30,
     freeze_layers=4, lora_r=0, cache_frozen=True, hypergrad="fast", meta_interval=2, mwnet_hidden=100,
     meta_lr=1e-3, mwnet_normalize="batch", mwnet_normalize_imbalance="batch", mwnet_class_aware_imbalance=True,
-    mwnet_meta_batch=0,
+    mwnet_meta_batch=0, mwnet_meta_class_prior="none",
     storm_meta_lr=1e-2, storm_bn_scope="class", passes=3, adam_preconditioner="fixed",
 )
 QUICK = dict(FULL, model="tiny", runs=list(RUNS), n_train=96, n_meta=32, n_test=64, max_length=24, epochs=1,
@@ -323,7 +325,8 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
             objective = MetaWeightNet(hidden=cfg["mwnet_hidden"], meta_lr=cfg["meta_lr"],
                                       normalize=NORMALIZE[cfg["mwnet_normalize_imbalance" if imbalance
                                                               else "mwnet_normalize"]],
-                                      classes=classes if imbalance and cfg["mwnet_class_aware_imbalance"] else None)
+                                      classes=classes if imbalance and cfg["mwnet_class_aware_imbalance"] else None,
+                                      meta_class_prior=PRIOR[cfg["mwnet_meta_class_prior"]])
             meta = make_meta()
             extra = dict(meta_loader=DataLoader(meta, batch_size=cfg["mwnet_meta_batch"] or cfg["batch_size"],
                                                 shuffle=True, generator=g, collate_fn=collate))
@@ -375,9 +378,10 @@ def main(argv=None) -> List[Dict]:
     seeds = args.seeds or cfg.pop("seeds", None) or [0]
     cfg.pop("seeds", None)
     cfg.pop("experiment", None)
-    for key in ("mwnet_normalize", "mwnet_normalize_imbalance"):
-        if cfg[key] not in NORMALIZE:
-            raise ValueError(f"{key} must be one of {sorted(NORMALIZE)}, got {cfg[key]!r}")
+    for key, choices in (("mwnet_normalize", NORMALIZE), ("mwnet_normalize_imbalance", NORMALIZE),
+                         ("mwnet_meta_class_prior", PRIOR)):
+        if cfg[key] not in choices:
+            raise ValueError(f"{key} must be one of {sorted(choices)}, got {cfg[key]!r}")
     unknown = sorted(set(cfg["runs"]) - set(RUNS))
     if unknown:
         raise ValueError(f"unknown runs {unknown}; runs: {sorted(RUNS)}")
