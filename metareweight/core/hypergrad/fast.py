@@ -265,7 +265,8 @@ class Fast(HypergradMethod):
         if check is not None and self._samples_interact(problem.model, train, plan, check, tcalls, deltas, ctx):
             plan = _Plan(plan.used, set(), list(plan.used), True)
             tcalls, deltas = [], []
-        g_fallback = self._fallback_grads(train, plan, keep_graph=self._replays_graph(problem, train, plan))
+        keep_graph = self._replays_graph(problem, train, plan)
+        g_fallback = self._fallback_grads(train, plan, keep_graph)
         self._choose_gram(problem, train, plan, tcalls, ctx)
         self._choose_sparse(problem, train, plan, tcalls, ctx)
         step = self._virtual_step(problem, train, plan, tcalls, deltas, g_fallback, ctx)
@@ -275,7 +276,7 @@ class Fast(HypergradMethod):
 
         self.last_paths = {n: plan.route(n) for n in plan.used}
         self.last_sparse = set(plan.sparse)
-        self._keep_for_replay(problem, train, plan, tcalls, deltas)
+        self._keep_for_replay(problem, train, plan, tcalls, deltas, keep_graph)
         lookahead = (detach_params(step.new_theta), detach_state(step.new_state)) if self.lookahead else None
         return HypergradResult(grads, float(meta.outer.detach()), lookahead)
 
@@ -596,11 +597,13 @@ class Fast(HypergradMethod):
         mixed = problem.meta_grads((weights * c).sum())
         return [d - m for d, m in zip(direct, mixed)]
 
-    def _keep_for_replay(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas) -> None:
+    def _keep_for_replay(self, problem, train: _TrainPass, plan: _Plan, tcalls, deltas, kept_graph: bool) -> None:
+        """What :meth:`replay` needs; ``kept_graph``: whether ``_fallback_grads`` kept the train graph (without it,
+        JVP parameters cannot be replayed)."""
         batch = problem.train_batches[0]
         graph = None
         if plan.fallback:
-            if not self._replays_graph(problem, train, plan):
+            if not kept_graph:
                 return
             graph = (train.terms, list(plan.fallback), [train.theta[n] for n in plan.fallback])
         if not _single_call(train, batch):
