@@ -96,9 +96,6 @@ class HFRMSNormRule(ElementwiseAffineRule):
     def normalise(self, module, x):
         return _rms_float32(x, self.eps(module)).to(x.dtype)
 
-    def weight_grad(self, module, a, delta):
-        return (delta * a).reshape(-1, module.weight.numel()).sum(0).reshape(module.weight.shape)
-
 
 class HFFloat32RMSNormRule(HFRMSNormRule):
     """OLMo-2's ``(W ⊙ x̂).to(input dtype)`` and, with ``weight_in_float32``, Helium's / Nemotron-H's
