@@ -164,10 +164,8 @@ def normalized_per_class(w: Tensor, labels: Tensor, collectives: Collectives) ->
         [0.125, 0.375, 0.25, 0.25]
     """
     if not _class_labels(labels) or labels.shape != w.shape:
-        shape, dtype = tuple(getattr(labels, "shape", ())), getattr(labels, "dtype", type(labels))
         raise ValueError(f"MetaWeightNet(normalize='class') needs one integer class label per sample (got targets of "
-                         f"shape {shape} and dtype {dtype} for {w.shape[0]} weights); use normalize=True for other "
-                         "targets")
+                         f"{_shape_and_dtype(labels)} for {w.shape[0]} weights); use normalize=True for other targets")
     y = labels.long()
     local_classes = int(y.max()) + 1 if y.numel() else 0
     classes = -int(collectives.agree_min(-torch.tensor(local_classes, device=w.device)))
@@ -276,11 +274,10 @@ class MetaWeightNet(MetaObjective):
         if self.classes is not None:
             if labels is None or not _class_labels(labels) or labels.shape != losses.shape \
                     or (labels.numel() and int(labels.max()) >= self.classes):
-                shape, dtype = tuple(getattr(labels, "shape", ())), getattr(labels, "dtype", type(labels))
                 raise ValueError(f"MetaWeightNet(classes={self.classes}) weighs each sample by its loss and its label: "
-                                 f"it needs one integer label in [0, {self.classes}) per loss (got {shape}, {dtype} "
-                                 f"for {losses.shape[0]} losses); set classes to the number of classes, or "
-                                 "classes=None for a loss-only net")
+                                 f"it needs one integer label in [0, {self.classes}) per loss (got "
+                                 f"{_shape_and_dtype(labels)} for {losses.shape[0]} losses); set classes to the "
+                                 "number of classes, or classes=None for a loss-only net")
             x = torch.cat([x, nn.functional.one_hot(labels.long(), self.classes).to(net_dtype)], 1)
         return self.net(x).squeeze(1)
 
@@ -334,6 +331,11 @@ class MetaWeightNet(MetaObjective):
         else:  # a checkpoint from before the counts existed
             state_dict[key] = self.train_class_counts.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _shape_and_dtype(targets) -> str:
+    """``"shape (4,) and dtype torch.float32"`` of targets that may not be a tensor (for error messages)."""
+    return f"shape {tuple(getattr(targets, 'shape', ()))} and dtype {getattr(targets, 'dtype', type(targets))}"
 
 
 def _class_labels(targets) -> bool:
