@@ -45,7 +45,7 @@ plain steps first; AdamW with ``lr`` for the encoder and ``head_lr`` for the new
 
 ``--quick`` replaces MiniLM by a tiny random-init BERT and a word-level tokenizer built from the training texts, and
 uses a few hundred snippets: a smoke test of the pipeline, not a result. JSON: one row per (setting, method, seed)
-with ``test_acc``, ``acc_after_warmup``, ``curve`` (plain: test accuracy after each epoch), ``weight_auroc`` (noise
+with ``test_acc``, ``acc_after_warmup``, ``curve`` (test accuracy after each epoch), ``weight_auroc`` (noise
 settings), ``weight_clean``/``weight_noisy``, ``weight_spread`` (std of the last epoch's weights), ``seconds``
 (training) and ``cache_seconds`` (the frozen bottom, once per seed and setting), ``fed`` (``cached``/``collator``).
 """
@@ -338,8 +338,9 @@ def run(setting: str, method: str, cfg: Dict, seed: int, cache: Dict = None) -> 
             extra = dict(real_step="lookahead")
         trainer = MetaTrainer(model, optimizer, train_loader, objective, hypergrad=cfg["hypergrad"],
                               meta_interval=cfg["meta_interval"], adam_preconditioner=cfg["adam_preconditioner"],
-                              noisy=flipped if noise else None, progress=False, **extra)
+                              noisy=flipped if noise else None, progress=False, eval_loader=test_loader, **extra)
         hist = trainer.fit(epochs=cfg["epochs"])
+        row["curve"] = [float(h["eval_accuracy"]) for h in hist]
         last = hist[-1]
         row.update(weight_spread=float(last["weight_std"]), weight_mean=float(last["weight_mean"]))
         latest = trainer.weights_history.latest()
