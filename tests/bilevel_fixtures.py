@@ -9,6 +9,7 @@ from metareweight import MetaObjective, WeightedTerms
 from metareweight.core import BilevelProblem
 from metareweight.data import Batch
 from metareweight.losses import cross_entropy_terms
+from metareweight.models import model_forward
 
 
 class DirectTermObjective(MetaObjective):
@@ -37,6 +38,26 @@ class DirectTermObjective(MetaObjective):
         if self.direct:
             return (self._w(losses, batch.targets) * losses).mean()
         return losses.mean()
+
+
+class PerSampleWeights(MetaObjective):
+    """One free weight ``sigmoid(φ[index])`` per training sample (the batch's ``index`` picks it): the hypergradient
+    of ``φ_i`` is sample ``i``'s own coefficient ``−c_i σ'(φ_i)``, so a per-sample attribution that is wrong but sums
+    right (a lookup shared by every sample read as one per sample) shows, where a weight net of near-equal features
+    at random init would average it away. The outer loss is the plain mean cross-entropy."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.phi = nn.Parameter(torch.randn(num_samples, generator=g, dtype=torch.float64))
+
+    def inner_terms(self, forward, batch):
+        losses = cross_entropy_terms(forward(batch.inputs), batch.targets)
+        w = torch.sigmoid(self.phi[batch.index]).to(losses.dtype)
+        return WeightedTerms(losses, w / w.shape[0])
+
+    def outer_loss(self, forward, batch):
+        return cross_entropy_terms(forward(batch.inputs), batch.targets).mean()
 
 
 #: inner optimizers the exactness tests sweep over, by name
@@ -201,16 +222,19 @@ def dot(a, b) -> float:
     return float(sum((x * y).sum() for x, y in zip(a, b)))
 
 
-def warmed_problem(model, make_batch, opt="momentum", classes=3):
+def warmed_problem(model, make_batch, opt="momentum", classes=3, objective=None):
     """A float64 problem on ``model`` after two warm-up steps (non-trivial momentum / Adam state): train batch of 8,
-    meta batch of 10 from ``make_batch(n, seed)``, the direct-term objective, Adam's preconditioner fixed."""
+    meta batch of 10 from ``make_batch(n, seed)``, ``objective`` (default: the direct-term one), Adam's
+    preconditioner fixed. ``model`` is called as the trainer calls it (a dict of inputs as keyword arguments, a
+    Hugging Face output's logits)."""
     model = model.double()
-    objective = DirectTermObjective(classes, direct=True).double()
+    forward = model_forward(model)
+    objective = (objective or DirectTermObjective(classes, direct=True)).double()
     cls, kw = OPTS[opt]
     optimizer = cls(model.parameters(), **kw)
     for seed in (100, 101):
         b = make_batch(8, seed)
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(b.inputs), b.targets).backward()
+        nn.functional.cross_entropy(forward(b.inputs), b.targets).backward()
         optimizer.step()
     return BilevelProblem.from_model(model, optimizer, objective, [make_batch(8, 1)], make_batch(10, 2), "fixed")

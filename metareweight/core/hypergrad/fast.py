@@ -216,6 +216,9 @@ class Fast(HypergradMethod):
             whole ``θ'``) or in a data-parallel run.
         verify: on the first call for a model, check the per-sample attribution against autograd with random
             weights; a mismatch (a layer couples samples) switches that model to the JVP path, with a warning.
+            A parameter a later call takes the closed form for the first time is checked then (a lookup shared by
+            every sample looks per-sample when the sequence length equals the batch size); a mismatch keeps that
+            parameter on the JVP path, with a warning.
         reuse_primals: in the forward-mode pass, Linear / Conv layers take the train pass's outputs as their
             primal and compute only their tangent (False: the whole pass recomputed; for checks).
     """
@@ -237,7 +240,8 @@ class Fast(HypergradMethod):
         self._capture: Optional[_Capture] = None
         self.last_paths: Dict[str, str] = {}  # parameter -> "gram" | "direct" | "jvp" in the last call
         self.last_sparse: Set[str] = set()  # direct parameters whose virtual step ran on the meta batch's rows only
-        self._verified = weakref.WeakSet()
+        self._verified = weakref.WeakKeyDictionary()  # model -> the parameters whose attribution was checked
+        self._shared = weakref.WeakKeyDictionary()  # model -> parameters found not per sample on a later check
         self._coupled = weakref.WeakSet()
 
     @property
@@ -262,9 +266,8 @@ class Fast(HypergradMethod):
         plan = self._classify(problem, train)
         check = self._coupling_probe(problem, train, plan)
         deltas, tcalls = self._output_grads(train, plan, keep_graph=check is not None or bool(plan.fallback))
-        if check is not None and self._samples_interact(problem.model, train, plan, check, tcalls, deltas, ctx):
-            plan = _Plan(plan.used, set(), list(plan.used), True)
-            tcalls, deltas = [], []
+        if check is not None:
+            plan, tcalls, deltas = self._checked_plan(problem.model, train, plan, check, tcalls, deltas, ctx)
         keep_graph = self._replays_graph(problem, train, plan)
         g_fallback = self._fallback_grads(train, plan, keep_graph)
         self._choose_gram(problem, train, plan, tcalls, ctx)
@@ -352,6 +355,7 @@ class Fast(HypergradMethod):
             by_param = _calls_by_param(train.calls)
             closed = {n for n in used if len(by_param.get(n, ())) == train.uses[n]
                       and all(c.batched() and c.samples == B for c in by_param[n])}
+            closed -= self._shared.get(model, set())
         fallback = [n for n in used if n not in closed]
         if fallback and self.closed_forms and not coupled:
             _announce(f"hypergrad='fast': no closed form for {fallback} (layer type, or used outside its layer); "
@@ -360,35 +364,64 @@ class Fast(HypergradMethod):
         return _Plan(used, closed, fallback, coupled)
 
     def _coupling_probe(self, problem, train: _TrainPass, plan: _Plan):
-        """``(r, names, Σ_i r_i ∇ℓ_i by autograd)`` on the first call for a model, to check the attribution."""
-        if not (plan.closed and self.verify and problem.model not in self._verified):
+        """``(r, names, Σ_i r_i ∇ℓ_i by autograd)`` to check the attribution of the closed-form parameters not
+        checked yet for the model: all of them on its first call; later, those a call takes the closed form for
+        for the first time (a layer whose first dimension is not the batch's, a lookup of ``(query, key)`` offsets
+        shared by every sample or a sequence-first activation, passes for per-sample when a batch's padded length
+        equals its size)."""
+        checked = self._verified.get(problem.model)
+        names = sorted(plan.closed if checked is None else plan.closed - checked)
+        if not (names and self.verify):
             return None
         terms = train.terms
         gen = torch.Generator(device=terms.device).manual_seed(0)  # leaves the global RNG (data order) alone
         r = torch.randn(terms.shape, generator=gen, dtype=terms.dtype, device=terms.device)
-        names = sorted(plan.closed)
         return r, names, torch.autograd.grad(terms, [train.theta[n] for n in names], r, retain_graph=True)
 
-    def _samples_interact(self, model, train, plan, check, tcalls, deltas, ctx) -> bool:
-        """Whether the captured per-sample attribution misses a coupling between samples (then announced)."""
+    def _checked_plan(self, model, train, plan, check, tcalls, deltas, ctx):
+        """The plan, captured calls and output gradients after the attribution check: on a model's first call a
+        mismatch means its samples interact (the JVP path for every parameter, announced); on a later call the
+        mismatched parameters alone take the JVP path, for this and every later call (announced)."""
+        first = model not in self._verified
+        bad = self._misattributed(model, train, check, tcalls, deltas, ctx, first)
+        self._verified[model] = self._verified.get(model, set()) | set(check[1])
+        if not bad:
+            return plan, tcalls, deltas
+        if first:
+            self._coupled.add(model)
+            return _Plan(plan.used, set(), list(plan.used), True), [], []
+        self._shared[model] = self._shared.get(model, set()) | bad
+        _announce(f"hypergrad='fast': the calls of {sorted(bad)} in {type(model).__name__} are not one per sample "
+                  "(a layer or lookup whose first dimension is not the batch's, here of the batch's size); their "
+                  "part of the hypergradient comes from a forward-mode JVP (exact, slower) from now on")
+        closed = plan.closed - bad
+        keep = [i for i, c in enumerate(tcalls) if c.weight in closed or c.bias in closed]
+        return (_Plan(plan.used, closed, plan.fallback + sorted(bad), False), [tcalls[i] for i in keep],
+                [deltas[i] for i in keep])
+
+    def _misattributed(self, model, train, check, tcalls, deltas, ctx, first: bool) -> Set[str]:
+        """The checked parameters whose captured per-sample attribution misses what autograd gives: on the first
+        call all of them where any is off (the samples interact, announced), later each one that is off."""
         r, names, true = check
         with torch.no_grad():
             ours = [_param_grad(n, r, tcalls, deltas, {}) for n in names]
             total = torch.sqrt(sum(t.double().norm() ** 2 for t in true))
             # relative to the larger norm, floored by 1e-4 of the whole gradient: a parameter whose gradient is zero
             # for every sample (an attention key bias) is not coupling, but samples that cancel (a batch mean) are
-            err = max(float((a - b).norm() / torch.stack([a.norm(), b.norm(), 1e-4 * total.to(a.dtype)]).max()
-                            .clamp_min(1e-30)) for a, b in zip(ours, true))
-        err = _agree_max(err, ctx)  # every rank must take the same path
-        self._verified.add(model)
+            errs = [float((a - b).norm() / torch.stack([a.norm(), b.norm(), 1e-4 * total.to(a.dtype)]).max()
+                          .clamp_min(1e-30)) for a, b in zip(ours, true)]
         # under autocast autograd's own weight gradients are rounded to bf16/fp16 (ours accumulate in float32)
         low = any(c.output.dtype in (torch.bfloat16, torch.float16) for c in train.calls)
-        if err <= (5e-2 if low else 1e-3):
-            return False
-        self._coupled.add(model)
-        _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
-                  f"off by {err:.1e}); using the exact JVP path for this model")
-        return True
+        tol = 5e-2 if low else 1e-3
+        if first:
+            err = _agree_max(max(errs), ctx)  # every rank must take the same path
+            if err <= tol:
+                return set()
+            _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
+                      f"off by {err:.1e}); using the exact JVP path for this model")
+            return set(names)
+        good = {n for n, e in zip(names, errs) if e <= tol}
+        return set(names) - _agreed(good, names, ctx, r.device)
 
     # ---- 3. δ ----------------------------------------------------------------------------------------------
     def _output_grads(self, train: _TrainPass, plan: _Plan, keep_graph: bool
