@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from metareweight import MetaObjective, WeightedTerms
+from metareweight import Fast, MetaObjective, WeightedTerms
 from metareweight.core import BilevelProblem
 from metareweight.data import Batch
 from metareweight.losses import cross_entropy_terms
@@ -238,3 +240,19 @@ def warmed_problem(model, make_batch, opt="momentum", classes=3, objective=None)
         nn.functional.cross_entropy(forward(b.inputs), b.targets).backward()
         optimizer.step()
     return BilevelProblem.from_model(model, optimizer, objective, [make_batch(8, 1)], make_batch(10, 2), "fixed")
+
+
+def fast_announced(problem, **kw):
+    """``Fast(**kw)`` on the problem: its grads, the method (``last_paths``) and what it announced in this call
+    (``hypergrad='fast': ...`` warnings; announcements are once per process, so reset ``fast._ANNOUNCED`` first
+    where earlier calls may have made the same one)."""
+    method = Fast(**kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = method(problem).grads
+    return grads, method, [str(w.message) for w in caught if "hypergrad='fast'" in str(w.message)]
+
+
+def max_rel_err(a, b) -> float:
+    """The largest relative error ``|a_i - b_i| / |b_i|`` over two lists of gradients."""
+    return max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))

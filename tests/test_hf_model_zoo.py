@@ -1,0 +1,217 @@
+"""A user brings a Hugging Face sequence classifier we never tested: a zoo of families beyond BERT, GPT-2, Llama, Qwen2,
+Gemma, T5, Phi-3 and ELECTRA's own tests, each a tiny random-init model (hidden 32, 2 layers, 2 heads, vocabulary
+100, dropout 0) fed as a user feeds it: ``DataCollatorWithPadding`` batches with an ``index`` (``with_index``)
+straight into ``MetaTrainer``.
+
+For every family: ``fast`` and ``unrolled`` train two steps with SGD and with AdamW (fixed preconditioner) and
+``evaluate`` works; in float64 the ``fast`` hypergradient equals ``unrolled``'s to 1e-6 (one free weight per sample,
+so a per-sample attribution that is wrong but sums right shows), and the parameters on the JVP route are exactly the
+family's known ones (none for most): a layer that gains a rule, or loses one, changes this table. The weights are
+drawn with ``initializer_range`` 0.3 (Hugging Face's 0.02 leaves attention uniform, and position biases without
+effect on the loss). Families not in the installed ``transformers`` are skipped. ``transformers`` casts to float32
+inside some layers (the Llama-form RMSNorm, GPT-Neo's attention, DeBERTa's LayerNorm): there the float64 models
+agree to ~1e-7, the float32 rounding, not to ~1e-15.
+
+Not here, and why: CodeGen (no ``ForSequenceClassification``; GPT-J, its architecture, is), MEGA (removed from
+``transformers``); Longformer and XLNet run their layers on sequence-first activations, so ``fast`` takes the exact
+JVP route for those (all of XLNet's), and for every parameter where the padded length equals the batch size on the
+first call (the attribution check then finds samples "interacting").
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bilevel_fixtures import PerSampleWeights, fast_announced, max_rel_err, warmed_problem
+from metareweight import MetaTrainer, MetaWeightNet, Unrolled, as_batch
+from metareweight.hf import word_tokenizer
+from test_hf import WORDS, loader
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+DECODER = dict(BERT_LIKE, num_key_value_heads=1)
+SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_start_token_id=2)
+
+
+@dataclass
+class Family:
+    """A family's classes (``<prefix>Config``, ``<prefix>ForSequenceClassification``), its tiny configuration and the
+    parameters ``fast`` takes the JVP route for (substrings of their names; none: closed forms everywhere)."""
+
+    prefix: str
+    config: dict
+    jvp: tuple = ()
+    why: str = ""
+    lora: Optional[list] = None  # wrap in a peft LoRA with these target modules
+    float32: str = ""  # where the model computes in float32 whatever its dtype (float64 agreement: its rounding)
+
+
+ZOO = {
+    "distilbert": Family("DistilBert", dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64)),
+    "roberta": Family("Roberta", BERT_LIKE),
+    "roberta_lora": Family("Roberta", BERT_LIKE, lora=["query", "value"]),
+    "xlm_roberta": Family("XLMRoberta", BERT_LIKE),
+    "camembert": Family("Camembert", BERT_LIKE),
+    "ernie": Family("Ernie", BERT_LIKE),
+    "data2vec_text": Family("Data2VecText", BERT_LIKE),
+    "roformer": Family("RoFormer", dict(BERT_LIKE, embedding_size=32)),
+    "albert": Family("Albert", dict(BERT_LIKE, embedding_size=16)),
+    "bigbird": Family("BigBird", dict(BERT_LIKE, attention_type="original_full")),
+    "nystromformer": Family("Nystromformer", dict(BERT_LIKE, num_landmarks=64, segment_means_seq_len=64,
+                                                  conv_kernel_size=3)),
+    "modernbert": Family("ModernBert", dict(BERT_LIKE, global_attn_every_n_layers=2, local_attention=4),
+                          float32="rotary embedding, eager softmax"),
+    "mpnet": Family("MPNet", BERT_LIKE, jvp=("relative_attention_bias",),
+                    why="the relative position bias is one (L, L) lookup shared by every sample"),
+    "convbert": Family("ConvBert", dict(BERT_LIKE, embedding_size=32), jvp=("key_conv_attn_layer.bias",),
+                       why="the separable convolution's bias is added outside a layer"),
+    "deberta": Family("Deberta", dict(BERT_LIKE, relative_attention=True, pos_att_type=["c2p", "p2c"],
+                                      position_biased_input=False),
+                      jvp=("LayerNorm", "q_bias", "v_bias", "pos_proj", "pos_q_proj", "rel_embeddings"),
+                      why="DebertaLayerNorm has no rule; q/v biases are bare parameters; the position projections "
+                          "run on the shared relative embeddings", float32="DebertaLayerNorm"),
+    "deberta_v2": Family("DebertaV2", dict(BERT_LIKE, relative_attention=True, pos_att_type=["c2p", "p2c"],
+                                           position_buckets=8, norm_rel_ebd="layer_norm", share_att_key=True,
+                                           position_biased_input=False),
+                         jvp=("query_proj", "key_proj", "encoder.LayerNorm", "rel_embeddings"),
+                         why="share_att_key: the query/key projections also run on the shared relative embeddings"),
+    "funnel": Family("Funnel", dict(block_sizes=[1, 1], num_decoder_layers=1, d_model=32, n_head=2, d_head=16,
+                                    d_inner=64),
+                     jvp=("r_w_bias", "r_r_bias", "r_kernel", "r_s_bias", "seg_embed"),
+                     why="the relative attention's bare parameters (einsum)", float32="attention scores"),
+    "mobilebert": Family("MobileBert", dict(BERT_LIKE, embedding_size=16, intra_bottleneck_size=16,
+                                            true_hidden_size=16, num_feedforward_networks=1),
+                         jvp=("LayerNorm",), why="NoNorm (x * w + b) has no rule"),
+    "bart": Family("Bart", SEQ2SEQ, jvp=("embed_positions",), why="learned positions: an Embedding subclass"),
+    "mbart": Family("MBart", SEQ2SEQ, jvp=("embed_positions",), why="learned positions: an Embedding subclass"),
+    "mistral": Family("Mistral", DECODER, float32="RMSNorm"),
+    "mistral_lora": Family("Mistral", DECODER, lora=["q_proj", "v_proj"], float32="RMSNorm"),
+    "phi": Family("Phi", BERT_LIKE),
+    "phi3": Family("Phi3", DECODER, float32="RMSNorm"),
+    "gpt_neox": Family("GPTNeoX", BERT_LIKE),
+    "opt": Family("OPT", dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                              word_embed_proj_dim=32),
+                  jvp=("embed_positions", "fc1", "fc2", "final_layer_norm"),
+                  why="the feed-forward runs on (batch x length) flattened rows; learned positions"),
+    "bloom": Family("Bloom", dict(hidden_size=32, n_layer=2, n_head=2), float32="softmax"),
+    "falcon": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+                     jvp=("query_key_value", "dense"), why="FalconLinear (x @ W.T) has no rule"),
+    "gemma2": Family("Gemma2", dict(DECODER, head_dim=16), float32="RMSNorm, eager softmax"),
+    "qwen3": Family("Qwen3", dict(DECODER, head_dim=16), float32="RMSNorm (also on queries and keys)"),
+    "stablelm": Family("StableLm", DECODER),
+    "gptj": Family("GPTJ", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8)),
+    "gpt_neo": Family("GPTNeo", dict(hidden_size=32, num_layers=2, num_heads=2, window_size=4,
+                                     attention_types=[[["global", "local"], 1]]), float32="attention"),
+}
+
+
+def build(name: str, seed: int = 0):
+    """The family's tiny random-init classifier (2 labels, pad 0, the word tokenizer's [CLS]/[SEP] as bos/eos),
+    dropout 0, weights drawn with std 0.3; skipped where the installed ``transformers`` lacks it."""
+    family = ZOO[name]
+    config_cls = getattr(transformers, family.prefix + "Config", None)
+    model_cls = getattr(transformers, family.prefix + "ForSequenceClassification", None)
+    if config_cls is None or model_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {family.prefix}ForSequenceClassification")
+    config = config_cls(**family.config, vocab_size=100, max_position_embeddings=64, num_labels=2, pad_token_id=0,
+                        bos_token_id=2, eos_token_id=3)
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+        if key in ("initializer_range", "init_std"):
+            setattr(config, key, 0.3)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    if family.lora:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=family.lora, task_type="SEQ_CLS"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer(WORDS)
+
+
+def collated(tokenizer):
+    """``make_batch(n, seed)``: one ``DataCollatorWithPadding`` batch of ``n`` indexed samples, as a ``Batch``."""
+    return lambda n, seed: as_batch(next(iter(loader(tokenizer, n=n, batch_size=n, seed=seed))))
+
+
+def _float64_agreement(tokenizer, name, opt):
+    """``fast``'s and ``unrolled``'s hypergradients on the family's float64 problem: the largest relative error and
+    the parameters ``fast`` took the JVP route for (checked against the family's known ones)."""
+    problem = warmed_problem(build(name), collated(tokenizer), opt, objective=PerSampleWeights(8))
+    grads, method, _ = fast_announced(problem)
+    err = max_rel_err(grads, Unrolled()(problem).grads)
+    jvp = sorted(n for n, route in method.last_paths.items() if route == "jvp")
+    print(f"{name} {opt}: max relative error {err:.1e}, JVP route for {len(jvp)}/{len(method.last_paths)}")
+    expected = ZOO[name].jvp
+    assert [n for n in jvp if not any(part in n for part in expected)] == []
+    assert bool(jvp) == bool(expected), ZOO[name].why
+    return err
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adamw"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_fast_equals_unrolled_in_float64(tokenizer, name, opt):
+    """To 1e-9; to 2e-5 where the model rounds to float32 inside (its rounding: agreed to 1e-9 without the casts,
+    below)."""
+    err = _float64_agreement(tokenizer, name, opt)
+    assert err < (2e-5 if ZOO[name].float32 else 1e-9), err
+
+
+@pytest.fixture
+def no_float32_casts(monkeypatch):
+    """``transformers``' casts to float32 (``.to(torch.float32)``, ``.float()``, ``.type_as``, a float32
+    ``softmax``) leave float64 tensors alone; the layer rules' behavioural checks run afresh and are forgotten after
+    the test (a verdict reached without the casts is not kept)."""
+    from metareweight.core.layers import base as layer_base
+
+    to, as_float, type_as, softmax = torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as, F.softmax
+
+    def keep64(t, dtype):
+        return torch.float64 if t.dtype == torch.float64 and dtype is torch.float32 else dtype
+
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **kw: to(
+        t, *(keep64(t, x) if isinstance(x, torch.dtype) else x for x in a),
+        **{k: keep64(t, v) if k == "dtype" else v for k, v in kw.items()}))
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: t if t.dtype == torch.float64 else as_float(t))
+    monkeypatch.setattr(torch.Tensor, "type_as", lambda t, o: t if t.dtype == torch.float64 else type_as(t, o))
+    monkeypatch.setattr(F, "softmax", lambda x, dim=None, _stacklevel=3, dtype=None: softmax(
+        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype))
+    for cache in ("_CANDIDATES", "_RESOLVED", "_VERDICTS"):
+        monkeypatch.setattr(layer_base, cache, {})
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in ZOO.items() if f.float32))
+def test_the_float32_gap_is_the_models_rounding(tokenizer, name, no_float32_casts):
+    assert _float64_agreement(tokenizer, name, "momentum") < 1e-9
+
+
+@pytest.mark.parametrize("hypergrad", ["fast", "unrolled"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_meta_trainer_trains_from_a_collator_and_evaluates(tokenizer, name, hypergrad):
+    for opt in ("sgd", "adamw"):
+        model = build(name)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt == "sgd" \
+            else torch.optim.AdamW(model.parameters(), lr=1e-3)
+        trainer = MetaTrainer(model, optimizer, loader(tokenizer, n=16), MetaWeightNet(hidden=8),
+                              meta_loader=loader(tokenizer, n=16, seed=1), hypergrad=hypergrad,
+                              adam_preconditioner="fixed", progress=False)
+        trainer.fit(epochs=1, max_steps=2)
+        assert trainer.meta_steps == 2 and sorted(trainer.weights_history.latest()["index"].tolist()) == list(
+            range(16))
+        metrics = trainer.evaluate(loader(tokenizer, n=16, seed=2))
+        assert 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
+        after = dict(model.named_parameters())
+        assert any(not torch.equal(after[n].detach(), v) for n, v in before.items()), opt
