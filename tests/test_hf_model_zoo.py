@@ -102,8 +102,8 @@ ZOO = {
                   jvp=("embed_positions", "fc1", "fc2", "final_layer_norm"),
                   why="the feed-forward runs on (batch x length) flattened rows; learned positions"),
     "bloom": Family("Bloom", dict(hidden_size=32, n_layer=2, n_head=2), float32="softmax"),
-    "falcon": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
-                     jvp=("query_key_value", "dense"), why="FalconLinear (x @ W.T) has no rule"),
+    "falcon": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),  # FalconLinear
+    "falcon_bias": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, bias=True)),
     "gemma2": Family("Gemma2", dict(DECODER, head_dim=16), float32="RMSNorm, eager softmax"),
     "qwen3": Family("Qwen3", dict(DECODER, head_dim=16), float32="RMSNorm (also on queries and keys)"),
     "stablelm": Family("StableLm", DECODER),
@@ -215,3 +215,41 @@ def test_meta_trainer_trains_from_a_collator_and_evaluates(tokenizer, name, hype
         assert 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
         after = dict(model.named_parameters())
         assert any(not torch.equal(after[n].detach(), v) for n, v in before.items()), opt
+
+
+# ---- the layer rules the zoo called for -------------------------------------------------------------------------
+def _in_transformers(cls, name):
+    cls.__module__, cls.__qualname__, cls.__name__ = "transformers.models.fake.modeling_fake", name, name
+    return cls
+
+
+def test_falcon_linear_takes_the_linear_closed_forms_and_other_linear_subclasses_only_by_behaviour():
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    from metareweight.core.layers import rule_for
+
+    assert rule_for(FalconLinear(4, 3, bias=False)).kind == rule_for(FalconLinear(4, 3)).kind == "hf_linear"
+
+    class KeepsLinearForward(torch.nn.Linear):
+        pass
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * x @ self.weight.T
+
+    class Gated(torch.nn.Linear):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.gate = torch.nn.Parameter(torch.zeros(()))  # zero: the probe alone could not tell
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight, self.bias) * (1 + self.gate)
+
+    assert rule_for(_in_transformers(KeepsLinearForward, "KeepsLinearForward")(4, 3)).kind == "hf_linear"
+    assert rule_for(_in_transformers(Scaled, "Scaled")(4, 3)) is None
+    assert rule_for(_in_transformers(Gated, "Gated")(4, 3)) is None
+
+    class Mine(torch.nn.Linear):  # outside transformers: a user's subclass is the user's to register
+        pass
+
+    assert rule_for(Mine(4, 3)) is None

@@ -21,6 +21,7 @@ from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .hf_conv1d import HFConv1DRule
 from .hf_embedding import HFScaledEmbeddingRule
+from .hf_linear import HFLinearRule
 from .hf_rms_norm import HFGemma4RMSNormRule, HFGemmaRMSNormRule, HFRMSNormRule, HFT5LayerNormRule
 from .hf_t5_attention import T5RelativeBiasRule
 from .layer_norm import ElementwiseAffineRule, LayerNormRule
@@ -30,4 +31,4 @@ from .rms_norm import RMSNormRule
 __all__ = ["LayerRule", "register_layer_rule", "rule_for", "LinearRule", "ConvRule", "EmbeddingRule",
            "ElementwiseAffineRule", "LayerNormRule", "RMSNormRule", "MultiheadAttentionRule", "InProjectionRule",
            "HFConv1DRule", "HFRMSNormRule", "HFGemmaRMSNormRule", "HFGemma4RMSNormRule", "HFT5LayerNormRule",
-           "HFScaledEmbeddingRule", "T5RelativeBiasRule"]
+           "HFScaledEmbeddingRule", "T5RelativeBiasRule", "HFLinearRule"]
