@@ -69,8 +69,7 @@ ZOO = {
                                                   conv_kernel_size=3)),
     "modernbert": Family("ModernBert", dict(BERT_LIKE, global_attn_every_n_layers=2, local_attention=4),
                           float32="rotary embedding, eager softmax"),
-    "mpnet": Family("MPNet", BERT_LIKE, jvp=("relative_attention_bias",),
-                    why="the relative position bias is one (L, L) lookup shared by every sample"),
+    "mpnet": Family("MPNet", BERT_LIKE),
     "convbert": Family("ConvBert", dict(BERT_LIKE, embedding_size=32), jvp=("key_conv_attn_layer.bias",),
                        why="the separable convolution's bias is added outside a layer"),
     "deberta": Family("Deberta", dict(BERT_LIKE, relative_attention=True, pos_att_type=["c2p", "p2c"],
@@ -253,3 +252,33 @@ def test_falcon_linear_takes_the_linear_closed_forms_and_other_linear_subclasses
         pass
 
     assert rule_for(Mine(4, 3)) is None
+
+
+def test_mpnet_relative_bias_is_one_lookup_shared_by_every_sample_also_when_the_length_is_the_batch_size(tokenizer):
+    """MPNet's ``(L, L)`` bias lookup, expanded over the batch by its rule: closed forms everywhere with no
+    announcement, where a batch of 8 has 8 tokens too (the bare lookup would pass for per-sample)."""
+    def make_batch(n, seed):  # every sample cut or padded to 8 tokens
+        raw = next(iter(loader(tokenizer, n=n, batch_size=n, seed=seed)))
+        return as_batch({k: v[:, :8] if v.dim() == 2 else v for k, v in raw.items()})
+
+    problem = warmed_problem(build("mpnet"), make_batch, "adamw", objective=PerSampleWeights(8))
+    assert problem.train_batches[0].inputs["input_ids"].shape == (8, 8)
+    grads, method, announced = fast_announced(problem)
+    assert announced == [] and method.last_paths["mpnet.encoder.relative_attention_bias.weight"] == "direct"
+    assert set(method.last_paths.values()) == {"direct"}
+    assert max_rel_err(grads, Unrolled()(problem).grads) < 1e-9
+
+
+def test_an_encoder_whose_position_bias_is_computed_otherwise_is_not_matched():
+    from transformers.models.mpnet import modeling_mpnet
+
+    from metareweight.core.layers import rule_for
+
+    config = transformers.MPNetConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    assert rule_for(modeling_mpnet.MPNetEncoder(config)).kind == "hf_mpnet_relative_bias"
+
+    class Transposed(modeling_mpnet.MPNetEncoder):  # the same signature, the bias of (key, query) offsets
+        def compute_position_bias(self, x, position_ids=None, num_buckets=32):
+            return modeling_mpnet.MPNetEncoder.compute_position_bias(self, x, position_ids, num_buckets).transpose(2, 3)
+
+    assert rule_for(_in_transformers(Transposed, "Transposed")(config)) is None
