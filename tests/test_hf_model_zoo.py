@@ -89,8 +89,8 @@ ZOO = {
     "mobilebert": Family("MobileBert", dict(BERT_LIKE, embedding_size=16, intra_bottleneck_size=16,
                                             true_hidden_size=16, num_feedforward_networks=1),
                          jvp=("LayerNorm",), why="NoNorm (x * w + b) has no rule"),
-    "bart": Family("Bart", SEQ2SEQ, jvp=("embed_positions",), why="learned positions: an Embedding subclass"),
-    "mbart": Family("MBart", SEQ2SEQ, jvp=("embed_positions",), why="learned positions: an Embedding subclass"),
+    "bart": Family("Bart", SEQ2SEQ),
+    "mbart": Family("MBart", SEQ2SEQ),
     "mistral": Family("Mistral", DECODER, float32="RMSNorm"),
     "mistral_lora": Family("Mistral", DECODER, lora=["q_proj", "v_proj"], float32="RMSNorm"),
     "phi": Family("Phi", BERT_LIKE),
@@ -282,3 +282,26 @@ def test_an_encoder_whose_position_bias_is_computed_otherwise_is_not_matched():
             return modeling_mpnet.MPNetEncoder.compute_position_bias(self, x, position_ids, num_buckets).transpose(2, 3)
 
     assert rule_for(_in_transformers(Transposed, "Transposed")(config)) is None
+
+
+@pytest.mark.parametrize("sparse", ["never", "always"])
+def test_bart_learned_positions_take_the_lookup_closed_forms_in_encoder_and_decoder(tokenizer, sparse):
+    """The encoder looks its positions up per sample, the decoder as given positions shared by every sample: both
+    on the direct route, dense or on the meta batch's rows alone."""
+    problem = warmed_problem(build("bart"), collated(tokenizer), "adamw", objective=PerSampleWeights(8))
+    grads, method, announced = fast_announced(problem, sparse=sparse)
+    tables = {f"model.{part}.embed_positions.weight" for part in ("encoder", "decoder")}
+    assert announced == [] and {method.last_paths[t] for t in tables} == {"direct"}
+    assert (tables <= method.last_sparse) == (sparse == "always")
+    assert max_rel_err(grads, Unrolled()(problem).grads) < 1e-9
+
+
+def test_learned_positions_of_another_form_are_not_matched():
+    """OPT's learned positions count the attention mask's ones (padding shifts them): not BART's form."""
+    from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
+    from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
+
+    from metareweight.core.layers import rule_for
+
+    assert rule_for(BartLearnedPositionalEmbedding(16, 4)).kind == "hf_learned_positions"
+    assert rule_for(OPTLearnedPositionalEmbedding(16, 4)) is None
