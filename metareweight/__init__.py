@@ -24,7 +24,7 @@ from .health import HealthMonitor, HealthWarning
 from .history import WeightHistory
 from .losses import NonFiniteLossError, cross_entropy_terms, mse_terms
 from .metrics import auroc
-from .models import ModelInputError, ModelOutputError, math_attention, model_forward
+from .models import ModelConfigError, ModelInputError, ModelOutputError, math_attention, model_forward
 from .objectives import (DomainWeights, KDLoss, LearningToReweight, LSTMPolicy, MetaContext, MetaObjective,
                          MetaWeightNet, Reinforce, ResetOptimizerState, SelfTaughtRescaler, SourceTaskWeighting,
                          StepAggregationLoss, TrilateralKD, teacher_class_means)
@@ -58,6 +58,6 @@ __all__ = [
     "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "TensorBoardLogger", "HealthMonitor",
     "distributed_sampler",
     # errors and warnings, each naming the problem and the fix
-    "NonFiniteLossError", "ModelInputError", "ModelOutputError", "CheckpointError", "UnevenShardsError",
-    "MissingIndexWarning", "HealthWarning",
+    "NonFiniteLossError", "ModelInputError", "ModelOutputError", "ModelConfigError", "CheckpointError",
+    "UnevenShardsError", "MissingIndexWarning", "HealthWarning",
 ]

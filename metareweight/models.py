@@ -43,6 +43,41 @@ class ModelInputError(TypeError):
     """The batch's inputs do not match what the model's ``forward`` takes; the message names the keys."""
 
 
+class ModelConfigError(ValueError):
+    """The model's own configuration cannot run the batch (a Hugging Face decoder classifier without a pad token);
+    the message names the setting and how to set it."""
+
+
+@contextlib.contextmanager
+def explained_model_errors(model: Any):
+    """Re-raise what ``model`` raises for a setting of its own that batches need as a :class:`ModelConfigError`
+    that names the fix: a Hugging Face classifier that reads each sequence's last token (GPT-2, Llama, Mistral, ...)
+    and whose config has no ``pad_token_id`` cannot find where a padded sequence ends. Anything else propagates.
+
+    Example:
+        >>> class Decoder(nn.Module):
+        ...     config = type("Config", (), {"pad_token_id": None})()
+        ...     def forward(self, input_ids):
+        ...         raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        >>> with explained_model_errors(Decoder()):
+        ...     Decoder()(torch.zeros(2, 3))
+        Traceback (most recent call last):
+        ...
+        metareweight.models.ModelConfigError: Decoder has no pad_token_id in its config, ...
+    """
+    try:
+        yield
+    except ValueError as error:
+        config = getattr(model, "config", None)
+        if config is None or getattr(config, "pad_token_id", 0) is not None or "padding token" not in str(error):
+            raise
+        raise ModelConfigError(
+            f"{type(model).__name__} has no pad_token_id in its config, so it cannot tell where a padded sequence "
+            "ends (it classifies from each sequence's last non-padding token); set model.config.pad_token_id = "
+            "tokenizer.pad_token_id (for a tokenizer without a pad token, first tokenizer.pad_token = "
+            "tokenizer.eos_token)") from None
+
+
 def _signature_names(fn: Callable) -> Tuple[Optional[set], bool]:
     """(named parameters of ``fn``, whether it also takes ``**kwargs``); names None if it cannot be inspected."""
     try:
@@ -93,12 +128,14 @@ def model_kwargs(model: Callable, inputs: Mapping[str, Any]) -> dict:
 
 def call_model(model: Callable, inputs: Any) -> Any:
     """``model`` called on ``inputs``: a dict as keyword arguments, a tuple/list positionally, anything else as
-    the single argument. Returns the model's raw output."""
-    if isinstance(inputs, Mapping):
-        return model(**model_kwargs(model, inputs))
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    the single argument. Returns the model's raw output (a setting the batch needs and the model lacks:
+    :class:`ModelConfigError`)."""
+    with explained_model_errors(model):
+        if isinstance(inputs, Mapping):
+            return model(**model_kwargs(model, inputs))
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
 
 
 def logits_of(output: Any) -> Any:
@@ -160,4 +197,4 @@ def math_attention() -> ContextManager:
 
 
 __all__ = ["model_forward", "call_model", "logits_of", "model_kwargs", "accepted_keys", "math_attention",
-           "ModelOutputError", "ModelInputError"]
+           "explained_model_errors", "ModelOutputError", "ModelInputError", "ModelConfigError"]

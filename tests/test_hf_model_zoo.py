@@ -216,6 +216,29 @@ def test_meta_trainer_trains_from_a_collator_and_evaluates(tokenizer, name, hype
         assert any(not torch.equal(after[n].detach(), v) for n, v in before.items()), opt
 
 
+# ---- what a user meets -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mistral", "mistral_lora", "gptj", "bloom", "opt", "falcon"])
+def test_a_decoder_classifier_without_a_pad_token_is_a_named_error(tokenizer, name):
+    """Decoder configs ship without ``pad_token_id`` (GPT-2's, Llama's, Mistral's, ...); their classifiers then
+    refuse a padded batch from inside ``transformers`` (each family at its own line). The meta passes, the real step
+    and ``evaluate`` all say what to set instead; once set, it trains."""
+    from metareweight import ModelConfigError
+
+    model = build(name)
+    model.config.pad_token_id = None
+    for hypergrad in ("fast", "unrolled"):
+        trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader(tokenizer, n=16),
+                              MetaWeightNet(hidden=4), meta_loader=loader(tokenizer, n=16, seed=1),
+                              hypergrad=hypergrad, progress=False)
+        with pytest.raises(ModelConfigError, match=r"no pad_token_id.*model.config.pad_token_id = tokenizer"):
+            trainer.fit(epochs=1, max_steps=1)
+    with pytest.raises(ModelConfigError, match="pad_token_id"):
+        trainer.evaluate(loader(tokenizer, n=16))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    trainer.fit(epochs=1, max_steps=1)
+    assert trainer.meta_steps == 1
+
+
 # ---- the layer rules the zoo called for -------------------------------------------------------------------------
 def _in_transformers(cls, name):
     cls.__module__, cls.__qualname__, cls.__name__ = "transformers.models.fake.modeling_fake", name, name

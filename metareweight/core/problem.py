@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from ..data.batch import Batch
 from ..losses import ensure_finite
-from ..models import logits_of, math_attention, model_kwargs
+from ..models import explained_model_errors, logits_of, math_attention, model_kwargs
 from .optim import FunctionalOptimizer, State
 from .strategy import Collectives
 
@@ -84,7 +84,7 @@ def bind(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
                 args, kwargs = (), model_kwargs(model, args[0])
             elif isinstance(args[0], (tuple, list)):
                 args = tuple(args[0])
-        with math_attention():
+        with math_attention(), explained_model_errors(model):
             out = functional_call(model, tensors, args, kwargs, strict=False)
         return logits_of(out)
 
