@@ -49,10 +49,11 @@ class ModelConfigError(ValueError):
 
 
 @contextlib.contextmanager
-def explained_model_errors(model: Any):
-    """Re-raise what ``model`` raises for a setting of its own that batches need as a :class:`ModelConfigError`
-    that names the fix: a Hugging Face classifier that reads each sequence's last token (GPT-2, Llama, Mistral, ...)
-    and whose config has no ``pad_token_id`` cannot find where a padded sequence ends. Anything else propagates.
+def explained_model_errors(model: Any, inputs: Any = None):
+    """Re-raise what a Hugging Face ``model`` raises for a setting of its own that the batch needs as a
+    :class:`ModelConfigError` that names the fix: a classifier that reads each sequence's last token (GPT-2, Llama,
+    Mistral, ...) with no ``pad_token_id`` in its config; token ids beyond its vocabulary (another model's
+    tokenizer); sequences longer than its position embeddings (no truncation). Anything else propagates.
 
     Example:
         >>> class Decoder(nn.Module):
@@ -67,15 +68,38 @@ def explained_model_errors(model: Any):
     """
     try:
         yield
-    except ValueError as error:
+    except (ValueError, IndexError, RuntimeError) as error:
         config = getattr(model, "config", None)
-        if config is None or getattr(config, "pad_token_id", 0) is not None or "padding token" not in str(error):
+        fix = None if config is None else _config_fix(type(model).__name__, config, inputs, error)
+        if fix is None:
             raise
-        raise ModelConfigError(
-            f"{type(model).__name__} has no pad_token_id in its config, so it cannot tell where a padded sequence "
-            "ends (it classifies from each sequence's last non-padding token); set model.config.pad_token_id = "
-            "tokenizer.pad_token_id (for a tokenizer without a pad token, first tokenizer.pad_token = "
-            "tokenizer.eos_token)") from None
+        raise ModelConfigError(fix) from None
+
+
+#: what torch says where a lookup or a position table is read beyond its size
+_LOOKUP_ERRORS = ("index out of range", "out of bounds", "must match the size")
+
+
+def _config_fix(name: str, config: Any, inputs: Any, error: Exception) -> Optional[str]:
+    """What to change, where the model's error comes from a setting of its config the batch does not fit."""
+    if isinstance(error, ValueError) and "padding token" in str(error) and getattr(config, "pad_token_id", 0) is None:
+        return (f"{name} has no pad_token_id in its config, so it cannot tell where a padded sequence ends (it "
+                "classifies from each sequence's last non-padding token); set model.config.pad_token_id = "
+                "tokenizer.pad_token_id (for a tokenizer without a pad token, first tokenizer.pad_token = "
+                "tokenizer.eos_token)")
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    if not (torch.is_tensor(ids) and ids.dim() >= 2 and ids.numel() and not ids.is_floating_point()
+            and any(text in str(error) for text in _LOOKUP_ERRORS)):
+        return None
+    vocab, positions = getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None)
+    if isinstance(vocab, int) and int(ids.max()) >= vocab:
+        return (f"the batch has token id {int(ids.max())}, but {name}'s vocabulary has {vocab} entries: tokenize "
+                "with the model's own tokenizer (after adding tokens to it, model.resize_token_embeddings("
+                "len(tokenizer)))")
+    if isinstance(positions, int) and ids.shape[1] > positions - 2:  # (RoBERTa-like models use two for padding)
+        return (f"the batch has sequences of {ids.shape[1]} tokens, but {name} has {positions} position "
+                "embeddings: tokenize with truncation=True, max_length=tokenizer.model_max_length (or less)")
+    return None
 
 
 def _signature_names(fn: Callable) -> Tuple[Optional[set], bool]:
@@ -130,7 +154,7 @@ def call_model(model: Callable, inputs: Any) -> Any:
     """``model`` called on ``inputs``: a dict as keyword arguments, a tuple/list positionally, anything else as
     the single argument. Returns the model's raw output (a setting the batch needs and the model lacks:
     :class:`ModelConfigError`)."""
-    with explained_model_errors(model):
+    with explained_model_errors(model, inputs):
         if isinstance(inputs, Mapping):
             return model(**model_kwargs(model, inputs))
         if isinstance(inputs, (tuple, list)):

@@ -239,6 +239,33 @@ def test_a_decoder_classifier_without_a_pad_token_is_a_named_error(tokenizer, na
     assert trainer.meta_steps == 1
 
 
+@pytest.mark.parametrize("name", ["roberta", "distilbert", "bart", "opt", "gpt_neox"])
+def test_another_tokenizers_ids_or_untruncated_sequences_are_a_named_error(tokenizer, name):
+    """Token ids beyond the vocabulary, or sequences longer than the position embeddings, fail inside torch or
+    transformers (an IndexError or RuntimeError, at a line that differs by family): named, with the fix. GPT-NeoX
+    (rotary positions) has no length limit."""
+    from metareweight import ModelConfigError
+
+    samples = [dict(input_ids=[2] + [5] * 68 + [3], label=i % 2, index=i) for i in range(4)]
+    collate = transformers.DataCollatorWithPadding(tokenizer)
+    long, foreign = [collate(samples)], [collate([dict(s, input_ids=[2, 50, 150, 3]) for s in samples])]
+
+    def trainer(data):
+        model = build(name)
+        return MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, MetaWeightNet(hidden=4),
+                           meta_loader=data, hypergrad="fast", progress=False)
+
+    for data, error in ((foreign, r"token id 150.*vocabulary has 100 .*own tokenizer"),
+                        (long, r"sequences of 70 tokens.*64 position.*truncation=True")):
+        if name == "gpt_neox" and data is long:
+            assert 0 <= trainer(data).evaluate(data)["accuracy"] <= 1
+            continue
+        with pytest.raises(ModelConfigError, match=error):
+            trainer(data).evaluate(data)
+        with pytest.raises(ModelConfigError, match=error):  # the meta passes' forward
+            trainer(data).fit(epochs=1)
+
+
 # ---- the layer rules the zoo called for -------------------------------------------------------------------------
 def _in_transformers(cls, name):
     cls.__module__, cls.__qualname__, cls.__name__ = "transformers.models.fake.modeling_fake", name, name

@@ -84,7 +84,7 @@ def bind(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
                 args, kwargs = (), model_kwargs(model, args[0])
             elif isinstance(args[0], (tuple, list)):
                 args = tuple(args[0])
-        with math_attention(), explained_model_errors(model):
+        with math_attention(), explained_model_errors(model, kwargs or (args[0] if len(args) == 1 else None)):
             out = functional_call(model, tensors, args, kwargs, strict=False)
         return logits_of(out)
 
