@@ -87,8 +87,7 @@ ZOO = {
                      jvp=("r_w_bias", "r_r_bias", "r_kernel", "r_s_bias", "seg_embed"),
                      why="the relative attention's bare parameters (einsum)", float32="attention scores"),
     "mobilebert": Family("MobileBert", dict(BERT_LIKE, embedding_size=16, intra_bottleneck_size=16,
-                                            true_hidden_size=16, num_feedforward_networks=1),
-                         jvp=("LayerNorm",), why="NoNorm (x * w + b) has no rule"),
+                                            true_hidden_size=16, num_feedforward_networks=1)),  # NoNorm
     "bart": Family("Bart", SEQ2SEQ),
     "mbart": Family("MBart", SEQ2SEQ),
     "mistral": Family("Mistral", DECODER, float32="RMSNorm"),
@@ -355,3 +354,17 @@ def test_learned_positions_of_another_form_are_not_matched():
 
     assert rule_for(BartLearnedPositionalEmbedding(16, 4)).kind == "hf_learned_positions"
     assert rule_for(OPTLearnedPositionalEmbedding(16, 4)) is None
+
+
+def test_mobilebert_no_norm_takes_the_affine_closed_forms_and_a_normalising_layer_does_not():
+    from transformers.models.mobilebert.modeling_mobilebert import NoNorm
+
+    from metareweight.core.layers import rule_for
+
+    assert rule_for(NoNorm(4)).kind == "hf_affine"
+
+    class Shifted(NoNorm):  # the same parameters, another map
+        def forward(self, x):
+            return (x + 1) * self.weight + self.bias
+
+    assert rule_for(_in_transformers(Shifted, "Shifted")(4)) is None
