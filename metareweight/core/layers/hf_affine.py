@@ -26,7 +26,6 @@ Example (a layer that normalises first is not this one):
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .base import register_layer_rule
 from .behaviour import forward_replaced, in_package, own_parameters, probe_tensor, stand_in, takes_one_input
