@@ -10,10 +10,12 @@ Conventions (every objective, loss, evaluation and hypergradient method relies o
 - **Outputs.** Losses receive *logits*: a tensor output is used as is; an object or dict with ``logits`` (a Hugging
   Face ``ModelOutput``) gives its ``logits``; any other output (a tuple, say) is passed through unchanged for a
   custom ``loss_fn``. An output that is a ``ModelOutput`` without logits (a bare encoder) is an error that says so.
-- **Attention kernels.** Virtual passes (the bound forwards of :func:`~metareweight.core.problem.bind`) run under
-  :func:`math_attention`, which selects PyTorch's differentiable "math" kernel for ``scaled_dot_product_attention``:
-  the fused CPU/GPU kernels (HF's default ``attn_implementation="sdpa"``) have neither a double-backward (unrolled,
-  Neumann) nor a forward-mode rule (``fast``). Real steps and evaluation keep the default kernels.
+- **Attention and experts kernels.** Virtual passes (the bound forwards of :func:`~metareweight.core.problem.bind`)
+  run under :func:`math_attention`, which selects PyTorch's differentiable "math" kernel for
+  ``scaled_dot_product_attention``: the fused CPU/GPU kernels (HF's default ``attn_implementation="sdpa"``) have
+  neither a double-backward (unrolled, Neumann) nor a forward-mode rule (``fast``); and under :func:`eager_experts`,
+  which runs a mixture-of-experts model's experts (Mixtral, Qwen-MoE, GPT-OSS, ...) as HF's ``"eager"`` loop: its
+  default ``grouped_mm`` kernel has no forward-mode rule. Real steps and evaluation keep the default kernels.
 
 Example:
     >>> import torch
@@ -220,5 +222,38 @@ def math_attention() -> ContextManager:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def fused_experts(model: nn.Module) -> list:
+    """The Hugging Face configs in ``model`` whose mixture-of-experts layers run a fused kernel (an
+    ``_experts_implementation`` other than ``"eager"``: ``grouped_mm`` by default, which has no forward-mode
+    derivative and no float64).
+
+    Example:
+        >>> fused_experts(nn.Linear(2, 2))
+        []
+    """
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "_experts_implementation", None), str) \
+                and config._experts_implementation != "eager":
+            configs[id(config)] = config
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def eager_experts(configs: list):
+    """While open, the mixture-of-experts layers of ``configs`` (from :func:`fused_experts`) run Hugging Face's
+    ``"eager"`` experts (a loop over the experts, with every derivative), as :func:`math_attention` selects the
+    differentiable attention kernel for virtual passes."""
+    before = [config._experts_implementation for config in configs]
+    try:
+        for config in configs:
+            config._experts_implementation = "eager"
+        yield
+    finally:
+        for config, value in zip(configs, before):
+            config._experts_implementation = value
+
+
 __all__ = ["model_forward", "call_model", "logits_of", "model_kwargs", "accepted_keys", "math_attention",
-           "explained_model_errors", "ModelOutputError", "ModelInputError", "ModelConfigError"]
+           "explained_model_errors", "fused_experts", "eager_experts", "ModelOutputError", "ModelInputError", "ModelConfigError"]

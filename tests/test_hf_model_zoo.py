@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from bilevel_fixtures import PerSampleWeights, fast_announced, max_rel_err, warmed_problem
 from metareweight import MetaTrainer, MetaWeightNet, Unrolled, as_batch
 from metareweight.hf import word_tokenizer
+from metareweight.models import fused_experts
 from test_hf import WORDS, loader
 
 transformers = pytest.importorskip("transformers")
@@ -108,13 +109,64 @@ ZOO = {
     "gptj": Family("GPTJ", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8)),
     "gpt_neo": Family("GPTNeo", dict(hidden_size=32, num_layers=2, num_heads=2, window_size=4,
                                      attention_types=[[["global", "local"], 1]]), float32="attention"),
+    "gpt_bigcode": Family("GPTBigCode", dict(n_embd=32, n_layer=2, n_head=2)),
+    "openai_gpt": Family("OpenAIGPT", dict(n_embd=32, n_layer=2, n_head=2)),
+    "starcoder2": Family("Starcoder2", DECODER),
+    "persimmon": Family("Persimmon", BERT_LIKE),
+    "olmo": Family("Olmo", DECODER, float32="OlmoLayerNorm"),
+    "olmo2": Family("Olmo2", DECODER, float32="RMSNorm"),
+    "glm": Family("Glm", dict(DECODER, head_dim=16), float32="RMSNorm"),
+    "helium": Family("Helium", dict(DECODER, head_dim=16), float32="RMSNorm"),
+    "smollm3": Family("SmolLM3", DECODER, float32="RMSNorm"),
+    "exaone4": Family("Exaone4", dict(DECODER, head_dim=16), float32="RMSNorm"),
+    "gemma3_text": Family("Gemma3Text", dict(DECODER, head_dim=16), float32="RMSNorm, eager softmax"),
+    "mpt": Family("Mpt", dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), float32="softmax"),
+    "biogpt": Family("BioGpt", BERT_LIKE, jvp=("embed_positions",),
+                     why="learned positions counted from the attention mask (OPT's form)"),
+    "nemotron": Family("Nemotron", dict(DECODER, head_dim=16), jvp=("layernorm", "model.norm"),
+                       why="NemotronLayerNorm1P (a LayerNorm with 1 + W) has no rule"),
+    "mixtral": Family("Mixtral", dict(DECODER, num_local_experts=4, num_experts_per_tok=2),
+                      jvp=("experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight"),
+                      why="the experts are 3-d parameters, the router a bare one", float32="RMSNorm"),
+    "qwen2_moe": Family("Qwen2Moe", dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32),
+                        jvp=("experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight", "shared_expert"),
+                        why="the experts are 3-d parameters, the router a bare one, the shared expert runs on "
+                            "(batch x length) flattened rows", float32="RMSNorm"),
+    "gpt_oss": Family("GptOss", dict(DECODER, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+                      jvp=("experts.", "router", "sinks"),
+                      why="the experts are 3-d parameters, the router and the sinks bare ones",
+                      float32="RMSNorm, softmax"),
+    "esm": Family("Esm", BERT_LIKE),
+    "luke": Family("Luke", dict(BERT_LIKE, entity_vocab_size=10, entity_emb_size=16)),
+    "xlm": Family("XLM", dict(emb_dim=32, n_layers=2, n_heads=2), float32="softmax"),
+    "rembert": Family("RemBert", dict(BERT_LIKE, input_embedding_size=16, output_embedding_size=16)),
+    "xmod": Family("Xmod", dict(BERT_LIKE, languages=("en_XX",), default_language="en_XX")),
+    "megatron_bert": Family("MegatronBert", BERT_LIKE),
+    "yoso": Family("Yoso", BERT_LIKE),
+    "fnet": Family("FNet", dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64)),
+    "nomic_bert": Family("NomicBert", BERT_LIKE),
+    "eurobert": Family("EuroBert", DECODER, float32="RMSNorm"),
+    "squeezebert": Family("SqueezeBert", dict(BERT_LIKE, embedding_size=32, q_groups=1, k_groups=1, v_groups=1,
+                                              post_attention_groups=1, intermediate_groups=1, output_groups=1),
+                          jvp=("layernorm",), why="SqueezeBertLayerNorm (a LayerNorm over channels) has no rule"),
+    "ibert": Family("IBert", BERT_LIKE, jvp=("",), why="its quantisation-aware layers (QuantLinear, IntGELU, ...)"),
+    "mt5": Family("MT5", dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0),
+                  float32="T5 attention softmax"),
+    "umt5": Family("UMT5", dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0),
+                   jvp=("relative_attention_bias",), why="a relative position bias in every layer, no rule",
+                   float32="softmax"),
+    "longformer": Family("Longformer", dict(BERT_LIKE, attention_window=4), jvp=("",),
+                         why="sequence-first attention projections; every parameter where the first batch's "
+                             "padded length equals its size", float32="attention"),
 }
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, family: Optional[Family] = None):
     """The family's tiny random-init classifier (2 labels, pad 0, the word tokenizer's [CLS]/[SEP] as bos/eos),
-    dropout 0, weights drawn with std 0.3; skipped where the installed ``transformers`` lacks it."""
-    family = ZOO[name]
+    dropout 0, weights drawn with std 0.3 (``family``: one not in the zoo); skipped where the installed
+    ``transformers`` lacks it."""
+    family = family or ZOO[name]
     config_cls = getattr(transformers, family.prefix + "Config", None)
     model_cls = getattr(transformers, family.prefix + "ForSequenceClassification", None)
     if config_cls is None or model_cls is None:
@@ -126,7 +178,7 @@ def build(name: str, seed: int = 0):
             setattr(config, key, 0.0)
         if key in ("initializer_range", "init_std"):
             setattr(config, key, 0.3)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = model_cls(config)
     if family.lora:
         peft = pytest.importorskip("peft")
@@ -147,7 +199,10 @@ def collated(tokenizer):
 def _float64_agreement(tokenizer, name, opt):
     """``fast``'s and ``unrolled``'s hypergradients on the family's float64 problem: the largest relative error and
     the parameters ``fast`` took the JVP route for (checked against the family's known ones)."""
-    problem = warmed_problem(build(name), collated(tokenizer), opt, objective=PerSampleWeights(8))
+    model = build(name)
+    if fused_experts(model):
+        model.set_experts_implementation("eager")  # (the default grouped_mm has no float64)
+    problem = warmed_problem(model, collated(tokenizer), opt, objective=PerSampleWeights(8))
     grads, method, _ = fast_announced(problem)
     err = max_rel_err(grads, Unrolled()(problem).grads)
     jvp = sorted(n for n, route in method.last_paths.items() if route == "jvp")
@@ -263,6 +318,24 @@ def test_another_tokenizers_ids_or_untruncated_sequences_are_a_named_error(token
             trainer(data).evaluate(data)
         with pytest.raises(ModelConfigError, match=error):  # the meta passes' forward
             trainer(data).fit(epochs=1)
+
+
+def test_a_mixture_of_experts_runs_its_eager_experts_in_the_meta_passes_only(tokenizer):
+    """Mixtral's default experts kernel (``grouped_mm``) has no forward-mode derivative: ``fast`` crashed inside
+    torch. The virtual passes run the experts as the eager loop; ``evaluate`` (and real steps) keep the kernel."""
+    model = build("mixtral")
+    seen = []
+    experts = [m for m in model.modules() if type(m).__name__ == "MixtralExperts"]
+    for m in experts:
+        m.register_forward_pre_hook(lambda m, args: seen.append(m.config._experts_implementation))
+    trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader(tokenizer, n=16),
+                          MetaWeightNet(hidden=4), meta_loader=loader(tokenizer, n=16, seed=1), hypergrad="fast",
+                          progress=False)
+    trainer.fit(epochs=1, max_steps=1)  # (the real step replays the captured train pass: no forward of its own)
+    assert trainer.meta_steps == 1 and set(seen) == {"eager"}
+    seen.clear()
+    trainer.evaluate(loader(tokenizer, n=16))
+    assert set(seen) == {"grouped_mm"} and model.config._experts_implementation == "grouped_mm"
 
 
 # ---- the layer rules the zoo called for -------------------------------------------------------------------------
