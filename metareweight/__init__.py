@@ -13,7 +13,7 @@ from .callbacks import Callback, JsonlLogger, read_jsonl
 from .checkpoint import CheckpointError
 from .core import (BilevelProblem, FiniteDifference, FunctionalOptimizer, HypergradMethod, HypergradResult, Neumann,
                    Unrolled, WeightedTerms, available_methods, get_hypergradient)
-from .core.hypergrad import Fast
+from .core.hypergrad import Fast, ForwardModeError
 from .core.layers import LayerRule, register_layer_rule
 from .core.strategy import Collectives
 from .data import (Batch, IndexedDataset, MissingIndexWarning, TensorIndexedDataset, as_batch, long_tailed_indices,
@@ -58,6 +58,6 @@ __all__ = [
     "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "TensorBoardLogger", "HealthMonitor",
     "distributed_sampler",
     # errors and warnings, each naming the problem and the fix
-    "NonFiniteLossError", "ModelInputError", "ModelOutputError", "ModelConfigError", "CheckpointError",
-    "UnevenShardsError", "MissingIndexWarning", "HealthWarning",
+    "NonFiniteLossError", "ModelInputError", "ModelOutputError", "ModelConfigError", "ForwardModeError",
+    "CheckpointError", "UnevenShardsError", "MissingIndexWarning", "HealthWarning",
 ]

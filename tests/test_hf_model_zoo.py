@@ -338,6 +338,24 @@ def test_a_mixture_of_experts_runs_its_eager_experts_in_the_meta_passes_only(tok
     assert set(seen) == {"grouped_mm"} and model.config._experts_implementation == "grouped_mm"
 
 
+def test_an_operation_without_a_forward_mode_derivative_is_a_named_error(tokenizer):
+    """PhiMoE's router is a custom ``autograd.Function`` without ``jvp``: ``fast`` names it and the way out;
+    ``unrolled`` trains the same model."""
+    from metareweight import ForwardModeError
+
+    model = build("phimoe", Family("Phimoe", dict(DECODER, num_local_experts=4, num_experts_per_tok=2)))
+    for hypergrad in ("fast", "unrolled"):
+        trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader(tokenizer, n=16),
+                              MetaWeightNet(hidden=4), meta_loader=loader(tokenizer, n=16, seed=1),
+                              hypergrad=hypergrad, progress=False)
+        if hypergrad == "fast":
+            with pytest.raises(ForwardModeError, match=r"experts.*jvp function.*hypergrad='unrolled'"):
+                trainer.fit(epochs=1, max_steps=1)
+        else:
+            trainer.fit(epochs=1, max_steps=1)
+            assert trainer.meta_steps == 1
+
+
 # ---- the layer rules the zoo called for -------------------------------------------------------------------------
 def _in_transformers(cls, name):
     cls.__module__, cls.__qualname__, cls.__name__ = "transformers.models.fake.modeling_fake", name, name

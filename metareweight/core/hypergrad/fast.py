@@ -931,11 +931,34 @@ def _padding_has_no_derivative(module, args, output):
     return fwAD.make_dual(primal, tangent * keep)
 
 
+class ForwardModeError(NotImplementedError):
+    """``hypergrad='fast'`` needs a forward-mode derivative of an operation that has none (a fused kernel, a custom
+    ``autograd.Function`` without ``jvp``) on the route of parameters without a closed form; the message names the
+    parameters and what to use instead."""
+
+
 def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng, known: Sequence[LayerCall] = ()
                ) -> Tensor:
     """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
     (dropout masks) so that it differentiates the same function. ``known``: the train pass's calls, whose outputs
-    the Linear / Conv layers reuse instead of recomputing them (:class:`_KnownPrimals`)."""
+    the Linear / Conv layers reuse instead of recomputing them (:class:`_KnownPrimals`). An operation without a
+    forward-mode derivative: :class:`ForwardModeError`."""
+    try:
+        return _forward_mode_terms(problem, theta, tangents, batch, rng, known)
+    except (NotImplementedError, RuntimeError) as error:
+        if "forward ad" not in str(error).lower() and "forward mode ad" not in str(error).lower():
+            raise
+        names = sorted(tangents)
+        raise ForwardModeError(
+            f"hypergrad='fast' takes a forward-mode derivative (a JVP) for the {len(names)} parameters without a "
+            f"closed form (e.g. {names[:3]}), and {type(problem.model).__name__}'s forward runs an operation "
+            f"without one: {str(error).splitlines()[0]} Use hypergrad='unrolled' (the same exact hypergradient, by "
+            "a double backward), or keep those parameters frozen (requires_grad=False, e.g. LoRA on the other "
+            "layers)") from None
+
+
+def _forward_mode_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng, known: Sequence[LayerCall]
+                        ) -> Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cpu, cuda = rng
