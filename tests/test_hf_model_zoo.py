@@ -111,6 +111,8 @@ ZOO = {
                                      attention_types=[[["global", "local"], 1]]), float32="attention"),
     "gpt_bigcode": Family("GPTBigCode", dict(n_embd=32, n_layer=2, n_head=2)),
     "openai_gpt": Family("OpenAIGPT", dict(n_embd=32, n_layer=2, n_head=2)),
+    "ctrl": Family("CTRL", dict(n_embd=32, n_layer=2, n_head=2, dff=64), jvp=("transformer.w.weight",),
+                   why="its embedding output is scaled in place (h *= sqrt(d)): checked alone, found off"),
     "starcoder2": Family("Starcoder2", DECODER),
     "persimmon": Family("Persimmon", BERT_LIKE),
     "olmo": Family("Olmo", DECODER, float32="OlmoLayerNorm"),

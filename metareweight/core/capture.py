@@ -51,6 +51,7 @@ class LayerCall:
     output: Tensor
     weight: Optional[str]
     bias: Optional[str]
+    version: int = 0  # the output's version counter when recorded
 
     @property
     def kind(self) -> str:
@@ -63,6 +64,11 @@ class LayerCall:
     def batched(self) -> bool:
         """Whether dim 0 of the activation can index samples."""
         return self.input.dim() > 0 and self.rule.batched(self.module, self.input)
+
+    def intact(self) -> bool:
+        """Whether the output is as the layer returned it: not changed in place since (``h = emb(ids);
+        h *= scale``), which would make the gradient with respect to it not the layer's ``δ``."""
+        return self.output._version == self.version
 
     def op(self, weight: Tensor) -> Tensor:
         """The layer's bias-free output for weight ``weight`` (linear in it)."""
@@ -128,6 +134,7 @@ def capture_calls(model: nn.Module, transform: Transform, names: Optional[Mappin
         replaced = transform(module, call)
         if replaced is not None:
             call.output = replaced
+        call.version = call.output._version
         calls.append(call)
         return call.output
 

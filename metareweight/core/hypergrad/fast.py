@@ -175,6 +175,7 @@ class _Plan:
     gram: Set[str] = field(default_factory=set)
     lowrank: Set[str] = field(default_factory=set)  # Gram weights whose W' is not materialised
     sparse: Set[str] = field(default_factory=set)  # lookup tables stepped on the meta batch's rows only
+    touched: Set[str] = field(default_factory=set)  # closed, with a call whose output was changed in place
 
     def route(self, name: str) -> str:
         return "gram" if name in self.gram else "direct" if name in self.closed else "jvp"
@@ -351,17 +352,23 @@ class Fast(HypergradMethod):
                       "a forward-mode JVP (exact, slower). Put BatchNorm in eval mode or use GroupNorm/LayerNorm "
                       "for the per-sample closed forms")
         closed: Set[str] = set()
+        touched: Set[str] = set()
         if self.closed_forms and not coupled:
             by_param = _calls_by_param(train.calls)
             closed = {n for n in used if len(by_param.get(n, ())) == train.uses[n]
                       and all(c.batched() and c.samples == B for c in by_param[n])}
             closed -= self._shared.get(model, set())
+            # an output changed in place (h = emb(ids); h *= scale) may leave autograd's gradient with respect to
+            # it other than the layer's δ: checked by the attribution check, else not trusted
+            touched = {n for n in closed if not all(c.intact() for c in by_param[n])}
+            if not self.verify:
+                closed -= touched
         fallback = [n for n in used if n not in closed]
         if fallback and self.closed_forms and not coupled:
             _announce(f"hypergrad='fast': no closed form for {fallback} (layer type, or used outside its layer); "
                       "their part of the hypergradient comes from a forward-mode JVP (exact, slower); "
                       "metareweight.register_layer_rule adds a rule for a layer type")
-        return _Plan(used, closed, fallback, coupled)
+        return _Plan(used, closed, fallback, coupled, touched=touched & closed)
 
     def _coupling_probe(self, problem, train: _TrainPass, plan: _Plan):
         """``(r, names, Σ_i r_i ∇ℓ_i by autograd)`` to check the attribution of the closed-form parameters not
@@ -379,29 +386,39 @@ class Fast(HypergradMethod):
         return r, names, torch.autograd.grad(terms, [train.theta[n] for n in names], r, retain_graph=True)
 
     def _checked_plan(self, model, train, plan, check, tcalls, deltas, ctx):
-        """The plan, captured calls and output gradients after the attribution check: on a model's first call a
-        mismatch means its samples interact (the JVP path for every parameter, announced); on a later call the
-        mismatched parameters alone take the JVP path, for this and every later call (announced)."""
+        """The plan, captured calls and output gradients after the attribution check. On a model's first call a
+        mismatch means its samples interact (the JVP path for every parameter, announced), except for parameters
+        whose layer's output was changed in place: those, and on later calls every newly checked parameter, take
+        the JVP path alone where their attribution is off, for this and every later call (announced)."""
         first = model not in self._verified
-        bad = self._misattributed(model, train, check, tcalls, deltas, ctx, first)
-        self._verified[model] = self._verified.get(model, set()) | set(check[1])
+        r, names, _ = check
+        errs, tol = self._attribution_errors(train, check, tcalls, deltas)
+        self._verified[model] = self._verified.get(model, set()) | set(names)
+        alone = [n for n in names if n in plan.touched or not first]  # judged one by one
+        if first:
+            err = _agree_max(max([e for n, e in zip(names, errs) if n not in alone], default=0.0), ctx)
+            if err > tol:  # every rank takes the same path
+                self._coupled.add(model)
+                _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
+                          f"off by {err:.1e}); using the exact JVP path for this model")
+                return _Plan(plan.used, set(), list(plan.used), True), [], []
+        bad = set(alone) - _agreed({n for n, e in zip(names, errs) if n in alone and e <= tol}, alone, ctx, r.device)
         if not bad:
             return plan, tcalls, deltas
-        if first:
-            self._coupled.add(model)
-            return _Plan(plan.used, set(), list(plan.used), True), [], []
         self._shared[model] = self._shared.get(model, set()) | bad
-        _announce(f"hypergrad='fast': the calls of {sorted(bad)} in {type(model).__name__} are not one per sample "
-                  "(a layer or lookup whose first dimension is not the batch's, here of the batch's size); their "
-                  "part of the hypergradient comes from a forward-mode JVP (exact, slower) from now on")
+        _announce(f"hypergrad='fast': the captured per-sample gradients of {sorted(bad)} in {type(model).__name__} "
+                  "miss autograd's (a layer whose first dimension is not the batch's but of its size, or whose output "
+                  "is changed in place); their part of the hypergradient comes from a forward-mode JVP (exact, "
+                  "slower) from now on")
         closed = plan.closed - bad
         keep = [i for i, c in enumerate(tcalls) if c.weight in closed or c.bias in closed]
-        return (_Plan(plan.used, closed, plan.fallback + sorted(bad), False), [tcalls[i] for i in keep],
-                [deltas[i] for i in keep])
+        return (_Plan(plan.used, closed, plan.fallback + sorted(bad), False, touched=plan.touched - bad),
+                [tcalls[i] for i in keep], [deltas[i] for i in keep])
 
-    def _misattributed(self, model, train, check, tcalls, deltas, ctx, first: bool) -> Set[str]:
-        """The checked parameters whose captured per-sample attribution misses what autograd gives: on the first
-        call all of them where any is off (the samples interact, announced), later each one that is off."""
+    @staticmethod
+    def _attribution_errors(train, check, tcalls, deltas) -> Tuple[List[float], float]:
+        """Per checked parameter, how far ``Σ_i r_i ∇ℓ_i`` from the captures is from autograd's, and the
+        tolerance."""
         r, names, true = check
         with torch.no_grad():
             ours = [_param_grad(n, r, tcalls, deltas, {}) for n in names]
@@ -412,16 +429,7 @@ class Fast(HypergradMethod):
                           .clamp_min(1e-30)) for a, b in zip(ours, true)]
         # under autocast autograd's own weight gradients are rounded to bf16/fp16 (ours accumulate in float32)
         low = any(c.output.dtype in (torch.bfloat16, torch.float16) for c in train.calls)
-        tol = 5e-2 if low else 1e-3
-        if first:
-            err = _agree_max(max(errs), ctx)  # every rank must take the same path
-            if err <= tol:
-                return set()
-            _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
-                      f"off by {err:.1e}); using the exact JVP path for this model")
-            return set(names)
-        good = {n for n, e in zip(names, errs) if e <= tol}
-        return set(names) - _agreed(good, names, ctx, r.device)
+        return errs, 5e-2 if low else 1e-3
 
     # ---- 3. δ ----------------------------------------------------------------------------------------------
     def _output_grads(self, train: _TrainPass, plan: _Plan, keep_graph: bool
