@@ -10,8 +10,9 @@ One call runs these phases (:meth:`Fast.__call__`):
 1. **capture** — the train forward with hooks on every layer that has a closed-form rule
    (:mod:`metareweight.core.layers`: ``Linear`` over any leading dims, ``Conv1d/2d/3d``, ``Embedding`` incl. lookups
    broadcast over the batch, ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections; Hugging Face's
-   ``Conv1D`` (GPT-2), per-model RMSNorms (Llama, Qwen, Mistral, Gemma, OLMo-2, T5, ...), T5's relative position
-   bias and scaled word embeddings (Gemma), registered by name without importing ``transformers``; user-registered
+   ``Conv1D`` (GPT-2), per-model RMSNorms (Llama, Qwen, Mistral, Gemma, OLMo-2, T5, ...), T5's and MPNet's relative
+   position biases, scaled word embeddings (Gemma), BART's learned positions, MobileBERT's ``NoNorm``, Falcon's
+   Linear, registered by name without importing ``transformers``; user-registered
    rules: :func:`metareweight.register_layer_rule`), recording ``(a_i, z_i)``;
 2. **classify** — each trainable parameter takes the *direct* closed form (all its uses are captured, batched calls),
    or the exact forward-mode *JVP* fallback (no rule, or used outside its layer; announced once); a model whose
@@ -19,7 +20,10 @@ One call runs these phases (:meth:`Fast.__call__`):
    ``Σ r_i ∇ℓ_i`` from the captures equals autograd's for random ``r``) takes the JVP path for every parameter
    (the *coupled* path: ``Σ w_ik ∇ℓ_ik`` by one backward of the train graph, ``c_ik`` by one forward-mode pass in
    which Linear / Conv layers take the train pass's outputs as primals and compute only their tangents, and the
-   real step replayed from the kept graph, below);
+   real step replayed from the kept graph, below). The same check judges one by one, and sends to the JVP path
+   where off, the parameters of a layer whose output is changed in place (autograd's gradient is then the changed
+   tensor's, not ``δ``) and, on later calls, those taking a closed form for the first time (a lookup shared by
+   every sample whose first dimension equals the batch size);
 3. **δ** — the output gradients ``δ_ik = ∂ℓ_ik/∂z_i`` of the captured calls, one backward per term ``k``;
 4. **virtual step** — ``θ'`` from ``Σ w_ik ∇ℓ_ik`` replayed from the captures. A Linear weight on the *Gram* route
    (``P`` a scalar, i.e. the SGD family, and fewer meta rows than features) stays at ``W'(0)``; its update enters
