@@ -256,4 +256,5 @@ def eager_experts(configs: list):
 
 
 __all__ = ["model_forward", "call_model", "logits_of", "model_kwargs", "accepted_keys", "math_attention",
-           "explained_model_errors", "fused_experts", "eager_experts", "ModelOutputError", "ModelInputError", "ModelConfigError"]
+           "explained_model_errors", "fused_experts", "eager_experts", "ModelOutputError", "ModelInputError",
+           "ModelConfigError"]
