@@ -235,6 +235,13 @@ def test_cross_attention_falls_back_to_the_jvp_path_announced(fresh_announcement
         _assert_close(grads, Unrolled()(problem).grads)
 
 
+def indexed_tokens(n, seed, length=5):
+    """``n`` sequences of ``length`` token ids in 1..19, labels, and the sample index ``0..n-1``."""
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randint(1, 20, (n, length), generator=g), torch.randint(0, 3, (n,), generator=g),
+                 torch.arange(n))
+
+
 class RelativeBias(nn.Module):
     """Token embeddings attending to each other with a learned bias per ``(query, key)`` offset, looked up as
     ``(L, L)`` with no batch dimension (MPNet's and XLNet's form): the lookup's first dimension is the sequence
@@ -265,9 +272,7 @@ def test_a_shared_lookup_the_size_of_the_batch_is_checked_again_and_not_taken_pe
     length = [5]
 
     def batch(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        return Batch(torch.randint(1, 20, (n, length[0]), generator=g), torch.randint(0, 3, (n,), generator=g),
-                     torch.arange(n))
+        return indexed_tokens(n, seed, length[0])
 
     model = RelativeBias()
     problem = _problem(model, batch, "momentum", objective=PerSampleWeights(8))
@@ -309,12 +314,7 @@ def test_an_output_changed_in_place_is_checked_alone_and_only_a_wrong_one_takes_
     its closed form; exact either way."""
     from bilevel_fixtures import PerSampleWeights
 
-    def batch(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        return Batch(torch.randint(1, 20, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g),
-                     torch.arange(n))
-
-    problem = _problem(InPlace(), batch, "momentum", objective=PerSampleWeights(8))
+    problem = _problem(InPlace(), indexed_tokens, "momentum", objective=PerSampleWeights(8))
     method = Fast()
     grads, announced = _fast_warnings(lambda: method(problem).grads)
     assert method.last_paths == {"emb.weight": "jvp", "proj.weight": "direct", "proj.bias": "direct",
