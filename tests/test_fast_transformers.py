@@ -324,6 +324,50 @@ def test_an_output_changed_in_place_is_checked_alone_and_only_a_wrong_one_takes_
     _assert_close(Fast(verify=False)(problem).grads, Unrolled()(problem).grads, rtol=1e-9)  # not trusted unchecked
 
 
+class Flattened(nn.Module):
+    """A feed-forward run on every sample's tokens flattened into rows, ``(B·L, d)`` (OPT's, Qwen2-MoE's shared
+    expert): sample-major, or time-major (``(L, B, d)`` flattened: rows of every sample interleaved)."""
+
+    def __init__(self, time_major):
+        super().__init__()
+        torch.manual_seed(0)
+        self.time_major = time_major
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.ff = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = h.transpose(0, 1) if self.time_major else h
+        rows = self.norm(torch.tanh(self.ff(h.reshape(-1, 6))))
+        h = rows.reshape(h.shape)
+        return self.head((h.transpose(0, 1) if self.time_major else h).mean(1))
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adamw"])
+@pytest.mark.parametrize("time_major", [False, True])
+def test_rows_flattened_from_every_sample_are_grouped_by_sample_and_checked(time_major, opt, fresh_announcements):
+    """Flattened rows are taken as sample-major and checked on their own: OPT's form keeps the Linear's and the
+    LayerNorm's closed forms (before: the JVP path), interleaved rows are found off and take the JVP path alone
+    (announced); exact either way, the Gram route included."""
+    from bilevel_fixtures import PerSampleWeights
+
+    problem = _problem(Flattened(time_major), lambda n, seed: indexed_tokens(n, seed, length=16), opt,
+                       objective=PerSampleWeights(8))
+    method = Fast()
+    grads, announced = _fast_warnings(lambda: method(problem).grads)
+    flat = {n: method.last_paths[n] for n in ("ff.weight", "ff.bias", "norm.weight", "norm.bias")}
+    assert set(flat.values()) == {"jvp"} if time_major else set(flat.values()) <= {"direct", "gram"}
+    assert bool(announced) == time_major and (not time_major or "miss autograd" in announced[0])
+    reference = Unrolled()(problem).grads
+    _assert_close(grads, reference, rtol=1e-9)
+    if opt == "momentum" and not time_major:
+        gram = Fast(gram="always")
+        _assert_close(gram(problem).grads, reference, rtol=1e-9)
+        assert gram.last_paths["ff.weight"] == "gram"
+
+
 class Scale(nn.Module):
     """A user's layer: a feature-wise scale and shift, ``x ⊙ weight + bias``."""
 

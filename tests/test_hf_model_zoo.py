@@ -98,8 +98,7 @@ ZOO = {
     "gpt_neox": Family("GPTNeoX", BERT_LIKE),
     "opt": Family("OPT", dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
                               word_embed_proj_dim=32),
-                  jvp=("embed_positions", "fc1", "fc2", "final_layer_norm"),
-                  why="the feed-forward runs on (batch x length) flattened rows; learned positions"),
+                  jvp=("embed_positions",), why="learned positions counted from the attention mask"),
     "bloom": Family("Bloom", dict(hidden_size=32, n_layer=2, n_head=2), float32="softmax"),
     "falcon": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),  # FalconLinear
     "falcon_bias": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, bias=True)),
@@ -132,9 +131,8 @@ ZOO = {
                       why="the experts are 3-d parameters, the router a bare one", float32="RMSNorm"),
     "qwen2_moe": Family("Qwen2Moe", dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=32),
-                        jvp=("experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight", "shared_expert"),
-                        why="the experts are 3-d parameters, the router a bare one, the shared expert runs on "
-                            "(batch x length) flattened rows", float32="RMSNorm"),
+                        jvp=("experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight"),
+                        why="the experts are 3-d parameters, the router a bare one", float32="RMSNorm"),
     "gpt_oss": Family("GptOss", dict(DECODER, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
                       jvp=("experts.", "router", "sinks"),
                       why="the experts are 3-d parameters, the router and the sinks bare ones",

@@ -179,7 +179,7 @@ class _Plan:
     gram: Set[str] = field(default_factory=set)
     lowrank: Set[str] = field(default_factory=set)  # Gram weights whose W' is not materialised
     sparse: Set[str] = field(default_factory=set)  # lookup tables stepped on the meta batch's rows only
-    touched: Set[str] = field(default_factory=set)  # closed, with a call whose output was changed in place
+    unsure: Set[str] = field(default_factory=set)  # closed, with a call changed in place or regrouped by a guess
 
     def route(self, name: str) -> str:
         return "gram" if name in self.gram else "direct" if name in self.closed else "jvp"
@@ -356,23 +356,24 @@ class Fast(HypergradMethod):
                       "a forward-mode JVP (exact, slower). Put BatchNorm in eval mode or use GroupNorm/LayerNorm "
                       "for the per-sample closed forms")
         closed: Set[str] = set()
-        touched: Set[str] = set()
+        unsure: Set[str] = set()
         if self.closed_forms and not coupled:
             by_param = _calls_by_param(train.calls)
             closed = {n for n in used if len(by_param.get(n, ())) == train.uses[n]
                       and all(c.batched() and c.samples == B for c in by_param[n])}
             closed -= self._shared.get(model, set())
             # an output changed in place (h = emb(ids); h *= scale) may leave autograd's gradient with respect to
-            # it other than the layer's δ: checked by the attribution check, else not trusted
-            touched = {n for n in closed if not all(c.intact() for c in by_param[n])}
+            # it other than the layer's δ, and rows grouped by sample may not be sample-major: checked by the
+            # attribution check, else not trusted
+            unsure = {n for n in closed if not all(c.intact() and not c.regrouped for c in by_param[n])}
             if not self.verify:
-                closed -= touched
+                closed -= unsure
         fallback = [n for n in used if n not in closed]
         if fallback and self.closed_forms and not coupled:
             _announce(f"hypergrad='fast': no closed form for {fallback} (layer type, or used outside its layer); "
                       "their part of the hypergradient comes from a forward-mode JVP (exact, slower); "
                       "metareweight.register_layer_rule adds a rule for a layer type")
-        return _Plan(used, closed, fallback, coupled, touched=touched & closed)
+        return _Plan(used, closed, fallback, coupled, unsure=unsure & closed)
 
     def _coupling_probe(self, problem, train: _TrainPass, plan: _Plan):
         """``(r, names, Σ_i r_i ∇ℓ_i by autograd)`` to check the attribution of the closed-form parameters not
@@ -398,7 +399,7 @@ class Fast(HypergradMethod):
         r, names, _ = check
         errs, tol = self._attribution_errors(train, check, tcalls, deltas)
         self._verified[model] = self._verified.get(model, set()) | set(names)
-        alone = [n for n in names if n in plan.touched or not first]  # judged one by one
+        alone = [n for n in names if n in plan.unsure or not first]  # judged one by one
         if first:
             err = _agree_max(max([e for n, e in zip(names, errs) if n not in alone], default=0.0), ctx)
             if err > tol:  # every rank takes the same path
@@ -416,7 +417,7 @@ class Fast(HypergradMethod):
                   "slower) from now on")
         closed = plan.closed - bad
         keep = [i for i, c in enumerate(tcalls) if c.weight in closed or c.bias in closed]
-        return (_Plan(plan.used, closed, plan.fallback + sorted(bad), False, touched=plan.touched - bad),
+        return (_Plan(plan.used, closed, plan.fallback + sorted(bad), False, unsure=plan.unsure - bad),
                 [tcalls[i] for i in keep], [deltas[i] for i in keep])
 
     @staticmethod
