@@ -97,8 +97,7 @@ ZOO = {
     "phi3": Family("Phi3", DECODER, float32="RMSNorm"),
     "gpt_neox": Family("GPTNeoX", BERT_LIKE),
     "opt": Family("OPT", dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                              word_embed_proj_dim=32),
-                  jvp=("embed_positions",), why="learned positions counted from the attention mask"),
+                              word_embed_proj_dim=32)),
     "bloom": Family("Bloom", dict(hidden_size=32, n_layer=2, n_head=2), float32="softmax"),
     "falcon": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),  # FalconLinear
     "falcon_bias": Family("Falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, bias=True)),
@@ -122,8 +121,7 @@ ZOO = {
     "exaone4": Family("Exaone4", dict(DECODER, head_dim=16), float32="RMSNorm"),
     "gemma3_text": Family("Gemma3Text", dict(DECODER, head_dim=16), float32="RMSNorm, eager softmax"),
     "mpt": Family("Mpt", dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), float32="softmax"),
-    "biogpt": Family("BioGpt", BERT_LIKE, jvp=("embed_positions",),
-                     why="learned positions counted from the attention mask (OPT's form)"),
+    "biogpt": Family("BioGpt", BERT_LIKE),
     "nemotron": Family("Nemotron", dict(DECODER, head_dim=16), jvp=("layernorm", "model.norm"),
                        why="NemotronLayerNorm1P (a LayerNorm with 1 + W) has no rule"),
     "mixtral": Family("Mixtral", dict(DECODER, num_local_experts=4, num_experts_per_tok=2),
@@ -458,15 +456,22 @@ def test_bart_learned_positions_take_the_lookup_closed_forms_in_encoder_and_deco
     assert max_rel_err(grads, Unrolled()(problem).grads) < 1e-9
 
 
-def test_learned_positions_of_another_form_are_not_matched():
-    """OPT's learned positions count the attention mask's ones (padding shifts them): not BART's form."""
+def test_learned_positions_of_each_form_are_told_apart_and_another_form_is_not_matched():
+    """BART's positions run over the sequence, OPT's count the attention mask's ones (padding shifts them)."""
     from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
     from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
 
     from metareweight.core.layers import rule_for
 
     assert rule_for(BartLearnedPositionalEmbedding(16, 4)).kind == "hf_learned_positions"
-    assert rule_for(OPTLearnedPositionalEmbedding(16, 4)) is None
+    assert rule_for(OPTLearnedPositionalEmbedding(16, 4)).kind == "hf_mask_positions"
+
+    class Shifted(OPTLearnedPositionalEmbedding):  # counts from 1: neither form
+        def forward(self, attention_mask, cache_length=0, position_ids=None):
+            return super().forward(attention_mask, cache_length, position_ids) if position_ids is not None \
+                else torch.nn.Embedding.forward(self, torch.cumsum(attention_mask, 1) + self.offset)
+
+    assert rule_for(_in_transformers(Shifted, "Shifted")(16, 4)) is None
 
 
 def test_mobilebert_no_norm_takes_the_affine_closed_forms_and_a_normalising_layer_does_not():

@@ -5,7 +5,7 @@ batch), ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections (self-a
 that ``transformers`` is not imported, Hugging Face's ``Conv1D`` (GPT-2), the RMSNorms it defines per model (the
 Llama form: Llama, Qwen2/3, Mistral, Phi-3, ...; Gemma 1-3's ``1 + W`` form; Gemma 3n's / 4's; OLMo-2's and Helium's
 float32 forms; ``T5LayerNorm``), T5's and MPNet's relative position biases (lookups shared by every sample), its
-scaled word embeddings (Gemma, BART), BART's learned position embeddings, its element-wise affine layers
+scaled word embeddings (Gemma, BART), BART's and OPT's learned position embeddings, its element-wise affine layers
 (MobileBERT's ``NoNorm``) and its ``nn.Linear`` subclasses that compute the Linear's map (Falcon), each matched
 by its behaviour: the class's forward, run once on small probe inputs, must give what the rule states the layer
 computes (:mod:`.behaviour`).
@@ -24,7 +24,7 @@ from .embedding import EmbeddingRule
 from .hf_affine import HFAffineRule
 from .hf_conv1d import HFConv1DRule
 from .hf_embedding import HFScaledEmbeddingRule
-from .hf_learned_positions import HFLearnedPositionsRule
+from .hf_learned_positions import HFLearnedPositionsRule, HFMaskPositionsRule
 from .hf_linear import HFLinearRule
 from .hf_mpnet_attention import MPNetRelativeBiasRule
 from .hf_rms_norm import HFGemma4RMSNormRule, HFGemmaRMSNormRule, HFRMSNormRule, HFT5LayerNormRule
@@ -37,4 +37,5 @@ __all__ = ["LayerRule", "register_layer_rule", "rule_for", "LinearRule", "ConvRu
            "ElementwiseAffineRule", "LayerNormRule", "RMSNormRule", "MultiheadAttentionRule", "InProjectionRule",
            "HFConv1DRule", "HFRMSNormRule", "HFGemmaRMSNormRule", "HFGemma4RMSNormRule", "HFT5LayerNormRule",
            "HFScaledEmbeddingRule", "T5RelativeBiasRule", "HFLinearRule",
-           "MPNetRelativeBiasRule", "HFLearnedPositionsRule", "HFAffineRule"]
+           "MPNetRelativeBiasRule", "HFLearnedPositionsRule", "HFMaskPositionsRule",
+           "HFAffineRule"]
