@@ -54,8 +54,9 @@ class ModelConfigError(ValueError):
 def explained_model_errors(model: Any, inputs: Any = None):
     """Re-raise what a Hugging Face ``model`` raises for a setting of its own that the batch needs as a
     :class:`ModelConfigError` that names the fix: a classifier that reads each sequence's last token (GPT-2, Llama,
-    Mistral, ...) with no ``pad_token_id`` in its config; token ids beyond its vocabulary (another model's
-    tokenizer); sequences longer than its position embeddings (no truncation). Anything else propagates.
+    Mistral, ...) with no ``pad_token_id`` in its config; one that reads each sequence's last ``eos`` token (BART)
+    given sequences without it; token ids beyond its vocabulary (another model's tokenizer); sequences longer than
+    its position embeddings (no truncation). Anything else propagates.
 
     Example:
         >>> class Decoder(nn.Module):
@@ -89,6 +90,11 @@ def _config_fix(name: str, config: Any, inputs: Any, error: Exception) -> Option
                 "classifies from each sequence's last non-padding token); set model.config.pad_token_id = "
                 "tokenizer.pad_token_id (for a tokenizer without a pad token, first tokenizer.pad_token = "
                 "tokenizer.eos_token)")
+    if isinstance(error, ValueError) and "number of <eos> tokens" in str(error):
+        return (f"{name} classifies from each sequence's last end-of-sequence token (config.eos_token_id="
+                f"{getattr(config, 'eos_token_id', None)}), and the batch's sequences hold different numbers of it: "
+                "tokenize with the model's own tokenizer (it ends every sequence with that token), keep it when "
+                "truncating, or set config.eos_token_id to your tokenizer's eos_token_id")
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
     if not (torch.is_tensor(ids) and ids.dim() >= 2 and ids.numel() and not ids.is_floating_point()
             and any(text in str(error) for text in _LOOKUP_ERRORS)):

@@ -376,6 +376,22 @@ def test_an_operation_without_a_forward_mode_derivative_is_a_named_error(tokeniz
             assert trainer.meta_steps == 1
 
 
+@pytest.mark.parametrize("name", ["bart", "mbart"])
+def test_sequences_without_the_eos_token_bart_reads_are_a_named_error(tokenizer, name):
+    """BART classifies from each sequence's last eos token (here the word tokenizer's [SEP], 3); a batch where some
+    sequence lacks it (cut by truncation, another tokenizer) failed inside transformers."""
+    from metareweight import ModelConfigError
+
+    samples = [dict(input_ids=[2, 5, 6, 3] if i % 2 else [2, 5, 6, 7], label=i % 2, index=i) for i in range(4)]
+    data = [transformers.DataCollatorWithPadding(tokenizer)(samples)]
+    model = build(name)
+    trainer = MetaTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, MetaWeightNet(hidden=4),
+                          meta_loader=data, hypergrad="fast", progress=False)
+    for run in (lambda: trainer.evaluate(data), lambda: trainer.fit(epochs=1)):
+        with pytest.raises(ModelConfigError, match=r"eos_token_id=3.*different numbers.*own tokenizer"):
+            run()
+
+
 # ---- the layer rules the zoo called for -------------------------------------------------------------------------
 def _in_transformers(cls, name):
     cls.__module__, cls.__qualname__, cls.__name__ = "transformers.models.fake.modeling_fake", name, name
