@@ -13,7 +13,7 @@ from .callbacks import Callback, JsonlLogger, read_jsonl
 from .checkpoint import CheckpointError
 from .core import (BilevelProblem, FiniteDifference, FunctionalOptimizer, HypergradMethod, HypergradResult, Neumann,
                    Unrolled, WeightedTerms, available_methods, get_hypergradient)
-from .core.hypergrad import Fast
+from .core.hypergrad import Fast, ForwardModeError
 from .core.layers import LayerRule, register_layer_rule
 from .core.strategy import Collectives
 from .data import (Batch, IndexedDataset, MissingIndexWarning, TensorIndexedDataset, as_batch, long_tailed_indices,
@@ -24,7 +24,7 @@ from .health import HealthMonitor, HealthWarning
 from .history import WeightHistory
 from .losses import NonFiniteLossError, cross_entropy_terms, mse_terms
 from .metrics import auroc
-from .models import ModelInputError, ModelOutputError, math_attention, model_forward
+from .models import ModelConfigError, ModelInputError, ModelOutputError, math_attention, model_forward
 from .objectives import (DomainWeights, KDLoss, LearningToReweight, LSTMPolicy, MetaContext, MetaObjective,
                          MetaWeightNet, Reinforce, ResetOptimizerState, SelfTaughtRescaler, SourceTaskWeighting,
                          StepAggregationLoss, TrilateralKD, teacher_class_means)
@@ -58,6 +58,6 @@ __all__ = [
     "Callback", "JsonlLogger", "read_jsonl", "WandbLogger", "TensorBoardLogger", "HealthMonitor",
     "distributed_sampler",
     # errors and warnings, each naming the problem and the fix
-    "NonFiniteLossError", "ModelInputError", "ModelOutputError", "CheckpointError", "UnevenShardsError",
-    "MissingIndexWarning", "HealthWarning",
+    "NonFiniteLossError", "ModelInputError", "ModelOutputError", "ModelConfigError", "ForwardModeError",
+    "CheckpointError", "UnevenShardsError", "MissingIndexWarning", "HealthWarning",
 ]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from metareweight import MetaObjective, WeightedTerms
+from metareweight import Fast, MetaObjective, WeightedTerms
 from metareweight.core import BilevelProblem
 from metareweight.data import Batch
 from metareweight.losses import cross_entropy_terms
+from metareweight.models import model_forward
 
 
 class DirectTermObjective(MetaObjective):
@@ -37,6 +40,26 @@ class DirectTermObjective(MetaObjective):
         if self.direct:
             return (self._w(losses, batch.targets) * losses).mean()
         return losses.mean()
+
+
+class PerSampleWeights(MetaObjective):
+    """One free weight ``sigmoid(φ[index])`` per training sample (the batch's ``index`` picks it): the hypergradient
+    of ``φ_i`` is sample ``i``'s own coefficient ``−c_i σ'(φ_i)``, so a per-sample attribution that is wrong but sums
+    right (a lookup shared by every sample read as one per sample) shows, where a weight net of near-equal features
+    at random init would average it away. The outer loss is the plain mean cross-entropy."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.phi = nn.Parameter(torch.randn(num_samples, generator=g, dtype=torch.float64))
+
+    def inner_terms(self, forward, batch):
+        losses = cross_entropy_terms(forward(batch.inputs), batch.targets)
+        w = torch.sigmoid(self.phi[batch.index]).to(losses.dtype)
+        return WeightedTerms(losses, w / w.shape[0])
+
+    def outer_loss(self, forward, batch):
+        return cross_entropy_terms(forward(batch.inputs), batch.targets).mean()
 
 
 #: inner optimizers the exactness tests sweep over, by name
@@ -201,16 +224,35 @@ def dot(a, b) -> float:
     return float(sum((x * y).sum() for x, y in zip(a, b)))
 
 
-def warmed_problem(model, make_batch, opt="momentum", classes=3):
+def warmed_problem(model, make_batch, opt="momentum", classes=3, objective=None):
     """A float64 problem on ``model`` after two warm-up steps (non-trivial momentum / Adam state): train batch of 8,
-    meta batch of 10 from ``make_batch(n, seed)``, the direct-term objective, Adam's preconditioner fixed."""
+    meta batch of 10 from ``make_batch(n, seed)``, ``objective`` (default: the direct-term one), Adam's
+    preconditioner fixed. ``model`` is called as the trainer calls it (a dict of inputs as keyword arguments, a
+    Hugging Face output's logits)."""
     model = model.double()
-    objective = DirectTermObjective(classes, direct=True).double()
+    forward = model_forward(model)
+    objective = (objective or DirectTermObjective(classes, direct=True)).double()
     cls, kw = OPTS[opt]
     optimizer = cls(model.parameters(), **kw)
     for seed in (100, 101):
         b = make_batch(8, seed)
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(b.inputs), b.targets).backward()
+        nn.functional.cross_entropy(forward(b.inputs), b.targets).backward()
         optimizer.step()
     return BilevelProblem.from_model(model, optimizer, objective, [make_batch(8, 1)], make_batch(10, 2), "fixed")
+
+
+def fast_announced(problem, **kw):
+    """``Fast(**kw)`` on the problem: its grads, the method (``last_paths``) and what it announced in this call
+    (``hypergrad='fast': ...`` warnings; announcements are once per process, so reset ``fast._ANNOUNCED`` first
+    where earlier calls may have made the same one)."""
+    method = Fast(**kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = method(problem).grads
+    return grads, method, [str(w.message) for w in caught if "hypergrad='fast'" in str(w.message)]
+
+
+def max_rel_err(a, b) -> float:
+    """The largest relative error ``|a_i - b_i| / |b_i|`` over two lists of gradients."""
+    return max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bilevel_fixtures import central_difference, dot, random_direction, warmed_problem
+from bilevel_fixtures import central_difference, dot, fast_announced, max_rel_err, random_direction, warmed_problem
 from metareweight import Fast, MetaTrainer, MetaWeightNet, TensorIndexedDataset, Unrolled, with_index
 from metareweight.core.hypergrad import fast as fast_module
 from metareweight.core.layers import base as layer_base
@@ -83,17 +83,11 @@ def _problem(model, make_batch=hf_batch, opt="momentum"):
     return warmed_problem(model, make_batch, opt)
 
 
-def _fast(problem, **kw):
-    """``Fast(**kw)`` on the problem: its grads, the method, and its announcements (all recorded afresh)."""
-    method = Fast(**kw)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        grads = method(problem).grads
-    return grads, method, [str(w.message) for w in caught if "hypergrad='fast'" in str(w.message)]
+_fast = fast_announced
 
 
 def _assert_close(a, b, rtol=1e-5):
-    err = max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))
+    err = max_rel_err(a, b)
     assert err < rtol, err
 
 

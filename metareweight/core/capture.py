@@ -51,6 +51,8 @@ class LayerCall:
     output: Tensor
     weight: Optional[str]
     bias: Optional[str]
+    version: int = 0  # the output's version counter when recorded
+    regrouped: bool = False  # dim 0 was (samples x rows), grouped by sample as a guess
 
     @property
     def kind(self) -> str:
@@ -63,6 +65,11 @@ class LayerCall:
     def batched(self) -> bool:
         """Whether dim 0 of the activation can index samples."""
         return self.input.dim() > 0 and self.rule.batched(self.module, self.input)
+
+    def intact(self) -> bool:
+        """Whether the output is as the layer returned it: not changed in place since (``h = emb(ids);
+        h *= scale``), which would make the gradient with respect to it not the layer's ``δ``."""
+        return self.output._version == self.version
 
     def op(self, weight: Tensor) -> Tensor:
         """The layer's bias-free output for weight ``weight`` (linear in it)."""
@@ -107,7 +114,10 @@ def capture_calls(model: nn.Module, transform: Transform, names: Optional[Mappin
         names: ``id(tensor) -> parameter name`` of the tensors substituted for the parameters (``functional_call``);
             with it, only calls with a named weight or bias are recorded, and a call's unnamed parameters are None.
         batch_size: the number of samples; a call of a ``broadcast`` rule with batch size 1 (a lookup shared by
-            every sample) has its activation and output expanded to it, so each sample gets its own gradient.
+            every sample) has its activation and output expanded to it, so each sample gets its own gradient; a call
+            of a ``regroups`` rule whose dim 0 is a multiple ``k`` of it (OPT's feed-forward on ``(B·L, d)`` rows) is
+            recorded grouped as ``(B, k, ...)``, taking the rows as sample-major (``call.regrouped``: a guess the
+            caller must check).
         only: record only the calls whose weight name is in this collection.
     """
     calls: List[LayerCall] = []
@@ -121,15 +131,25 @@ def capture_calls(model: nn.Module, transform: Transform, names: Optional[Mappin
         if (names is not None and wn is None and bn is None) or (only is not None and wn not in only):
             return output  # (looked up per call: functional_call substitutes the parameters only during the forward)
         call = LayerCall(module, rule, a, output, wn, bn)
+        flat = None
         if rule.broadcast and batch_size and batch_size > 1 and a.dim() and a.shape[0] == 1 \
                 and output.dim() and output.shape[0] == 1:
             call.input = a.expand(batch_size, *a.shape[1:])
             call.output = output.expand(batch_size, *output.shape[1:])
+        elif rule.regroups and batch_size and a.dim() >= 2 and output.dim() >= 2 and a.shape[0] == output.shape[0] \
+                and a.shape[0] != batch_size and a.shape[0] % batch_size == 0:
+            # rows of every sample flattened into dim 0 (B·L, d), taken as sample-major: grouped (B, L, d) so that
+            # the output the model goes on with is a view of the recorded one (the attribution check judges it)
+            flat, k = output.shape, a.shape[0] // batch_size
+            call.input = a.reshape(batch_size, k, *a.shape[1:])
+            call.output = output.reshape(batch_size, k, *output.shape[1:])
+            call.regrouped = True
         replaced = transform(module, call)
         if replaced is not None:
             call.output = replaced
+        call.version = call.output._version
         calls.append(call)
-        return call.output
+        return call.output if flat is None else call.output.reshape(flat)
 
     def hook(module, args, output):
         rule = rule_for(module)

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from ..data.batch import Batch
 from ..losses import ensure_finite
-from ..models import logits_of, math_attention, model_kwargs
+from ..models import eager_experts, explained_model_errors, fused_experts, logits_of, math_attention, model_kwargs
 from .optim import FunctionalOptimizer, State
 from .strategy import Collectives
 
@@ -73,10 +73,11 @@ def bind(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
 
     It follows :mod:`metareweight.models`' conventions: ``forward(inputs)`` passes a dict of inputs as keyword
     arguments and a tuple positionally, returns logits (``output.logits`` of a Hugging Face ``ModelOutput``), and
-    runs attention with the math kernel, which has the double-backward and forward-mode rules the fused
-    ``scaled_dot_product_attention`` kernels lack.
+    runs attention with the math kernel and a mixture of experts as the eager loop, which have the double-backward
+    and forward-mode rules the fused ``scaled_dot_product_attention`` and ``grouped_mm`` kernels lack.
     """
     tensors = {**buffers, **params}
+    experts = fused_experts(model)
 
     def forward(*args, **kwargs):
         if len(args) == 1 and not kwargs:
@@ -84,7 +85,8 @@ def bind(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
                 args, kwargs = (), model_kwargs(model, args[0])
             elif isinstance(args[0], (tuple, list)):
                 args = tuple(args[0])
-        with math_attention():
+        with math_attention(), eager_experts(experts), \
+                explained_model_errors(model, kwargs or (args[0] if len(args) == 1 else None)):
             out = functional_call(model, tensors, args, kwargs, strict=False)
         return logits_of(out)
 

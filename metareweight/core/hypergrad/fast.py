@@ -10,8 +10,9 @@ One call runs these phases (:meth:`Fast.__call__`):
 1. **capture** — the train forward with hooks on every layer that has a closed-form rule
    (:mod:`metareweight.core.layers`: ``Linear`` over any leading dims, ``Conv1d/2d/3d``, ``Embedding`` incl. lookups
    broadcast over the batch, ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``'s projections; Hugging Face's
-   ``Conv1D`` (GPT-2), per-model RMSNorms (Llama, Qwen, Mistral, Gemma, OLMo-2, T5, ...), T5's relative position
-   bias and scaled word embeddings (Gemma), registered by name without importing ``transformers``; user-registered
+   ``Conv1D`` (GPT-2), per-model RMSNorms (Llama, Qwen, Mistral, Gemma, OLMo-2, T5, ...), T5's and MPNet's relative
+   position biases, scaled word embeddings (Gemma), BART's learned positions, MobileBERT's ``NoNorm``, Falcon's
+   Linear, registered by name without importing ``transformers``; user-registered
    rules: :func:`metareweight.register_layer_rule`), recording ``(a_i, z_i)``;
 2. **classify** — each trainable parameter takes the *direct* closed form (all its uses are captured, batched calls),
    or the exact forward-mode *JVP* fallback (no rule, or used outside its layer; announced once); a model whose
@@ -19,7 +20,10 @@ One call runs these phases (:meth:`Fast.__call__`):
    ``Σ r_i ∇ℓ_i`` from the captures equals autograd's for random ``r``) takes the JVP path for every parameter
    (the *coupled* path: ``Σ w_ik ∇ℓ_ik`` by one backward of the train graph, ``c_ik`` by one forward-mode pass in
    which Linear / Conv layers take the train pass's outputs as primals and compute only their tangents, and the
-   real step replayed from the kept graph, below);
+   real step replayed from the kept graph, below). The same check judges one by one, and sends to the JVP path
+   where off, the parameters of a layer whose output is changed in place (autograd's gradient is then the changed
+   tensor's, not ``δ``) and, on later calls, those taking a closed form for the first time (a lookup shared by
+   every sample whose first dimension equals the batch size);
 3. **δ** — the output gradients ``δ_ik = ∂ℓ_ik/∂z_i`` of the captured calls, one backward per term ``k``;
 4. **virtual step** — ``θ'`` from ``Σ w_ik ∇ℓ_ik`` replayed from the captures. A Linear weight on the *Gram* route
    (``P`` a scalar, i.e. the SGD family, and fewer meta rows than features) stays at ``W'(0)``; its update enters
@@ -175,6 +179,7 @@ class _Plan:
     gram: Set[str] = field(default_factory=set)
     lowrank: Set[str] = field(default_factory=set)  # Gram weights whose W' is not materialised
     sparse: Set[str] = field(default_factory=set)  # lookup tables stepped on the meta batch's rows only
+    unsure: Set[str] = field(default_factory=set)  # closed, with a call changed in place or regrouped by a guess
 
     def route(self, name: str) -> str:
         return "gram" if name in self.gram else "direct" if name in self.closed else "jvp"
@@ -216,6 +221,9 @@ class Fast(HypergradMethod):
             whole ``θ'``) or in a data-parallel run.
         verify: on the first call for a model, check the per-sample attribution against autograd with random
             weights; a mismatch (a layer couples samples) switches that model to the JVP path, with a warning.
+            A parameter a later call takes the closed form for the first time is checked then (a lookup shared by
+            every sample looks per-sample when the sequence length equals the batch size); a mismatch keeps that
+            parameter on the JVP path, with a warning.
         reuse_primals: in the forward-mode pass, Linear / Conv layers take the train pass's outputs as their
             primal and compute only their tangent (False: the whole pass recomputed; for checks).
     """
@@ -237,7 +245,8 @@ class Fast(HypergradMethod):
         self._capture: Optional[_Capture] = None
         self.last_paths: Dict[str, str] = {}  # parameter -> "gram" | "direct" | "jvp" in the last call
         self.last_sparse: Set[str] = set()  # direct parameters whose virtual step ran on the meta batch's rows only
-        self._verified = weakref.WeakSet()
+        self._verified = weakref.WeakKeyDictionary()  # model -> the parameters whose attribution was checked
+        self._shared = weakref.WeakKeyDictionary()  # model -> parameters found not per sample on a later check
         self._coupled = weakref.WeakSet()
 
     @property
@@ -262,9 +271,8 @@ class Fast(HypergradMethod):
         plan = self._classify(problem, train)
         check = self._coupling_probe(problem, train, plan)
         deltas, tcalls = self._output_grads(train, plan, keep_graph=check is not None or bool(plan.fallback))
-        if check is not None and self._samples_interact(problem.model, train, plan, check, tcalls, deltas, ctx):
-            plan = _Plan(plan.used, set(), list(plan.used), True)
-            tcalls, deltas = [], []
+        if check is not None:
+            plan, tcalls, deltas = self._checked_plan(problem.model, train, plan, check, tcalls, deltas, ctx)
         keep_graph = self._replays_graph(problem, train, plan)
         g_fallback = self._fallback_grads(train, plan, keep_graph)
         self._choose_gram(problem, train, plan, tcalls, ctx)
@@ -348,47 +356,85 @@ class Fast(HypergradMethod):
                       "a forward-mode JVP (exact, slower). Put BatchNorm in eval mode or use GroupNorm/LayerNorm "
                       "for the per-sample closed forms")
         closed: Set[str] = set()
+        unsure: Set[str] = set()
         if self.closed_forms and not coupled:
             by_param = _calls_by_param(train.calls)
             closed = {n for n in used if len(by_param.get(n, ())) == train.uses[n]
                       and all(c.batched() and c.samples == B for c in by_param[n])}
+            closed -= self._shared.get(model, set())
+            # an output changed in place (h = emb(ids); h *= scale) may leave autograd's gradient with respect to
+            # it other than the layer's δ, and rows grouped by sample may not be sample-major: checked by the
+            # attribution check, else not trusted
+            unsure = {n for n in closed if not all(c.intact() and not c.regrouped for c in by_param[n])}
+            if not self.verify:
+                closed -= unsure
         fallback = [n for n in used if n not in closed]
         if fallback and self.closed_forms and not coupled:
             _announce(f"hypergrad='fast': no closed form for {fallback} (layer type, or used outside its layer); "
                       "their part of the hypergradient comes from a forward-mode JVP (exact, slower); "
                       "metareweight.register_layer_rule adds a rule for a layer type")
-        return _Plan(used, closed, fallback, coupled)
+        return _Plan(used, closed, fallback, coupled, unsure=unsure & closed)
 
     def _coupling_probe(self, problem, train: _TrainPass, plan: _Plan):
-        """``(r, names, Σ_i r_i ∇ℓ_i by autograd)`` on the first call for a model, to check the attribution."""
-        if not (plan.closed and self.verify and problem.model not in self._verified):
+        """``(r, names, Σ_i r_i ∇ℓ_i by autograd)`` to check the attribution of the closed-form parameters not
+        checked yet for the model: all of them on its first call; later, those a call takes the closed form for
+        for the first time (a layer whose first dimension is not the batch's, a lookup of ``(query, key)`` offsets
+        shared by every sample or a sequence-first activation, passes for per-sample when a batch's padded length
+        equals its size)."""
+        checked = self._verified.get(problem.model)
+        names = sorted(plan.closed if checked is None else plan.closed - checked)
+        if not (names and self.verify):
             return None
         terms = train.terms
         gen = torch.Generator(device=terms.device).manual_seed(0)  # leaves the global RNG (data order) alone
         r = torch.randn(terms.shape, generator=gen, dtype=terms.dtype, device=terms.device)
-        names = sorted(plan.closed)
         return r, names, torch.autograd.grad(terms, [train.theta[n] for n in names], r, retain_graph=True)
 
-    def _samples_interact(self, model, train, plan, check, tcalls, deltas, ctx) -> bool:
-        """Whether the captured per-sample attribution misses a coupling between samples (then announced)."""
+    def _checked_plan(self, model, train, plan, check, tcalls, deltas, ctx):
+        """The plan, captured calls and output gradients after the attribution check. On a model's first call a
+        mismatch means its samples interact (the JVP path for every parameter, announced), except for parameters
+        whose layer's output was changed in place: those, and on later calls every newly checked parameter, take
+        the JVP path alone where their attribution is off, for this and every later call (announced)."""
+        first = model not in self._verified
+        r, names, _ = check
+        errs, tol = self._attribution_errors(train, check, tcalls, deltas)
+        self._verified[model] = self._verified.get(model, set()) | set(names)
+        alone = [n for n in names if n in plan.unsure or not first]  # judged one by one
+        if first:
+            err = _agree_max(max([e for n, e in zip(names, errs) if n not in alone], default=0.0), ctx)
+            if err > tol:  # every rank takes the same path
+                self._coupled.add(model)
+                _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
+                          f"off by {err:.1e}); using the exact JVP path for this model")
+                return _Plan(plan.used, set(), list(plan.used), True), [], []
+        bad = set(alone) - _agreed({n for n, e in zip(names, errs) if n in alone and e <= tol}, alone, ctx, r.device)
+        if not bad:
+            return plan, tcalls, deltas
+        self._shared[model] = self._shared.get(model, set()) | bad
+        _announce(f"hypergrad='fast': the captured per-sample gradients of {sorted(bad)} in {type(model).__name__} "
+                  "miss autograd's (a layer whose first dimension is not the batch's but of its size, or whose output "
+                  "is changed in place); their part of the hypergradient comes from a forward-mode JVP (exact, "
+                  "slower) from now on")
+        closed = plan.closed - bad
+        keep = [i for i, c in enumerate(tcalls) if c.weight in closed or c.bias in closed]
+        return (_Plan(plan.used, closed, plan.fallback + sorted(bad), False, unsure=plan.unsure - bad),
+                [tcalls[i] for i in keep], [deltas[i] for i in keep])
+
+    @staticmethod
+    def _attribution_errors(train, check, tcalls, deltas) -> Tuple[List[float], float]:
+        """Per checked parameter, how far ``Σ_i r_i ∇ℓ_i`` from the captures is from autograd's, and the
+        tolerance."""
         r, names, true = check
         with torch.no_grad():
             ours = [_param_grad(n, r, tcalls, deltas, {}) for n in names]
             total = torch.sqrt(sum(t.double().norm() ** 2 for t in true))
             # relative to the larger norm, floored by 1e-4 of the whole gradient: a parameter whose gradient is zero
             # for every sample (an attention key bias) is not coupling, but samples that cancel (a batch mean) are
-            err = max(float((a - b).norm() / torch.stack([a.norm(), b.norm(), 1e-4 * total.to(a.dtype)]).max()
-                            .clamp_min(1e-30)) for a, b in zip(ours, true))
-        err = _agree_max(err, ctx)  # every rank must take the same path
-        self._verified.add(model)
+            errs = [float((a - b).norm() / torch.stack([a.norm(), b.norm(), 1e-4 * total.to(a.dtype)]).max()
+                          .clamp_min(1e-30)) for a, b in zip(ours, true)]
         # under autocast autograd's own weight gradients are rounded to bf16/fp16 (ours accumulate in float32)
         low = any(c.output.dtype in (torch.bfloat16, torch.float16) for c in train.calls)
-        if err <= (5e-2 if low else 1e-3):
-            return False
-        self._coupled.add(model)
-        _announce(f"hypergrad='fast': samples of {type(model).__name__} interact (per-sample attribution "
-                  f"off by {err:.1e}); using the exact JVP path for this model")
-        return True
+        return errs, 5e-2 if low else 1e-3
 
     # ---- 3. δ ----------------------------------------------------------------------------------------------
     def _output_grads(self, train: _TrainPass, plan: _Plan, keep_graph: bool
@@ -898,11 +944,34 @@ def _padding_has_no_derivative(module, args, output):
     return fwAD.make_dual(primal, tangent * keep)
 
 
+class ForwardModeError(NotImplementedError):
+    """``hypergrad='fast'`` needs a forward-mode derivative of an operation that has none (a fused kernel, a custom
+    ``autograd.Function`` without ``jvp``) on the route of parameters without a closed form; the message names the
+    parameters and what to use instead."""
+
+
 def _jvp_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng, known: Sequence[LayerCall] = ()
                ) -> Tensor:
     """``Σ_p ∇_p ℓ_ik · t_p`` for every term, by one forward-mode pass, replaying the capture's random numbers
     (dropout masks) so that it differentiates the same function. ``known``: the train pass's calls, whose outputs
-    the Linear / Conv layers reuse instead of recomputing them (:class:`_KnownPrimals`)."""
+    the Linear / Conv layers reuse instead of recomputing them (:class:`_KnownPrimals`). An operation without a
+    forward-mode derivative: :class:`ForwardModeError`."""
+    try:
+        return _forward_mode_terms(problem, theta, tangents, batch, rng, known)
+    except (NotImplementedError, RuntimeError) as error:
+        if "forward ad" not in str(error).lower() and "forward mode ad" not in str(error).lower():
+            raise
+        names = sorted(tangents)
+        raise ForwardModeError(
+            f"hypergrad='fast' takes a forward-mode derivative (a JVP) for the {len(names)} parameters without a "
+            f"closed form (e.g. {names[:3]}), and {type(problem.model).__name__}'s forward runs an operation "
+            f"without one: {str(error).splitlines()[0]} Use hypergrad='unrolled' (the same exact hypergradient, by "
+            "a double backward), or keep those parameters frozen (requires_grad=False, e.g. LoRA on the other "
+            "layers)") from None
+
+
+def _forward_mode_terms(problem: BilevelProblem, theta, tangents, batch: Batch, rng, known: Sequence[LayerCall]
+                        ) -> Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cpu, cuda = rng

@@ -71,6 +71,7 @@ class LayerRule:
     broadcast: bool = False
     row_lookup: bool = False
     composite: bool = False  # runs the module's forward itself, recording inner calls (MultiheadAttention)
+    regroups: bool = False  # a call on (samples x rows, ...) may be recorded as (samples, rows, ...) (row-wise ops)
     probe_method: str = "forward"
 
     # ---- which modules and parameters -------------------------------------------------------------------

@@ -67,8 +67,8 @@ class T5RelativeBiasRule(LayerRule):
         target = stand_in(module, relative_attention_bias=table)
         return [(target, (3, 5)), (target, (2, 6, weight.device, 4))]
 
-    def expected_output(self, module, *args):
-        return relative_bias(module, *args)
+    def expected_output(self, module, *args, **kwargs):
+        return relative_bias(module, *args, **kwargs)
 
     def weight(self, module):
         return None
@@ -77,13 +77,15 @@ class T5RelativeBiasRule(LayerRule):
         return None
 
     def forward(self, module: nn.Module, record, *args, **kwargs):
-        if "compute_bias" in module.__dict__:
+        """The module's own forward with its bias method (:attr:`probe_method`) giving :meth:`expected_output`."""
+        name = self.probe_method
+        if name in module.__dict__:
             return NotImplemented
-        module.compute_bias = lambda *a, **kw: relative_bias(module, *a, **kw)
+        setattr(module, name, lambda *a, **kw: self.expected_output(module, *a, **kw))
         try:
             return type(module).forward(module, *args, **kwargs)
         finally:
-            del module.compute_bias
+            delattr(module, name)
 
 
 register_layer_rule(PATTERN, T5RelativeBiasRule())

@@ -16,6 +16,7 @@ class ElementwiseAffineRule(LayerRule):
     """Shared by the normalisations with an element-wise affine over the trailing ``normalized_shape``."""
 
     kind = "elementwise"
+    regroups = True
 
     def applies(self, module):
         return getattr(module, "elementwise_affine", True) and module.weight is not None

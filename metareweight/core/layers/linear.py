@@ -13,6 +13,7 @@ class LinearRule(LayerRule):
 
     kind = "linear"
     gram = True
+    regroups = True
 
     def op(self, module: nn.Module, a: Tensor, weight: Tensor) -> Tensor:
         return F.linear(a, weight)
