@@ -105,7 +105,7 @@ def test_load_config_keeps_its_dict_contract():
         load_config(None, defaults, ["hypergrad=unroled"])
 
 
-@pytest.mark.parametrize("name", ["mwnet", "classic"])
+@pytest.mark.parametrize("name", ["mwnet", "classic", "finetune"])
 def test_shipped_configs_validate_against_their_experiment(name):
     import importlib
 
