@@ -204,3 +204,19 @@ def probe_tensor(generator: torch.Generator, shape, dtype: torch.dtype, device: 
     """Standard normal values drawn from ``generator`` (on the CPU), as ``dtype`` on ``device``."""
     drawn = dtype if dtype in (torch.float64, torch.float32) else torch.float32
     return torch.randn(shape, generator=generator, dtype=drawn).to(device=device, dtype=dtype)
+
+
+def random_parameter_probes(module: nn.Module, generator: torch.Generator, width: int):
+    """Probes for a layer on inputs of shape ``(2, 3, width)``: in float64, then float32, a stand-in whose own
+    parameters (in the order registered) are random tensors of their shapes, and one such input.
+
+    Example:
+        >>> [(twin.weight.dtype, x.shape) for twin, (x,) in random_parameter_probes(
+        ...     nn.Linear(4, 2), torch.Generator().manual_seed(0), 4)]
+        [(torch.float64, torch.Size([2, 3, 4])), (torch.float32, torch.Size([2, 3, 4]))]
+    """
+    device = probe_device(module)
+    names = [name for name, p in module._parameters.items() if p is not None]
+    for dtype in (torch.float64, torch.float32):
+        params = {name: probe_tensor(generator, getattr(module, name).shape, dtype, device) for name in names}
+        yield stand_in(module, **params), (probe_tensor(generator, (2, 3, width), dtype, device),)

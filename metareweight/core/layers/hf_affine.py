@@ -25,10 +25,9 @@ Example (a layer that normalises first is not this one):
 
 from __future__ import annotations
 
-import torch
 
 from .base import register_layer_rule
-from .behaviour import forward_replaced, in_package, own_parameters, probe_tensor, stand_in, takes_one_input
+from .behaviour import forward_replaced, in_package, own_parameters, random_parameter_probes, takes_one_input
 from .layer_norm import ElementwiseAffineRule
 
 PATTERN = "transformers.models.*"
@@ -47,10 +46,7 @@ class HFAffineRule(ElementwiseAffineRule):
             and module.weight.dim() == 1 and module.bias.shape == module.weight.shape
 
     def probes(self, module, generator):
-        device, shape = module.weight.device, module.weight.shape
-        for dtype in (torch.float64, torch.float32):
-            weight, bias = (probe_tensor(generator, shape, dtype, device) for _ in range(2))
-            yield stand_in(module, weight=weight, bias=bias), (probe_tensor(generator, (2, 3, *shape), dtype, device),)
+        return random_parameter_probes(module, generator, module.weight.shape[0])
 
     def expected_output(self, module, x):
         return x * module.weight + module.bias

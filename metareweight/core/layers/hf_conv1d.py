@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import register_layer_rule
-from .behaviour import forward_replaced, own_parameters, probe_tensor, stand_in, takes_one_input
+from .behaviour import forward_replaced, own_parameters, random_parameter_probes, takes_one_input
 from .linear import LinearRule
 
 NAME = "transformers.pytorch_utils.Conv1D"
@@ -45,11 +45,7 @@ class HFConv1DRule(LinearRule):
             and module.weight.dim() == 2 and module.bias.dim() == 1
 
     def probes(self, module, generator):
-        device = module.weight.device
-        for dtype in (torch.float64, torch.float32):
-            weight, bias = (probe_tensor(generator, t.shape, dtype, device) for t in (module.weight, module.bias))
-            x = probe_tensor(generator, (2, 3, weight.shape[0]), dtype, device)
-            yield stand_in(module, weight=weight, bias=bias), (x,)
+        return random_parameter_probes(module, generator, module.weight.shape[0])
 
     def expected_output(self, module, x):
         """``b + a W`` over the rows of ``a``, the bias added inside the product (``addmm``: a sum of more than a few

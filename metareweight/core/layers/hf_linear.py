@@ -23,12 +23,11 @@ Example (a layer of transformers' that returns something else is not matched):
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import register_layer_rule
-from .behaviour import forward_replaced, in_package, own_parameters, probe_tensor, stand_in, takes_one_input
+from .behaviour import forward_replaced, in_package, own_parameters, random_parameter_probes, takes_one_input
 from .linear import LinearRule
 
 PATTERN = "transformers.models.*"
@@ -48,12 +47,7 @@ class HFLinearRule(LinearRule):
             and module.weight.dim() == 2
 
     def probes(self, module, generator):
-        device = module.weight.device
-        for dtype in (torch.float64, torch.float32):
-            params = {name: probe_tensor(generator, getattr(module, name).shape, dtype, device)
-                      for name in own_parameters(module)}
-            x = probe_tensor(generator, (2, 3, module.weight.shape[1]), dtype, device)
-            yield stand_in(module, **params), (x,)
+        return random_parameter_probes(module, generator, module.weight.shape[1])
 
     def expected_output(self, module, x):
         """``F.linear`` for a subclass that keeps ``nn.Linear``'s forward; else ``a @ W.T``, plus ``b`` after the
